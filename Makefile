@@ -1,0 +1,72 @@
+# sdlearn: every task a contributor or a learner runs, one target each.
+# `make demo` and `make test` set everything up on a fresh machine first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+NBVAL := --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: setup demo test test-fast test-notebooks test-slow check format \
+        notebooks execute reference book lab bench clean
+
+setup: $(STAMP)
+
+# torch first, the CPU build, so nothing later pulls a newer or a CUDA one;
+# the rest must keep it (sdlearn asks for a range 2.13.0 satisfies).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sdlearn tour --out outputs/shapes_grid.png
+
+# The README's test command: unit tests, then the notebooks in both forms.
+test: setup test-fast test-notebooks
+
+test-fast: setup
+	$(PY) -m pytest tests
+
+test-notebooks: setup
+	$(PY) -m pytest -p no:cacheprovider --nbval $(NBVAL) solutions
+	$(PY) -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env chapters
+
+test-slow: setup
+	$(PY) -m pytest tests -m slow
+
+# Lint, format and drift checks: under a minute.
+check: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) tools/notebooks.py check
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Regenerate package cells in solutions/ and all of chapters/ (no execution).
+notebooks: setup
+	$(PY) tools/notebooks.py build
+
+# Regenerate, then re-run the solution notebooks and store their outputs.
+execute: setup
+	$(PY) tools/notebooks.py build --execute $(NB)
+
+reference: setup
+	$(PY) tools/make_reference.py
+
+book: setup
+	$(PY) tools/build_book.py
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ServerApp.allow_root=True chapters
+
+bench: setup
+	$(PY) tools/bench_unet.py
+
+clean:
+	rm -rf book/_build book/solutions outputs .pytest_cache

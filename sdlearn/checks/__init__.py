@@ -1,0 +1,158 @@
+"""Auto-checks for the chapters' exercises.
+
+A chapter calls one check after each exercise, e.g. `tour.check_to_tokens(to_tokens)`.
+The check runs the learner's function on fixed inputs, compares the result with a
+reference (torch itself or sdlearn's own implementation, which the test suite
+holds to diffusers and transformers), and prints one clear verdict. A check never
+raises: an unsolved exercise (`raise NotImplementedError`) prints a reminder, and
+the chapter goes on with sdlearn's implementation, so skipping one breaks nothing.
+
+Each chapter's checks live in a submodule named like the chapter's module:
+`sdlearn.checks.tour` for chapter 00, `sdlearn.checks.attention` for chapter 01...
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class Verdict:
+    """What a check found: true when the exercise passed.
+
+    The verdict has been printed already, so a notebook shows nothing more when
+    a check is the last line of a cell.
+    """
+
+    def __init__(self, passed: bool) -> None:
+        self.passed = passed
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __repr__(self) -> str:
+        return f"Verdict(passed={self.passed})"
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
+@dataclass
+class Case:
+    """One input to an exercise and the answer it should give.
+
+    Args:
+        args: positional arguments for the learner's function.
+        expected: the reference result: a tensor, a tuple of tensors, or any
+            value compared with `==`.
+        kwargs: keyword arguments for the learner's function.
+    """
+
+    args: tuple
+    expected: Any
+    kwargs: dict = field(default_factory=dict)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _compare(actual: Any, expected: Any, atol: float, rtol: float) -> str | None:
+    """None when `actual` matches `expected`, else what is wrong, in words."""
+    if isinstance(expected, np.ndarray):
+        expected = torch.from_numpy(expected)
+        if isinstance(actual, np.ndarray):
+            actual = torch.from_numpy(actual)
+    if isinstance(expected, tuple | list):
+        if not isinstance(actual, tuple | list) or len(actual) != len(expected):
+            return f"returned {_describe(actual)}, expected {len(expected)} values"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            problem = _compare(a, e, atol, rtol)
+            if problem:
+                return f"value {i}: {problem}"
+        return None
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(actual, torch.Tensor):
+            return f"returned {_describe(actual)}, expected {_describe(expected)}"
+        if actual.shape != expected.shape:
+            return (
+                f"returned shape {tuple(actual.shape)}, "
+                f"expected shape {tuple(expected.shape)}"
+            )
+        if actual.dtype != expected.dtype:
+            return f"returned dtype {actual.dtype}, expected dtype {expected.dtype}"
+        if torch.isnan(actual).any() and not torch.isnan(expected).any():
+            return "returned NaN values where the reference has none"
+        try:
+            torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+        except AssertionError:
+            error = (actual.double() - expected.double()).abs().max().item()
+            return (
+                f"has the right shape but the wrong values: max abs error {error:.3g} "
+                f"(allowed {atol:g} + {rtol:g} * |expected|)"
+            )
+        return None
+    if actual != expected:
+        return f"returned {_describe(actual)}, expected {_describe(expected)}"
+    return None
+
+
+def check(
+    name: str,
+    fn: Callable,
+    cases: Sequence[Case],
+    hint: str = "",
+    atol: float = 1e-5,
+    rtol: float = 1.3e-6,
+) -> Verdict:
+    """Runs `fn` on every case and prints whether it matches the reference.
+
+    Args:
+        name: the exercise, as the chapter numbers it, e.g. "Exercise 00.1".
+        fn: the learner's function.
+        cases: inputs with the expected results.
+        hint: printed when the exercise fails, to point the way.
+        atol, rtol: tolerances for tensors, as in `torch.testing.assert_close`.
+
+    Returns:
+        A `Verdict`, true when every case matches. Never raises.
+    """
+    what = f"{name} ({getattr(fn, '__name__', 'your function')})"
+    for i, case in enumerate(cases):
+        try:
+            actual = fn(*case.args, **case.kwargs)
+        except NotImplementedError:
+            print(f"⏳ {what} is not done yet: replace `raise NotImplementedError`.")
+            if hint:
+                print(f"   Hint: {hint}")
+            return Verdict(False)
+        except Exception as error:  # the learner's code may fail in any way
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            print(
+                f"❌ {what} raised {type(error).__name__}: {error}\n"
+                f"   at line {frame.lineno}: {frame.line}"
+            )
+            if hint:
+                print(f"   Hint: {hint}")
+            return Verdict(False)
+        problem = _compare(actual, case.expected, atol, rtol)
+        if problem:
+            inputs = ", ".join(_describe(a) for a in case.args)
+            print(f"❌ {what} on case {i + 1} of {len(cases)} ({inputs}): {problem}.")
+            if hint:
+                print(f"   Hint: {hint}")
+            return Verdict(False)
+    print(f"✅ {what} matches the reference on {len(cases)} cases.")
+    return Verdict(True)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    """A reproducible standard normal tensor for check inputs."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
