@@ -13,6 +13,7 @@ having only ever seen green things and triangles apart.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +30,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
     "blue": (30, 60, 220),
-    "yellow": (240, 210, 20),
+    "yellow": (240, 220, 20),
     "purple": (140, 40, 180),
-    "orange": (250, 130, 10),
+    "orange": (250, 120, 0),
 }
 
 SIZES: tuple[str, ...] = ("small", "large")
@@ -194,12 +195,13 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
         A caption like "a small blue square on the left" or "a red circle".
     """
     template = TEMPLATES[0] if rng is None else TEMPLATES[rng.integers(len(TEMPLATES))]
-    return template.format(
+    text = template.format(
         size=scene.size,
         color=scene.color,
         shape=scene.shape,
         where=_PHRASES[scene.position],
     )
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange square"
 
 
 def is_held_out(scene: Scene) -> bool:

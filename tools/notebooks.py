@@ -98,7 +98,8 @@ def stub_code(source: str, where: str) -> str:
 
 def has_solution(cell) -> bool:
     if cell.cell_type == "code":
-        return any(CODE_BEGIN.match(line) for line in cell.source.splitlines())
+        lines = cell.source.splitlines()
+        return any(CODE_BEGIN.match(line) or CODE_END.match(line) for line in lines)
     if cell.cell_type == "markdown":
         return bool(MD_SOLUTION.search(cell.source))
     return False

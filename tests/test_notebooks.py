@@ -1,0 +1,122 @@
+"""The one-source notebook generator: package -> solutions -> chapters."""
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from tools import notebooks
+from tools.notebooks import NotebookError, build_chapter, build_solution
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_has_no_drift():
+    assert notebooks.drift(ROOT) == []
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    for folder in ("sdlearn", "solutions", "chapters"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    return tmp_path
+
+
+def test_check_fails_when_a_package_line_changes(repo_copy, capsys):
+    module = repo_copy / "sdlearn" / "shapes.py"
+    text = module.read_text()
+    line = "    draw = ImageDraw.Draw(image)\n"
+    assert line in text
+    module.write_text(text.replace(line, line + "    draw.line([0, 0, 1, 1])\n"))
+
+    assert notebooks.main(["check", "--root", str(repo_copy)]) == 1
+    err = capsys.readouterr().err
+    assert "solutions/00_tour.ipynb cell" in err and "sdlearn/shapes.py::render" in err
+    assert "chapters/00_tour.ipynb cell" in err
+
+    # regenerating brings both forms back in line
+    assert notebooks.main(["build", "--root", str(repo_copy)]) == 0
+    assert notebooks.main(["check", "--root", str(repo_copy)]) == 0
+
+
+def test_check_fails_when_a_chapter_is_edited_by_hand(repo_copy, capsys):
+    path = repo_copy / "chapters" / "00_tour.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source += "\nprint('edited')"
+    nbformat.write(nb, path)
+    assert notebooks.main(["check", "--root", str(repo_copy)]) == 1
+    assert "chapters/00_tour.ipynb cell 1 differs" in capsys.readouterr().err
+
+
+def _exercise_notebook(package_header="# sdlearn/shapes.py::image_grid"):
+    nb = new_notebook()
+    solved = new_code_cell(
+        "def f(x):\n    y = 1\n"
+        "    # BEGIN SOLUTION\n    return x + y\n    # END SOLUTION\n"
+        "\n\ncheck(f)",
+        execution_count=3,
+        outputs=[new_output("stream", name="stdout", text="✅ passed\n")],
+    )
+    nb.cells = [
+        new_markdown_cell("Why?\n<!-- BEGIN SOLUTION -->Because.<!-- END SOLUTION -->"),
+        solved,
+        new_code_cell(package_header + "\nstale text"),
+    ]
+    return nb
+
+
+def test_solutions_get_package_code_and_collapsed_answers():
+    solution = build_solution(_exercise_notebook(), ROOT, "nb")
+    assert "hide-input" in solution.cells[1].metadata["tags"]
+    source = solution.cells[2].source
+    assert source.startswith("# sdlearn/shapes.py::image_grid\ndef image_grid(")
+    assert "stale text" not in source
+    assert source.split("\n", 1)[1] in (ROOT / "sdlearn" / "shapes.py").read_text()
+
+
+def test_chapters_stub_answers_and_clear_outputs():
+    chapter = build_chapter(build_solution(_exercise_notebook(), ROOT, "nb"))
+    code = chapter.cells[1]
+    assert code.source == (
+        "def f(x):\n    y = 1\n"
+        "    # TODO: your code here\n    raise NotImplementedError\n"
+        "\n\ncheck(f)"
+    )
+    assert code.outputs == [] and code.execution_count is None
+    assert "tags" not in code.metadata
+    assert chapter.cells[0].source == "Why?\n*Your answer here.*"
+    assert "Because" not in nbformat.writes(chapter)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("# BEGIN SOLUTION\nx = 1\n# END SOLUTION", "inside a function"),
+        ("def f():\n    # BEGIN SOLUTION\n    pass", "never closed"),
+        ("def f():\n    pass\n    # END SOLUTION", "without a begin"),
+    ],
+)
+def test_malformed_solution_regions_are_refused(source, message):
+    nb = new_notebook()
+    nb.cells = [new_code_cell(source)]
+    with pytest.raises(NotebookError, match=f"nb cell 0: .*{message}"):
+        build_solution(nb, ROOT, "nb")
+
+
+def test_unknown_package_objects_are_named():
+    with pytest.raises(NotebookError, match="nb cell 2: sdlearn/shapes.py has no"):
+        build_solution(_exercise_notebook("# sdlearn/shapes.py::nothing"), ROOT, "nb")
+    with pytest.raises(NotebookError, match="sdlearn/nowhere.py does not exist"):
+        build_solution(_exercise_notebook("# sdlearn/nowhere.py::f"), ROOT, "nb")
+
+
+def test_every_chapter_leaves_its_exercises_unsolved():
+    for path in sorted((ROOT / "chapters").glob("*.ipynb")):
+        text = path.read_text()
+        assert "BEGIN SOLUTION" not in text, path
+        solution = (ROOT / "solutions" / path.name).read_text()
+        assert solution.count("# BEGIN SOLUTION") == text.count(
+            "raise NotImplementedError"
+        )
