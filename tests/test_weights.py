@@ -1,0 +1,39 @@
+"""Loading weights: every key and shape is checked, and mismatches are named."""
+
+import pytest
+import torch
+from torch import nn
+
+from sdlearn.weights import WeightsMismatchError, load_checked, rename
+
+
+def model():
+    return nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+
+
+def test_exact_state_dict_loads():
+    source, target = model(), model()
+    load_checked(target, source.state_dict(), "a test")
+    for a, b in zip(source.parameters(), target.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mismatches_name_the_source_and_every_key():
+    state = model().state_dict()
+    state.pop("1.bias")
+    state["2.weight"] = torch.zeros(1)
+    state["0.weight"] = torch.zeros(4, 2)
+    with pytest.raises(WeightsMismatchError) as error:
+        load_checked(model(), state, "weights.safetensors")
+    message = str(error.value)
+    assert "weights from weights.safetensors do not fit Sequential" in message
+    assert "missing keys (1):\n    1.bias" in message
+    assert "unexpected keys (1):\n    2.weight" in message
+    assert "0.weight: got (4, 2), expected (3, 2)" in message
+    assert isinstance(error.value, ValueError)
+
+
+def test_rename_applies_the_table_in_order():
+    state = {"a.q_proj.weight": torch.ones(1), "a.out_proj.bias": torch.ones(1)}
+    table = {"q_proj": "to_q", "out_proj": "to_out.0"}
+    assert set(rename(state, table)) == {"a.to_q.weight", "a.to_out.0.bias"}
