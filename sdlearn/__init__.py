@@ -2,9 +2,15 @@
 
 The package grows one module per chapter; later modules import only earlier ones:
 
-    shapes       the course's procedurally generated, captioned image data
+    shapes       ch. 00: the course's procedurally drawn, captioned image data
+    tour         ch. 00: a map of Stable Diffusion and the shape legend
+    attention    ch. 01: scaled dot-product attention and the attention layer
+    vae          ch. 02: the autoencoder and its ResnetBlock, Downsample, Upsample
+    tokenizer    ch. 03: CLIP's byte-level BPE tokenizer
+    schedulers   ch. 05: noise schedules and samplers (DDPM), one file each
+    weights      every weight-name mapping, and checked loading
     checks       auto-checks for the chapters' exercises
-    attention    ch. 01: scaled dot-product attention and the attention layers
+    cli          the `sdlearn` command
 """
 
 __version__ = "0.1.0"
