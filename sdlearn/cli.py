@@ -52,6 +52,46 @@ def tour(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    import json
+
+    from sdlearn.training import STAGE_DEFAULTS, STAGES, TrainConfig
+
+    names = list(STAGES) if args.stage == "all" else [args.stage]
+    for name in names:
+        config = STAGE_DEFAULTS[name]
+        if args.config:
+            config = TrainConfig.from_dict(
+                {**config.to_dict(), **json.loads(Path(args.config).read_text())}
+            )
+        config = config.updated(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            ema_decay=args.ema_decay,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            bf16=args.bf16,
+            device=args.device,
+        )
+        out = Path(args.out) / name if args.stage == "all" else Path(args.out)
+        extra = (
+            {"kl_weight": args.kl_weight} if name == "vae" and args.kl_weight else {}
+        )
+        record = STAGES[name](
+            config,
+            out,
+            resume=args.resume,
+            ship=args.ship,
+            progress=not args.no_progress,
+            **extra,
+        )
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
+        print(f"{name}: {record['seconds']:.0f} s, {metrics}; wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlearn", description="Stable Diffusion from scratch in PyTorch."
@@ -63,11 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cols", type=_positive, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=tour)
+
+    p = commands.add_parser("train", help="train a stage of the tiny Stable Diffusion")
+    p.add_argument("stage", choices=["vae", "all"], help="what to train")
+    p.add_argument("--out", help="run folder (default runs/STAGE)")
+    p.add_argument("--config", help="JSON file of training settings")
+    p.add_argument("--steps", type=_positive)
+    p.add_argument("--batch-size", type=_positive)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=_positive)
+    p.add_argument("--bf16", choices=["auto", "on", "off"])
+    p.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
+    p.add_argument("--kl-weight", type=float, help="vae: weight of the KL term")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--ship", action="store_true", help="write weights into sdlearn")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.out is None:
+        args.out = "runs" if args.stage == "all" else f"runs/{args.stage}"
     try:
         return args.run(args)
     except (ValueError, OSError) as error:

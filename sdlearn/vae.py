@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlearn.attention import Attention
-from sdlearn.weights import load_checked
+from sdlearn.weights import load_checked, read_shipped
 
 
 class ResnetBlock(nn.Module):
@@ -718,3 +718,78 @@ class AutoencoderKL(nn.Module):
         )
         load_checked(vae, self.state_dict(), "sdlearn AutoencoderKL")
         return vae.train(self.training)
+
+    @classmethod
+    def pretrained_tiny(cls) -> AutoencoderKL:
+        """The course's tiny VAE, trained on the shapes dataset and shipped in
+        the package (`sdlearn train vae --ship` made it; see its JSON record)."""
+        state_dict, record = read_shipped("vae")
+        model = cls(VAEConfig(**_tuples(record["model_config"])))
+        return load_checked(model, state_dict, "the shipped tiny VAE").eval()
+
+
+def _tuples(config: dict) -> dict:
+    """JSON turns tuples into lists; the frozen configs want tuples back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+class VAELoss(nn.Module):
+    """The training loss of the VAE: reconstruction + kl_weight * KL.
+
+    The reconstruction term is the mean squared error in pixel space (what PSNR
+    measures); the KL term keeps the latents close to N(0, I), so that they are
+    smooth enough for diffusion to model. SD adds a perceptual and a GAN loss
+    and weights the KL by only 1e-6; our flat-coloured shapes do not need them.
+
+    Args:
+        vae: the model to train.
+        kl_weight: weight of the KL term, per latent value.
+    """
+
+    def __init__(self, vae: AutoencoderKL, kl_weight: float = 1e-6) -> None:
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def forward(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            batch: "pixel_values" (B, 3, H, W) in [-1, 1].
+            generator: for the posterior sample.
+
+        Returns:
+            (loss, {"mse": ..., "kl": ...}).
+        """
+        x = batch["pixel_values"]
+        reconstruction, posterior = self.vae(
+            x, sample_posterior=True, generator=generator
+        )
+        mse = F.mse_loss(reconstruction.float(), x.float())
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent value
+        loss = mse + self.kl_weight * kl
+        return loss, {"mse": mse.detach(), "kl": kl.detach()}
+
+
+def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1], per image.
+
+    PSNR = 10 log10(1 / MSE) on the [0, 1] scale; 30 dB is an RMS error of about
+    8 of 255 grey levels.
+
+    Args:
+        images, references: (B, C, H, W) in [-1, 1].
+
+    Returns:
+        (B,).
+    """
+    if images.shape != references.shape:
+        raise ValueError(
+            f"expected images and references of the same shape, got "
+            f"{tuple(images.shape)} and {tuple(references.shape)}"
+        )
+    a = (images.float().clamp(-1, 1) + 1) / 2
+    b = (references.float() + 1) / 2
+    mse = (a - b).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
