@@ -76,9 +76,9 @@ def train(args: argparse.Namespace) -> int:
             device=args.device,
         )
         out = Path(args.out) / name if args.stage == "all" else Path(args.out)
-        extra = (
-            {"kl_weight": args.kl_weight} if name == "vae" and args.kl_weight else {}
-        )
+        extra = {"eval_images": args.eval_images}
+        if name == "vae" and args.kl_weight is not None:
+            extra["kl_weight"] = args.kl_weight
         record = STAGES[name](
             config,
             out,
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", choices=["auto", "on", "off"])
     p.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
     p.add_argument("--kl-weight", type=float, help="vae: weight of the KL term")
+    p.add_argument(
+        "--eval-images", type=_positive, default=256, help="images to score at the end"
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--ship", action="store_true", help="write weights into sdlearn")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -452,6 +452,7 @@ def train_vae(
     ship: bool = False,
     progress: bool = True,
     stop_at: int | None = None,
+    eval_images: int = 256,
 ) -> dict:
     """Stage 1: the tiny VAE on 64x64 shapes images.
 
@@ -484,11 +485,12 @@ def train_vae(
     )
     vae = vae.cpu().eval()
     with torch.no_grad():
-        train_images = _channels_last([data[i] for i in range(256)])["pixel_values"]
+        n = eval_images
+        train_images = _channels_last([data[i] for i in range(n)])["pixel_values"]
         latents = vae.encode(train_images).mode()
         scaling_factor = round(1.0 / latents.std().item(), 5)
-        held_out = ShapesDataset("held_out", length=256, image_size=64, seed=1)
-        images = _channels_last([held_out[i] for i in range(256)])["pixel_values"]
+        held_out = ShapesDataset("held_out", length=n, image_size=64, seed=1)
+        images = _channels_last([held_out[i] for i in range(n)])["pixel_values"]
         scores = psnr(vae.decode(vae.encode(images).mode()), images)
     model_config = {**asdict(vae.config), "scaling_factor": scaling_factor}
     record = {

@@ -1,9 +1,11 @@
 """The command line: what it writes and how it refuses bad arguments."""
 
+import json
 import subprocess
 import sys
 
 from PIL import Image
+from safetensors.torch import load_file
 
 from sdlearn.cli import main
 
@@ -30,3 +32,22 @@ def test_bad_arguments_exit_non_zero_with_a_message(tmp_path):
         text=True,
     )
     assert result.returncode != 0 and "invalid choice" in result.stderr
+
+
+def test_train_vae_writes_weights_and_a_record(tmp_path, capsys):
+    out = tmp_path / "vae"
+    flags = ["--steps", "3", "--batch-size", "2", "--eval-images", "4"]
+    flags += ["--out", str(out), "--no-progress"]
+    assert main(["train", "vae", *flags, "--bf16", "off"]) == 0
+    assert "vae: " in capsys.readouterr().out
+    record = json.loads((out / "vae.json").read_text())
+    assert record["train_config"]["steps"] == 3
+    assert record["command"].startswith("sdlearn train vae --steps 3 --batch-size 2")
+    assert record["model_config"]["scaling_factor"] > 0
+    assert {"loss", "mse", "kl", "held_out_psnr_db"} <= set(record["metrics"])
+    state_dict = load_file(out / "vae.safetensors")
+    assert "encoder.conv_in.weight" in state_dict
+    # an interrupted run continues from its checkpoint; other settings are refused
+    assert main(["train", "vae", *flags, "--bf16", "off", "--resume"]) == 0
+    assert main(["train", "vae", *flags, "--lr", "1", "--resume"]) == 1
+    assert "resume with the same ones" in capsys.readouterr().err
