@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=tour)
 
     p = commands.add_parser("train", help="train a stage of the tiny Stable Diffusion")
-    p.add_argument("stage", choices=["vae", "all"], help="what to train")
+    p.add_argument("stage", choices=["vae", "clip", "all"], help="what to train")
     p.add_argument("--out", help="run folder (default runs/STAGE)")
     p.add_argument("--config", help="JSON file of training settings")
     p.add_argument("--steps", type=_positive)

@@ -31,6 +31,7 @@ from sdlearn.weights import (
     clip_text_from_transformers,
     clip_text_to_transformers,
     load_checked,
+    read_shipped,
 )
 
 
@@ -554,3 +555,79 @@ def zero_shot_classify(
     image_embeds = model.encode_image(pixels)  # (B, E)
     similarity = image_embeds @ text_embeds.T  # (B, K) cosine similarities
     return similarity.argmax(dim=-1)  # (B,)
+
+
+class ContrastiveLoss(nn.Module):
+    """One training step's loss of `ContrastiveCLIP` on captioned images.
+
+    Args:
+        model: the model to train.
+        tokenizer: turns the batch's captions into (B, 77) ids.
+    """
+
+    def __init__(self, model: ContrastiveCLIP, tokenizer: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def forward(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            batch: "pixel_values" (B, 3, H, W) and "caption" (B strings).
+            generator: unused; the loss draws no noise.
+
+        Returns:
+            (loss, {"temperature": exp(logit_scale)}).
+        """
+        pixels = batch["pixel_values"]
+        input_ids = self.tokenizer(list(batch["caption"])).to(pixels.device)
+        loss = clip_loss(self.model(pixels, input_ids))
+        return loss, {"temperature": self.model.scale().detach()}
+
+
+def shapes_prompts() -> list[tuple[str, str, str]]:
+    """(prompt, color, shape) for every colour-shape pair: "a red circle", ..."""
+    from sdlearn.shapes import COLORS, SHAPES, with_articles
+
+    pairs = [(color, shape) for color in COLORS for shape in SHAPES]
+    return [(with_articles(f"a {c} {s}"), c, s) for c, s in pairs]
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: ContrastiveCLIP, tokenizer: Callable, split: str, n: int, seed: int = 123
+) -> float:
+    """Fraction of `n` shapes images of `split` whose colour and shape the model
+    names right among all colour-shape prompts."""
+    from sdlearn.shapes import ShapesDataset
+
+    prompts = shapes_prompts()
+    data = ShapesDataset(split, length=n, image_size=64, seed=seed)
+    items = [data[i] for i in range(n)]
+    pixels = torch.stack([item["pixel_values"] for item in items])
+    chosen = zero_shot_classify(model, tokenizer, pixels, [p for p, _, _ in prompts])
+    right = [
+        (prompts[k][1], prompts[k][2]) == (data.scene(i).color, data.scene(i).shape)
+        for i, k in enumerate(chosen.tolist())
+    ]
+    return sum(right) / n
+
+
+def _config_from_record(values: dict) -> ContrastiveCLIPConfig:
+    """ContrastiveCLIPConfig from its JSON form (lists back to tuples)."""
+    text = CLIPTextConfig(**values["text_config"])
+    rest = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return ContrastiveCLIPConfig(**{**rest, "text_config": text})
+
+
+def pretrained_tiny_clip() -> ContrastiveCLIP:
+    """The course's tiny contrastive CLIP, trained on the shapes dataset and
+    shipped in the package (`sdlearn train clip --ship`; see clip.json).
+
+    Its `text_model` is the text encoder the tiny Stable Diffusion conditions on.
+    """
+    state_dict, record = read_shipped("clip")
+    model = ContrastiveCLIP(_config_from_record(record["model_config"]))
+    return load_checked(model, state_dict, "the shipped tiny CLIP").eval()

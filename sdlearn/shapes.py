@@ -201,7 +201,12 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
         shape=scene.shape,
         where=_PHRASES[scene.position],
     )
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange square"
+    return with_articles(text)
+
+
+def with_articles(text: str) -> str:
+    """Puts "an" before a vowel: "a orange square" -> "an orange square"."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
 def is_held_out(scene: Scene) -> bool:
