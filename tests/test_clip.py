@@ -460,3 +460,20 @@ def test_zero_shot_classify_runs_the_real_model(contrastive, tokenizer):
         text_embeds = contrastive.encode_text(tokenizer(prompts))
         similarity = contrastive.encode_image(pixels) @ text_embeds.T  # (4, 3)
     torch.testing.assert_close(predictions, similarity.argmax(dim=1))
+
+
+def test_shipped_tiny_clip_names_held_out_shapes():
+    from sdlearn.clip import pretrained_tiny_clip, zero_shot_accuracy
+    from sdlearn.tokenizer import CLIPTokenizer
+    from sdlearn.weights import read_shipped
+
+    model = pretrained_tiny_clip()
+    _, record = read_shipped("clip")
+    assert record["command"].startswith("sdlearn train clip")
+    assert record["train_config"]["seed"] == 0 and record["seconds"] > 0
+    # other images than the ones scored at the end of training (seed 123)
+    accuracy = zero_shot_accuracy(model, CLIPTokenizer(), "held_out", 256, seed=7)
+    print(
+        f"shipped tiny CLIP: zero-shot accuracy on held-out combinations {accuracy:.1%}"
+    )
+    assert accuracy >= 0.90
