@@ -169,28 +169,35 @@ class EMA:
     """An exponential moving average of a model's floating-point weights.
 
     Sampling from the average of the last few hundred steps' weights gives
-    smoother results than the last step's weights (Song & Ermon 2020).
+    smoother results than the last step's weights (Song & Ermon 2020). The
+    decay warms up as (1 + n) / (10 + n) after n updates, as diffusers' EMAModel
+    does: with a fixed 0.999 from the start, the random initial weights would
+    still make up 0.999^2000 = 13% of the average after 2000 steps.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0
         self.shadow = {
             name: p.detach().clone() for name, p in model.state_dict().items()
         }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for name, p in model.state_dict().items():
             if p.dtype.is_floating_point:
-                self.shadow[name].lerp_(p.detach(), 1 - self.decay)
+                self.shadow[name].lerp_(p.detach(), 1 - decay)
             else:
                 self.shadow[name].copy_(p)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "updates": self.updates}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, value in state.items():
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)
 
 
@@ -231,6 +238,8 @@ class TrainResult:
     metrics: dict[str, float]
     seconds: float
     out_dir: Path
+    # where it ran: device, CPU threads, world size, bfloat16 autocast or not
+    hardware: dict
 
 
 def _distributed() -> tuple[int, int]:
@@ -400,7 +409,7 @@ def train(
 
     # 4. the EMA weights are the ones to keep
     if ema is not None:
-        model.load_state_dict(ema.state_dict())
+        model.load_state_dict(ema.shadow)
     model.eval()
     if rank == 0:
         run = {
@@ -412,7 +421,13 @@ def train(
         run["bf16"] = autocast
         run["device"] = str(device)
         (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    return TrainResult(metrics=metrics, seconds=seconds, out_dir=out_dir)
+    hardware = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "world_size": world,
+        "bf16": autocast,
+    }
+    return TrainResult(metrics, seconds, out_dir, hardware)
 
 
 # --- the stages: what `sdlearn train STAGE` trains ----------------------------
@@ -565,6 +580,7 @@ def train_clip(
         "train_config": config.to_dict(),
         "command": _command("clip", config),
         "seconds": round(result.seconds, 1),
+        "hardware": result.hardware,
         "metrics": {
             **result.metrics,
             "zero_shot_held_out": round(held_out, 4),

@@ -180,3 +180,18 @@ def test_two_processes_keep_identical_weights(tmp_path):
     assert not torch.equal(start["net.0.weight"], weights[0]["net.0.weight"])
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["world_size"] == 2
+
+
+def test_ema_warms_up_instead_of_keeping_the_initial_weights():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = training.EMA(model, decay=0.999)
+    nn.init.ones_(model.weight)  # training moved the weight from 0 to 1
+    for _ in range(100):
+        ema.update(model)
+    # with a fixed 0.999 the average would still be 1 - 0.999**100 = 0.095
+    assert ema.shadow["weight"].item() > 0.9
+    restored = training.EMA(model, decay=0.999)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 100
+    torch.testing.assert_close(restored.shadow["weight"], ema.shadow["weight"])
