@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NBVAL := --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+# Tests run on two workers, one thread each: the course's tensors are small, and
+# two workers with two threads each would fight over a 2-core machine.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider -n 2
 
 .PHONY: setup demo test test-fast test-notebooks test-slow check format \
         notebooks execute reference book lab bench clean
@@ -29,11 +32,12 @@ demo: setup
 test: setup test-fast test-notebooks
 
 test-fast: setup
-	$(PY) -m pytest tests
+	$(PYTEST) tests
 
+# --dist loadfile keeps every notebook's cells on one worker, in order
 test-notebooks: setup
-	$(PY) -m pytest -p no:cacheprovider --nbval $(NBVAL) solutions
-	$(PY) -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env chapters
+	$(PYTEST) --dist loadfile --nbval $(NBVAL) solutions
+	$(PYTEST) --dist loadfile --nbval-lax --nbval-current-env chapters
 
 test-slow: setup
 	$(PY) -m pytest tests -m slow
@@ -54,7 +58,7 @@ notebooks: setup
 
 # Regenerate, then re-run the solution notebooks and store their outputs.
 execute: setup
-	$(PY) tools/notebooks.py build --execute $(NB)
+	OMP_NUM_THREADS=1 $(PY) tools/notebooks.py build --execute $(NB)
 
 reference: setup
 	$(PY) tools/make_reference.py
