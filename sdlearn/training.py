@@ -440,6 +440,11 @@ STAGE_DEFAULTS: dict[str, TrainConfig] = {
 }
 
 
+def _is_main_process() -> bool:
+    """Only the first of several torchrun processes writes the results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _command(stage: str, config: TrainConfig, **options) -> str:
     """The `sdlearn train` command line that repeats a run with these settings."""
     defaults = STAGE_DEFAULTS[stage].to_dict()
@@ -521,6 +526,8 @@ def train_vae(
         },
         "versions": {"torch": torch.__version__},
     }
+    if not _is_main_process():
+        return record
     write_shipped("vae", vae.state_dict(), record, folder=out_dir)
     if ship:
         write_shipped("vae", vae.state_dict(), record, folder=SHIPPED_DIR)
@@ -588,6 +595,8 @@ def train_clip(
         },
         "versions": {"torch": torch.__version__},
     }
+    if not _is_main_process():
+        return record
     write_shipped("clip", model.state_dict(), record, folder=out_dir)
     if ship:
         write_shipped("clip", model.state_dict(), record, folder=SHIPPED_DIR)
