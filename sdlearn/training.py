@@ -520,6 +520,7 @@ def train_vae(
         "kl_weight": kl_weight,
         "command": _command("vae", config, kl_weight=kl_weight),
         "seconds": round(result.seconds, 1),
+        "hardware": result.hardware,
         "metrics": {
             **result.metrics,
             "held_out_psnr_db": round(scores.mean().item(), 2),
