@@ -7,8 +7,11 @@ The package grows one module per chapter; later modules import only earlier ones
     attention    ch. 01: scaled dot-product attention and the attention layer
     vae          ch. 02: the autoencoder and its ResnetBlock, Downsample, Upsample
     tokenizer    ch. 03: CLIP's byte-level BPE tokenizer
+    clip         ch. 03: the text encoder, and a tiny contrastive CLIP
+    unet         ch. 04: the UNet, the noise predictor
     schedulers   ch. 05: noise schedules and samplers (DDPM), one file each
     weights      every weight-name mapping, and checked loading
+    training     ch. 07: the training loop and the stages `sdlearn train` runs
     checks       auto-checks for the chapters' exercises
     cli          the `sdlearn` command
 """
