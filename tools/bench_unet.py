@@ -151,10 +151,11 @@ def main() -> None:
         '`torch.autocast("cpu", dtype=torch.bfloat16)` around float32 weights.\n\n'
         f"{result}\n\n"
         f"Environment: {environment()}.\n\n"
-        "The CPU was shared with other developers' work while this ran (load "
-        f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after), so "
-        "absolute times vary from run to run; taking turns keeps the ratio "
-        "fair.\n"
+        f"One-minute load average {load_before[0]:.1f} before and "
+        f"{load_after[0]:.1f} after the run (the benchmark's own threads count "
+        "too; more than the core count means other work shared the CPU). "
+        "Absolute times vary with the machine and its load; taking turns in one "
+        "process keeps the ratio fair.\n"
     )
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
