@@ -487,7 +487,6 @@ def train_vae(
     """
     from sdlearn.shapes import ShapesDataset
     from sdlearn.vae import AutoencoderKL, VAEConfig, VAELoss, psnr
-    from sdlearn.weights import SHIPPED_DIR, write_shipped
 
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -514,25 +513,10 @@ def train_vae(
         images = _channels_last([held_out[i] for i in range(n)])["pixel_values"]
         scores = psnr(vae.decode(vae.encode(images).mode()), images)
     model_config = {**asdict(vae.config), "scaling_factor": scaling_factor}
-    record = {
-        "model_config": model_config,
-        "train_config": config.to_dict(),
-        "kl_weight": kl_weight,
-        "command": _command("vae", config, kl_weight=kl_weight),
-        "seconds": round(result.seconds, 1),
-        "hardware": result.hardware,
-        "metrics": {
-            **result.metrics,
-            "held_out_psnr_db": round(scores.mean().item(), 2),
-        },
-        "versions": {"torch": torch.__version__},
-    }
-    if not _is_main_process():
-        return record
-    write_shipped("vae", vae.state_dict(), record, folder=out_dir)
-    if ship:
-        write_shipped("vae", vae.state_dict(), record, folder=SHIPPED_DIR)
-    return record
+    metrics = {"held_out_psnr_db": round(scores.mean().item(), 2)}
+    return _finish_stage(
+        "vae", vae, model_config, config, result, metrics, ship, kl_weight=kl_weight
+    )
 
 
 def train_clip(
@@ -562,7 +546,6 @@ def train_clip(
     )
     from sdlearn.shapes import ShapesDataset
     from sdlearn.tokenizer import CLIPTokenizer
-    from sdlearn.weights import SHIPPED_DIR, write_shipped
 
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -583,24 +566,48 @@ def train_clip(
     model = model.cpu().eval()
     held_out = zero_shot_accuracy(model, tokenizer, "held_out", eval_images)
     seen = zero_shot_accuracy(model, tokenizer, "train", eval_images)
+    metrics = {
+        "zero_shot_held_out": round(held_out, 4),
+        "zero_shot_train": round(seen, 4),
+    }
+    return _finish_stage(
+        "clip", model, asdict(model_config), config, result, metrics, ship
+    )
+
+
+def _finish_stage(
+    stage: str,
+    model: nn.Module,
+    model_config: dict,
+    config: TrainConfig,
+    result: TrainResult,
+    metrics: dict[str, float],
+    ship: bool,
+    **options,
+) -> dict:
+    """Writes STAGE.safetensors and STAGE.json (into the package too with `ship`).
+
+    Returns:
+        the record: model and training configs, stage options, the command that
+        repeats the run, wall time, hardware, and the training and evaluation
+        metrics.
+    """
+    from sdlearn.weights import SHIPPED_DIR, write_shipped
+
     record = {
-        "model_config": asdict(model_config),
+        "model_config": model_config,
         "train_config": config.to_dict(),
-        "command": _command("clip", config),
+        **options,
+        "command": _command(stage, config, **options),
         "seconds": round(result.seconds, 1),
         "hardware": result.hardware,
-        "metrics": {
-            **result.metrics,
-            "zero_shot_held_out": round(held_out, 4),
-            "zero_shot_train": round(seen, 4),
-        },
+        "metrics": {**result.metrics, **metrics},
         "versions": {"torch": torch.__version__},
     }
-    if not _is_main_process():
-        return record
-    write_shipped("clip", model.state_dict(), record, folder=out_dir)
-    if ship:
-        write_shipped("clip", model.state_dict(), record, folder=SHIPPED_DIR)
+    if _is_main_process():
+        write_shipped(stage, model.state_dict(), record, folder=result.out_dir)
+        if ship:
+            write_shipped(stage, model.state_dict(), record, folder=SHIPPED_DIR)
     return record
 
 
