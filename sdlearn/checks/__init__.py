@@ -64,6 +64,23 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:200]
 
 
+def tensor_form_problem(
+    actual: Any, expected: torch.Tensor, shape_hint: str = ""
+) -> str | None:
+    """None when `actual` is a tensor of `expected`'s shape and dtype, else what
+    differs, in words; `shape_hint` explains the expected shape."""
+    if not isinstance(actual, torch.Tensor):
+        return f"returned {_describe(actual)}, expected {_describe(expected)}"
+    if actual.shape != expected.shape:
+        return (
+            f"returned shape {tuple(actual.shape)}, "
+            f"expected shape {tuple(expected.shape)}{shape_hint}"
+        )
+    if actual.dtype != expected.dtype:
+        return f"returned dtype {actual.dtype}, expected dtype {expected.dtype}"
+    return None
+
+
 def _compare(actual: Any, expected: Any, atol: float, rtol: float) -> str | None:
     """None when `actual` matches `expected`, else what is wrong, in words."""
     if isinstance(expected, np.ndarray):
@@ -79,15 +96,9 @@ def _compare(actual: Any, expected: Any, atol: float, rtol: float) -> str | None
                 return f"value {i}: {problem}"
         return None
     if isinstance(expected, torch.Tensor):
-        if not isinstance(actual, torch.Tensor):
-            return f"returned {_describe(actual)}, expected {_describe(expected)}"
-        if actual.shape != expected.shape:
-            return (
-                f"returned shape {tuple(actual.shape)}, "
-                f"expected shape {tuple(expected.shape)}"
-            )
-        if actual.dtype != expected.dtype:
-            return f"returned dtype {actual.dtype}, expected dtype {expected.dtype}"
+        problem = tensor_form_problem(actual, expected)
+        if problem:
+            return problem
         if torch.isnan(actual).any() and not torch.isnan(expected).any():
             return "returned NaN values where the reference has none"
         try:

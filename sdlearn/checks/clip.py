@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from sdlearn.checks import Case, Verdict, _describe, check, randn
+from sdlearn.checks import Case, Verdict, check, randn, tensor_form_problem
 from sdlearn.clip import clip_loss
 from sdlearn.tokenizer import DEFAULT_MERGES_PATH, bpe_merge_step, load_merges
 
@@ -148,15 +148,11 @@ def _mask_problem(
 ) -> str | None:
     """What is wrong with a returned mask, naming the first wrong (query, key)
     rather than an inf - inf error."""
-    if not isinstance(actual, torch.Tensor):
-        return f"returned {_describe(actual)}, expected {_describe(expected)}"
-    if actual.shape != expected.shape:
-        return (
-            f"returned shape {tuple(actual.shape)}, expected shape "
-            f"{tuple(expected.shape)}, (B, 1, T, T) with an axis for the heads"
-        )
-    if actual.dtype != expected.dtype:
-        return f"returned dtype {actual.dtype}, expected dtype {expected.dtype}"
+    problem = tensor_form_problem(
+        actual, expected, ", (B, 1, T, T) with an axis for the heads"
+    )
+    if problem:
+        return problem
     if torch.equal(actual, expected):
         return None
     wrong = (actual != expected) | actual.isnan()
