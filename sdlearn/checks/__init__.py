@@ -122,6 +122,7 @@ def check(
     hint: str = "",
     atol: float = 1e-5,
     rtol: float = 1.3e-6,
+    compare: Callable[[Any, Case], str | None] | None = None,
 ) -> Verdict:
     """Runs `fn` on every case and prints whether it matches the reference.
 
@@ -131,6 +132,8 @@ def check(
         cases: inputs with the expected results.
         hint: printed when the exercise fails, to point the way.
         atol, rtol: tolerances for tensors, as in `torch.testing.assert_close`.
+        compare: `(actual, case) -> problem or None`, for an exercise whose
+            mistakes are best described another way than by a max error.
 
     Returns:
         A `Verdict`, true when every case matches. Never raises.
@@ -153,7 +156,10 @@ def check(
             if hint:
                 print(f"   Hint: {hint}")
             return Verdict(False)
-        problem = _compare(actual, case.expected, atol, rtol)
+        if compare is None:
+            problem = _compare(actual, case.expected, atol, rtol)
+        else:
+            problem = compare(actual, case)
         if problem:
             inputs = ", ".join(_describe(a) for a in case.args)
             print(f"❌ {what} on case {i + 1} of {len(cases)} ({inputs}): {problem}.")
