@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,8 @@ class CLIPTextConfig:
         eos_token_id=2; transformers then pools at the highest id of each row,
         which for CLIP's tokenizer is the first <|endoftext|>, id vocab_size - 1.
         """
+        if isinstance(config, Mapping):  # a text_encoder/config.json, read
+            config = SimpleNamespace(**config)
         eos_token_id = config.eos_token_id
         if eos_token_id == 2:
             eos_token_id = config.vocab_size - 1
@@ -134,6 +138,10 @@ class CLIPTextConfig:
             hidden_act=config.hidden_act,
             eos_token_id=eos_token_id,
         )
+
+    def to_transformers(self) -> dict[str, Any]:
+        """The keyword arguments of the equivalent transformers `CLIPTextConfig`."""
+        return asdict(self)
 
 
 class CLIPMLP(nn.Module):
@@ -340,18 +348,7 @@ class CLIPTextModel(nn.Module):
         """
         import transformers
 
-        c = self.config
-        config = transformers.CLIPTextConfig(
-            vocab_size=c.vocab_size,
-            max_position_embeddings=c.max_position_embeddings,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            eos_token_id=c.eos_token_id,
-        )
+        config = transformers.CLIPTextConfig(**self.config.to_transformers())
         theirs = transformers.CLIPTextModel(config)
         state_dict = clip_text_to_transformers(self.state_dict())
         load_checked(theirs, state_dict, f"sdlearn {type(self).__name__}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import gzip
 import itertools
+import json
 import re
 import sys
 import unicodedata
@@ -267,6 +268,7 @@ class CLIPTokenizer:
         merges = load_merges(
             DEFAULT_MERGES_PATH if merges_path is None else merges_path
         )
+        self.merges = merges
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {ch: b for b, ch in self.byte_encoder.items()}
@@ -283,6 +285,39 @@ class CLIPTokenizer:
         self.pad_token_id = self.eos_token_id
         # prompts repeat words ("a", "of", "the"), so remember each word's symbols
         self.cache: dict[str, tuple[str, ...]] = {}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the files transformers' `CLIPTokenizer.from_pretrained` reads.
+
+        vocab.json, merges.txt (which this class also reads back),
+        tokenizer_config.json and special_tokens_map.json, with SD 1.x's
+        settings: 77 tokens, padded with <|endoftext|>.
+
+        Args:
+            directory: the folder to write into; made if missing.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "vocab.json").write_text(json.dumps(self.vocab), "utf-8")
+        merges = "\n".join(f"{left} {right}" for left, right in self.merges)
+        (directory / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", "utf-8")
+        special = {
+            "bos_token": BOS_TOKEN,
+            "eos_token": EOS_TOKEN,
+            "unk_token": EOS_TOKEN,
+            "pad_token": self.id_to_token[self.pad_token_id],
+        }
+        config = {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": self.model_max_length,
+            "do_lower_case": True,
+            **special,
+        }
+        for name, content in (
+            ("tokenizer_config.json", config),
+            ("special_tokens_map.json", special),
+        ):
+            (directory / name).write_text(json.dumps(content, indent=2) + "\n")
 
     @property
     def vocab_size(self) -> int:

@@ -13,8 +13,9 @@ so diffusers' `AutoencoderKL` state dict loads one-to-one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +262,59 @@ class VAEConfig:
             scaling_factor=1.0,
             sample_size=64,
         )
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
+        """The config of a diffusers `AutoencoderKL` (its `.config`, or the
+        vae/config.json of a diffusers folder).
+
+        Raises:
+            ValueError: the config asks for options sdlearn does not build.
+        """
+        levels = len(config["block_out_channels"])
+        supported = {
+            "down_block_types": ("DownEncoderBlock2D",) * levels,
+            "up_block_types": ("UpDecoderBlock2D",) * levels,
+            "act_fn": "silu",
+            "use_quant_conv": True,
+            "use_post_quant_conv": True,
+            "mid_block_add_attention": True,
+            "shift_factor": None,
+        }
+        for key, value in supported.items():
+            given = config.get(key, value)
+            given = tuple(given) if isinstance(given, list) else given
+            if given != value:
+                raise ValueError(
+                    f"sdlearn's AutoencoderKL needs {key}={value!r}, got {given!r}"
+                )
+        size = config.get("sample_size", 512)
+        return cls(
+            in_channels=config["in_channels"],
+            out_channels=config["out_channels"],
+            block_out_channels=tuple(config["block_out_channels"]),
+            layers_per_block=config["layers_per_block"],
+            latent_channels=config["latent_channels"],
+            norm_num_groups=config["norm_num_groups"],
+            scaling_factor=config.get("scaling_factor", 0.18215),
+            sample_size=size[0] if isinstance(size, (list, tuple)) else size,
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The keyword arguments of the equivalent diffusers `AutoencoderKL`."""
+        levels = len(self.block_out_channels)
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ("DownEncoderBlock2D",) * levels,
+            "up_block_types": ("UpDecoderBlock2D",) * levels,
+            "block_out_channels": self.block_out_channels,
+            "layers_per_block": self.layers_per_block,
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "sample_size": self.sample_size,
+            "scaling_factor": self.scaling_factor,
+        }
 
 
 def _check_images(x: torch.Tensor, config: VAEConfig) -> None:
@@ -659,34 +713,7 @@ class AutoencoderKL(nn.Module):
             ValueError: the diffusers model has options sdlearn does not build.
             WeightsMismatchError: its weights do not fit, naming the keys.
         """
-        c = vae.config
-        supported = {
-            "down_block_types": (("DownEncoderBlock2D",) * len(c.block_out_channels)),
-            "up_block_types": (("UpDecoderBlock2D",) * len(c.block_out_channels)),
-            "act_fn": "silu",
-            "use_quant_conv": True,
-            "use_post_quant_conv": True,
-            "mid_block_add_attention": True,
-            "shift_factor": None,
-        }
-        for key, value in supported.items():
-            given = c.get(key, value)
-            given = tuple(given) if isinstance(given, list) else given
-            if given != value:
-                raise ValueError(
-                    f"sdlearn's AutoencoderKL needs {key}={value!r}, got {given!r}"
-                )
-        size = c.sample_size
-        config = VAEConfig(
-            in_channels=c.in_channels,
-            out_channels=c.out_channels,
-            block_out_channels=tuple(c.block_out_channels),
-            layers_per_block=c.layers_per_block,
-            latent_channels=c.latent_channels,
-            norm_num_groups=c.norm_num_groups,
-            scaling_factor=c.scaling_factor,
-            sample_size=size[0] if isinstance(size, (list, tuple)) else size,
-        )
+        config = VAEConfig.from_diffusers(vae.config)
         model = cls(config)
         state_dict = {k: v.float() for k, v in vae.state_dict().items()}
         load_checked(model, state_dict, f"diffusers {type(vae).__name__}")
@@ -702,20 +729,7 @@ class AutoencoderKL(nn.Module):
         """
         from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-        c = self.config
-        levels = len(c.block_out_channels)
-        vae = DiffusersAutoencoderKL(
-            in_channels=c.in_channels,
-            out_channels=c.out_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=c.block_out_channels,
-            layers_per_block=c.layers_per_block,
-            latent_channels=c.latent_channels,
-            norm_num_groups=c.norm_num_groups,
-            sample_size=c.sample_size,
-            scaling_factor=c.scaling_factor,
-        )
+        vae = DiffusersAutoencoderKL(**self.config.to_diffusers())
         load_checked(vae, self.state_dict(), "sdlearn AutoencoderKL")
         return vae.train(self.training)
 

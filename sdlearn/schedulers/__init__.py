@@ -7,7 +7,47 @@ Each has `set_timesteps`, `.timesteps`, `step(...)` returning `prev_sample` and
 `pred_original_sample`, and `add_noise`, so one sampling loop drives them all.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Any
+
 from sdlearn.schedulers.common import SchedulerOutput
 from sdlearn.schedulers.ddpm import DDPMConfig, DDPMScheduler, DDPMSchedulerOutput
 
-__all__ = ["DDPMConfig", "DDPMScheduler", "DDPMSchedulerOutput", "SchedulerOutput"]
+__all__ = [
+    "DDPMConfig",
+    "DDPMScheduler",
+    "DDPMSchedulerOutput",
+    "SchedulerOutput",
+    "scheduler_from_config",
+    "scheduler_to_config",
+]
+
+
+def scheduler_from_config(config: Mapping[str, Any]) -> DDPMScheduler:
+    """A scheduler from a diffusers scheduler_config.json (or `scheduler.config`).
+
+    The noise schedule (betas, timestep spacing, prediction type) belongs to the
+    model: it was trained with it. The sampler is a choice made at generation
+    time, so a config of a sampler sdlearn does not have (SD 1.5's folder names
+    PNDMScheduler) gives a DDPMScheduler with the same schedule.
+
+    Args:
+        config: diffusers' settings; keys that DDPMScheduler does not know are
+            ignored, missing ones take DDPMScheduler's (SD 1.x's) defaults.
+    """
+    known = {f.name for f in fields(DDPMConfig)}
+    settings = {k: v for k, v in config.items() if k in known}
+    if settings.get("trained_betas") is not None:
+        settings["trained_betas"] = tuple(settings["trained_betas"])
+    return DDPMScheduler(**settings)
+
+
+def scheduler_to_config(scheduler: DDPMScheduler) -> dict[str, Any]:
+    """The scheduler_config.json that diffusers reads back as the same scheduler."""
+    settings = asdict(scheduler.config)
+    if settings["trained_betas"] is not None:
+        settings["trained_betas"] = list(settings["trained_betas"])
+    return {"_class_name": type(scheduler).__name__, **settings}
