@@ -3,6 +3,12 @@
 sdlearn tour [--out PATH] [--rows N] [--cols N] [--seed N]
     print the parts of Stable Diffusion and render a grid of the shapes
     dataset with its captions to a PNG.
+sdlearn train vae|clip|unet|all [...]
+    train a stage of the tiny Stable Diffusion (`sdlearn train --help`).
+sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
+                 [--height H --width W] [--num-images N] [--checkpoint PATH]
+                 [--image PATH --strength S] [--mask PATH] [--out PATH]
+    draw images and print the paths of the PNGs written.
 """
 
 from __future__ import annotations
@@ -79,6 +85,14 @@ def train(args: argparse.Namespace) -> int:
         extra = {"eval_images": args.eval_images}
         if name == "vae" and args.kl_weight is not None:
             extra["kl_weight"] = args.kl_weight
+        if name == "unet":
+            if args.caption_dropout is not None:
+                extra["caption_dropout"] = args.caption_dropout
+            if args.images is not None:
+                extra["images"] = args.images
+            if args.stage == "all" and not args.ship:
+                # the VAE and CLIP this run just trained, not the shipped ones
+                extra["parts_dir"] = Path(args.out)
         record = STAGES[name](
             config,
             out,
@@ -89,6 +103,49 @@ def train(args: argparse.Namespace) -> int:
         )
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
         print(f"{name}: {record['seconds']:.0f} s, {metrics}; wrote {out}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from sdlearn.pipeline import StableDiffusionPipeline
+
+    def read_image(path: str | None) -> Image.Image | None:
+        if path is None:
+            return None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    image, mask = read_image(args.image), read_image(args.mask)
+    if mask is not None and image is None:
+        raise ValueError("--mask needs --image: the picture to inpaint")
+    if args.image is None and args.strength is not None:
+        raise ValueError("--strength needs --image: it says how far to noise it")
+    pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint)
+    pipe.progress = not args.no_progress
+    output = pipe(
+        args.prompt,
+        negative_prompt=args.negative,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator().manual_seed(args.seed),
+        image=image,
+        strength=0.8 if args.strength is None else args.strength,
+        mask_image=mask,
+        num_images_per_prompt=args.num_images,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, picture in enumerate(output.images):
+        path = out if len(output.images) == 1 else out.with_stem(f"{out.stem}_{i}")
+        picture.save(path)
+        print(path)
     return 0
 
 
@@ -105,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=tour)
 
     p = commands.add_parser("train", help="train a stage of the tiny Stable Diffusion")
-    p.add_argument("stage", choices=["vae", "clip", "all"], help="what to train")
+    p.add_argument(
+        "stage", choices=["vae", "clip", "unet", "all"], help="what to train"
+    )
     p.add_argument("--out", help="run folder (default runs/STAGE)")
     p.add_argument("--config", help="JSON file of training settings")
     p.add_argument("--steps", type=_positive)
@@ -119,12 +178,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
     p.add_argument("--kl-weight", type=float, help="vae: weight of the KL term")
     p.add_argument(
+        "--caption-dropout", type=float, help="unet: how often the caption is dropped"
+    )
+    p.add_argument("--images", type=_positive, help="unet: training images to encode")
+    p.add_argument(
         "--eval-images", type=_positive, default=256, help="images to score at the end"
     )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--ship", action="store_true", help="write weights into sdlearn")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=train)
+
+    p = commands.add_parser("generate", help="draw images for a prompt")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--negative", help="what to steer away from")
+    p.add_argument("--steps", type=_positive, default=50, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=_positive, help="pixels, a multiple of 8")
+    p.add_argument("--width", type=_positive, help="pixels, a multiple of 8")
+    p.add_argument("--num-images", type=_positive, default=1)
+    p.add_argument(
+        "--checkpoint",
+        help="diffusers folder or single-file SD 1.x checkpoint "
+        "(default: the tiny shapes model shipped with sdlearn)",
+    )
+    p.add_argument("--image", help="img2img: the picture to start from")
+    p.add_argument("--strength", type=float, help="img2img: how far to noise it")
+    p.add_argument("--mask", help="inpainting: white where to repaint")
+    p.add_argument("--out", default="outputs/generated.png", help="PNG to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=generate)
     return parser
 
 

@@ -442,3 +442,54 @@ def _standardized_moment(values: np.ndarray, order: int) -> float:
     if variance == 0:  # a single row or column of pixels has no spread to measure
         return 0.0
     return float(np.mean(centred**order) / variance ** (order / 2))
+
+
+def evaluate_pipeline(
+    pipeline,
+    seeds: int = 4,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    progress: bool = False,
+) -> tuple[dict[str, dict], dict[str, list]]:
+    """Draw every evaluation prompt with several seeds and score the images.
+
+    Args:
+        pipeline: a `StableDiffusionPipeline` (anything called like one, with
+            `output_type="np"`); passed in so that this module never imports it.
+        seeds: images per prompt; seed s draws all prompts of a set as one batch
+            from `torch.Generator().manual_seed(s)`.
+        guidance_scale: classifier-free guidance scale.
+        num_inference_steps: denoising steps.
+        progress: show the pipeline's progress bar.
+
+    Returns:
+        summaries: per prompt set (SINGLE, HELD_OUT_COMBOS), `summarize`'s
+            accuracies over all its images;
+        images: per prompt set, uint8 arrays (seeds, prompts, H, W, 3).
+    """
+    import torch
+
+    previous = pipeline.progress
+    pipeline.progress = progress
+    summaries, images = {}, {}
+    try:
+        for name, prompts in evaluation_prompts().items():
+            rows, drawn = [], []
+            for seed in range(seeds):
+                output = pipeline(
+                    prompts,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=torch.Generator().manual_seed(seed),
+                    output_type="np",
+                )
+                batch = (output.images * 255).round().astype(np.uint8)
+                rows += [
+                    score(image, p) for image, p in zip(batch, prompts, strict=True)
+                ]
+                drawn.append(batch)
+            summaries[name] = summarize(rows)
+            images[name] = np.stack(drawn)  # (seeds, prompts, H, W, 3)
+    finally:
+        pipeline.progress = previous
+    return summaries, images

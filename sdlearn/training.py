@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
@@ -437,6 +438,9 @@ STAGE_DEFAULTS: dict[str, TrainConfig] = {
         steps=2000, batch_size=16, lr=2e-3, warmup_steps=100, ema_decay=0.999
     ),
     "clip": TrainConfig(steps=800, batch_size=64, lr=1e-3, warmup_steps=50),
+    "unet": TrainConfig(
+        steps=6000, batch_size=64, lr=2e-3, warmup_steps=200, ema_decay=0.999
+    ),
 }
 
 
@@ -575,6 +579,231 @@ def train_clip(
     )
 
 
+class DiffusionLoss(nn.Module):
+    """The loss Stable Diffusion trains its UNet with (Rombach et al. 2022, eq. 2):
+    noise the latents of a captioned image to a random timestep, ask the UNet
+    for the noise, and score it with the mean squared error.
+
+    The frozen VAE and text encoder ran once, before training (see
+    `encode_shapes`): each item carries its latent distribution and the index of
+    its caption in a table of text tokens. The caption is replaced by the empty
+    prompt with probability `caption_dropout`, so that one model learns both
+    the conditional and the unconditional prediction classifier-free guidance
+    needs (Ho & Salimans 2022).
+
+    Args:
+        unet: the model being trained.
+        scheduler: the noise schedule (`add_noise`, `num_train_timesteps`).
+        text_tokens: (N_captions, 77, D) the text encoder's output per caption;
+            row 0 is the empty prompt.
+        scaling_factor: the VAE's, so that latents have about unit variance.
+        caption_dropout: how often the caption is dropped.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        text_tokens: torch.Tensor,
+        scaling_factor: float,
+        caption_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+        # a plain attribute, not a buffer: not trained, not in checkpoints
+        self.text_tokens = text_tokens
+        self.scaling_factor = scaling_factor
+        self.caption_dropout = caption_dropout
+
+    def forward(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            batch: "mean" and "std" (B, C, h, w) of the VAE's posterior for each
+                image, "caption" (B,) rows of `text_tokens`.
+            generator: every random draw of the step.
+
+        Returns:
+            (loss, {}).
+        """
+        mean, std = batch["mean"], batch["std"]
+        B, device = mean.shape[0], mean.device
+
+        def randn(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=device)
+
+        # 1. a sample of the posterior, scaled to about unit variance
+        z0 = (mean + std * randn(mean.shape)) * self.scaling_factor  # (B, C, h, w)
+        # 2. a timestep per image, and the noise to add (eq. 4, Ho et al. 2020)
+        T = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (B,), generator=generator, device=device)
+        noise = randn(z0.shape)
+        zt = self.scheduler.add_noise(z0, noise, t)
+        # 3. the caption's tokens, or the empty prompt's
+        rows = batch["caption"].clone()
+        dropped = torch.rand(B, generator=generator, device=device)
+        rows[dropped < self.caption_dropout] = 0
+        context = self.text_tokens.to(device)[rows]  # (B, 77, D)
+        # 4. predict the noise (eq. 14, Ho et al. 2020)
+        prediction = self.unet(zt, t, context)
+        return F.mse_loss(prediction.float(), noise), {}
+
+
+@torch.no_grad()
+def encode_shapes(
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    dataset: Dataset,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> tuple[list[dict], torch.Tensor, list[str]]:
+    """Runs the frozen VAE and text encoder over a dataset once.
+
+    Returns:
+        items: per image, the posterior's "mean" and "std" (C, h, w) and the
+            row of its "caption" in `text_tokens`;
+        text_tokens: (N_captions, 77, D), row 0 the empty prompt;
+        captions: the N_captions texts, "" first.
+    """
+    from tqdm.auto import tqdm
+
+    captions = [""]
+    row_of = {"": 0}
+    items = []
+    starts = range(0, len(dataset), batch_size)
+    for start in tqdm(starts, desc="encode images", disable=not progress):
+        batch = default_collate(
+            [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        )
+        posterior = vae.encode(batch["pixel_values"])
+        for i, caption in enumerate(batch["caption"]):
+            if caption not in row_of:
+                row_of[caption] = len(captions)
+                captions.append(caption)
+            items.append(
+                {
+                    "mean": posterior.mean[i].clone(),
+                    "std": posterior.std[i].clone(),
+                    "caption": row_of[caption],
+                }
+            )
+    text_tokens = torch.cat(
+        [
+            text_encoder(tokenizer(captions[i : i + 256]))
+            for i in range(0, len(captions), 256)
+        ]
+    )  # (N_captions, 77, D)
+    return items, text_tokens, captions
+
+
+def train_unet(
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    ship: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    eval_images: int = 256,
+    parts_dir: str | Path | None = None,
+    caption_dropout: float = 0.1,
+    images: int = 40_000,
+) -> dict:
+    """Stage 3: the tiny UNet, on the latents of the frozen tiny VAE, conditioned
+    on the frozen tiny CLIP's text tokens (chapter 07).
+
+    Args:
+        parts_dir: where vae.safetensors and clip.safetensors are (with their
+            .json records); the ones shipped in the package by default.
+        caption_dropout: how often the caption becomes the empty prompt.
+        images: how many training images to encode once and sample batches from.
+        eval_images: about how many images the end-of-run evaluation draws, a
+            few seeds of every evaluation prompt (see `sdlearn.evaluate`); 0
+            skips it.
+        (the rest as for `train_vae`)
+
+    Returns:
+        the record written to unet.json.
+    """
+    from sdlearn.clip import ContrastiveCLIP, _config_from_record
+    from sdlearn.schedulers import DDPMScheduler, scheduler_to_config
+    from sdlearn.shapes import ShapesDataset
+    from sdlearn.tokenizer import CLIPTokenizer
+    from sdlearn.unet import UNet, UNetConfig
+    from sdlearn.vae import AutoencoderKL, VAEConfig, _tuples
+    from sdlearn.weights import SHIPPED_DIR, load_checked, read_shipped
+
+    out_dir = Path(out_dir)
+    parts = SHIPPED_DIR if parts_dir is None else Path(parts_dir)
+    torch.manual_seed(config.seed)
+
+    # 1. the frozen parts, and the dataset through them once
+    def folder(name: str) -> Path:
+        # `sdlearn train all` leaves each stage in its own subfolder
+        inside = parts / name
+        return inside if (inside / f"{name}.safetensors").exists() else parts
+
+    state, record = read_shipped("vae", folder=folder("vae"))
+    vae = AutoencoderKL(VAEConfig(**_tuples(record["model_config"])))
+    load_checked(vae, state, str(folder("vae") / "vae.safetensors")).eval()
+    state, record = read_shipped("clip", folder=folder("clip"))
+    clip = ContrastiveCLIP(_config_from_record(record["model_config"]))
+    load_checked(clip, state, str(folder("clip") / "clip.safetensors")).eval()
+    tokenizer = CLIPTokenizer()
+    data = ShapesDataset("train", length=images, image_size=64, seed=config.seed)
+    items, text_tokens, _ = encode_shapes(
+        vae, clip.text_model, tokenizer, data, progress=progress
+    )
+
+    # 2. train the UNet to predict the noise
+    unet = UNet(UNetConfig.tiny(cross_attention_dim=clip.text_model.config.hidden_size))
+    scheduler = DDPMScheduler()
+    loss = DiffusionLoss(
+        unet, scheduler, text_tokens, vae.config.scaling_factor, caption_dropout
+    )
+    result = train(
+        loss,
+        items,
+        config,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        description="train unet",
+        stop_at=stop_at,
+    )
+    unet = unet.cpu().eval()
+
+    # 3. draw and score images for held-out prompts
+    metrics = {}
+    if eval_images:
+        from sdlearn.evaluate import evaluate_pipeline, evaluation_prompts
+        from sdlearn.pipeline import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(tokenizer, clip.text_model, vae, unet, scheduler)
+        prompts = sum(len(p) for p in evaluation_prompts().values())
+        seeds = max(1, round(eval_images / prompts))
+        table, _ = evaluate_pipeline(pipe, seeds=seeds)
+        for name, scores in table.items():
+            for key, value in scores.items():
+                if key != "n" and value is not None:
+                    metrics[f"{name} {key}"] = value
+    model_config = asdict(unet.config)
+    return _finish_stage(
+        "unet",
+        unet,
+        model_config,
+        config,
+        result,
+        metrics,
+        ship,
+        caption_dropout=caption_dropout,
+        images=images,
+        extra_record={"scheduler_config": scheduler_to_config(scheduler)},
+    )
+
+
 def _finish_stage(
     stage: str,
     model: nn.Module,
@@ -583,6 +812,7 @@ def _finish_stage(
     result: TrainResult,
     metrics: dict[str, float],
     ship: bool,
+    extra_record: dict | None = None,
     **options,
 ) -> dict:
     """Writes STAGE.safetensors and STAGE.json (into the package too with `ship`).
@@ -603,6 +833,7 @@ def _finish_stage(
         "hardware": result.hardware,
         "metrics": {**result.metrics, **metrics},
         "versions": {"torch": torch.__version__},
+        **(extra_record or {}),
     }
     if _is_main_process():
         write_shipped(stage, model.state_dict(), record, folder=result.out_dir)
@@ -611,4 +842,8 @@ def _finish_stage(
     return record
 
 
-STAGES: dict[str, Callable[..., dict]] = {"vae": train_vae, "clip": train_clip}
+STAGES: dict[str, Callable[..., dict]] = {
+    "vae": train_vae,
+    "clip": train_clip,
+    "unet": train_unet,
+}

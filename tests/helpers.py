@@ -10,6 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdlearn.clip import CLIPTextConfig, CLIPTextModel
+from sdlearn.pipeline import StableDiffusionPipeline
+from sdlearn.schedulers import DDPMScheduler
+from sdlearn.tokenizer import CLIPTokenizer
+from sdlearn.unet import UNet, UNetConfig
+from sdlearn.vae import AutoencoderKL, VAEConfig
+
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
@@ -37,3 +44,52 @@ needs_diffusers = pytest.mark.skipif(not has("diffusers"), reason="needs diffuse
 needs_transformers = pytest.mark.skipif(
     not has("transformers"), reason="needs transformers"
 )
+
+
+# Small random parts with SD's layout: a 2-level VAE (16x16 images <-> 8x8x4
+# latents), a 2-level UNet with cross-attention at both levels, a 2-layer CLIP
+# text encoder with the real vocabulary (the real tokenizer feeds it).
+VAE_CONFIG = VAEConfig(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    scaling_factor=0.5,
+    sample_size=16,
+)
+UNET_CONFIG = UNetConfig(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    cross_attention_levels=(True, True),
+    num_heads=(2, 4),
+    cross_attention_dim=32,
+    norm_groups=8,
+)
+TEXT_CONFIG = CLIPTextConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+)
+SIZE = 16  # pixels
+PROMPTS = ["a red circle on the left", "a large blue square"]
+
+
+def randomize_(module: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Every parameter N(0, scale^2) from a seeded generator: no zero biases or
+    unit norms that would hide a missing term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(scale * torch.randn(parameter.shape, generator=g))
+    return module.eval()
+
+
+def random_pipeline() -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of small random parts (seeded)."""
+    torch.manual_seed(0)
+    text_encoder = randomize_(CLIPTextModel(TEXT_CONFIG), 1, 0.2)
+    vae = randomize_(AutoencoderKL(VAE_CONFIG), 2, 0.1)
+    unet = randomize_(UNet(UNET_CONFIG), 3, 0.1)
+    pipe = StableDiffusionPipeline(
+        CLIPTokenizer(), text_encoder, vae, unet, DDPMScheduler()
+    )
+    pipe.progress = False
+    return pipe

@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
 from sdlearn.cli import main
+from tests.helpers import random_pipeline
 
 
 def test_tour_writes_a_grid_png(tmp_path, capsys):
@@ -51,3 +53,68 @@ def test_train_vae_writes_weights_and_a_record(tmp_path, capsys):
     assert main(["train", "vae", *flags, "--bf16", "off", "--resume"]) == 0
     assert main(["train", "vae", *flags, "--lr", "1", "--resume"]) == 1
     assert "resume with the same ones" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small random pipeline saved as a diffusers folder."""
+    return random_pipeline().save_pretrained(tmp_path_factory.mktemp("pipe") / "sd")
+
+
+def test_generate_writes_pngs_and_prints_their_paths(checkpoint, tmp_path, capsys):
+    out = tmp_path / "red.png"
+    flags = ["--checkpoint", str(checkpoint), "--steps", "3", "--no-progress"]
+    assert main(["generate", "a red circle", *flags, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out)]
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (16, 16)
+    # img2img and inpainting from files, two images
+    mask = tmp_path / "mask.png"
+    Image.new("L", (16, 16), 255).save(mask)
+    two = tmp_path / "two.png"
+    args = ["--image", str(out), "--strength", "0.5", "--mask", str(mask)]
+    assert (
+        main(
+            [
+                "generate",
+                "a blue square",
+                *flags,
+                *args,
+                "--num-images",
+                "2",
+                "--out",
+                str(two),
+            ]
+        )
+        == 0
+    )
+    paths = capsys.readouterr().out.split()
+    assert paths == [str(tmp_path / "two_0.png"), str(tmp_path / "two_1.png")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "expected a positive integer, got 0"),
+        (["--image", "IMAGE", "--strength", "1.5"], r"strength in (0, 1]"),
+        (["--height", "18", "--width", "16"], "multiples of"),
+        (["--image", "missing.png"], "missing.png does not exist"),
+        (["--mask", "IMAGE"], "--mask needs --image"),
+    ],
+)
+def test_generate_refuses_bad_arguments_in_one_line(
+    checkpoint, tmp_path, capsys, args, message
+):
+    image = tmp_path / "image.png"
+    Image.new("RGB", (16, 16), "white").save(image)
+    args = [str(image) if a == "IMAGE" else a for a in args]
+    argv = ["generate", "a red circle", "--checkpoint", str(checkpoint)]
+    argv += ["--steps", "2", "--out", str(tmp_path / "out.png"), *args]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own checks
+        code = exit_.code
+    stderr = capsys.readouterr().err
+    assert code != 0
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1 or "usage:" in stderr
