@@ -9,6 +9,9 @@ sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--height H --width W] [--num-images N] [--checkpoint PATH]
                  [--image PATH --strength S] [--mask PATH] [--out PATH]
     draw images and print the paths of the PNGs written.
+sdlearn evaluate [--checkpoint PATH] [--seeds N] [--steps N] [--guidance S ...]
+                 [--out PATH]
+    draw the evaluation prompts, score them (sdlearn.evaluate) and print a table.
 """
 
 from __future__ import annotations
@@ -149,6 +152,69 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sdlearn.evaluate import evaluate_pipeline, format_table
+    from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.shapes import image_grid
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint)
+    summaries, grids = {}, []
+    for guidance in args.guidance:
+        scores, images = evaluate_pipeline(
+            pipe,
+            seeds=args.seeds,
+            guidance_scale=guidance,
+            num_inference_steps=args.steps,
+            progress=not args.no_progress,
+        )
+        for name, summary in scores.items():
+            summaries[f"{name}, guidance {guidance:g}"] = summary
+        # the first seed's image of every prompt, one row per prompt set
+        grids.append(np.concatenate([drawn[0] for drawn in images.values()]))
+    print(
+        f"{args.seeds} seed(s) per prompt, {args.steps} steps "
+        f"(colour+shape: both right in the same image)"
+    )
+    print(format_table(summaries))
+
+    # the time of one image, as a user waits for it: one prompt, guidance on
+    pipe.progress = False
+    seconds = []
+    for seed in range(3):
+        start = time.perf_counter()
+        pipe(
+            "a red circle",
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        seconds.append(time.perf_counter() - start)
+    print(
+        f"one image, {args.steps} steps with guidance: "
+        f"{statistics.median(seconds):.2f} s (median of 3, "
+        f"{torch.get_num_threads()} threads)"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = len(grids) * len(images)
+    Image.fromarray(image_grid(np.concatenate(grids), rows=rows)).save(out)
+    print(f"wrote {out}: one row per prompt set and guidance scale, first seed")
+    return 0
+
+
+def _guidance(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a guidance scale >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlearn", description="Stable Diffusion from scratch in PyTorch."
@@ -209,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/generated.png", help="PNG to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=generate)
+
+    p = commands.add_parser(
+        "evaluate", help="score a model on held-out prompts (the shapes model)"
+    )
+    p.add_argument("--checkpoint", help="default: the tiny model shipped with sdlearn")
+    p.add_argument("--seeds", type=_positive, default=4, help="images per prompt")
+    p.add_argument("--steps", type=_positive, default=50, help="denoising steps")
+    p.add_argument(
+        "--guidance",
+        type=_guidance,
+        nargs="+",
+        default=[7.5, 1.0],
+        help="guidance scales to compare",
+    )
+    p.add_argument("--out", default="outputs/evaluation.png", help="grid PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=evaluate)
     return parser
 
 

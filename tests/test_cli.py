@@ -118,3 +118,16 @@ def test_generate_refuses_bad_arguments_in_one_line(
     assert code != 0
     assert message in stderr
     assert len(stderr.strip().splitlines()) == 1 or "usage:" in stderr
+
+
+def test_evaluate_prints_a_table_and_writes_a_grid(checkpoint, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--seeds", "1"]
+    argv += ["--steps", "2", "--guidance", "7.5", "1", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("single-object, guidance 7.5", "held-out combos, guidance 1"):
+        assert f"| {row} |" in printed
+    assert "one image, 2 steps with guidance" in printed
+    with Image.open(out) as image:  # 2 guidance scales x 2 prompt sets, 30 each
+        assert image.size == (30 * 16, 4 * 16)

@@ -1,0 +1,173 @@
+"""Chapter 06's exercise checks: right answers pass, typical slips fail, none raise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sdlearn.checks import Verdict
+from sdlearn.checks import pipeline as checks
+
+
+def unsolved(*args):
+    raise NotImplementedError
+
+
+# --- right answers, written as a learner would ---
+
+
+def guidance(noise_uncond, noise_text, guidance_scale):
+    return noise_uncond + guidance_scale * (noise_text - noise_uncond)
+
+
+def guidance_lerp(noise_uncond, noise_text, guidance_scale):
+    # lerp extrapolates past the end for weights above 1
+    return torch.lerp(noise_uncond, noise_text, guidance_scale)
+
+
+def guidance_paper(noise_uncond, noise_text, guidance_scale):
+    # Ho & Salimans' eq. 6 with w = s - 1: (1 + w) eps_text - w eps_uncond
+    w = guidance_scale - 1
+    return (1 + w) * noise_text - w * noise_uncond
+
+
+def start(num_inference_steps, strength):
+    steps_to_run = min(int(num_inference_steps * strength), num_inference_steps)
+    return num_inference_steps - steps_to_run
+
+
+def start_floor(num_inference_steps, strength):
+    return num_inference_steps - math.floor(num_inference_steps * strength)
+
+
+def blend(latents, known_latents, mask):
+    return (1 - mask) * known_latents + mask * latents
+
+
+def blend_where(latents, known_latents, mask):
+    return torch.where(mask.bool(), latents, known_latents)
+
+
+def blend_lerp(latents, known_latents, mask):
+    return torch.lerp(known_latents, latents, mask)
+
+
+def test_right_answers_pass(capsys):
+    for fn in (guidance, guidance_lerp, guidance_paper):
+        assert checks.check_classifier_free_guidance(fn)
+    for fn in (start, start_floor):
+        assert checks.check_img2img_start(fn)
+    for fn in (blend, blend_where, blend_lerp):
+        assert checks.check_blend_latents(fn)
+    assert capsys.readouterr().out.count("✅") == 8
+
+
+def test_cases_cover_the_edges():
+    # guidance at 0 and 1, a strength of 1, and a strength whose steps round down
+    from sdlearn.pipeline import img2img_start
+
+    assert img2img_start(50, 1.0) == 0
+    assert img2img_start(25, 0.3) == 18  # 7.5 steps -> 7
+    assert img2img_start(1000, 0.999) == 1
+
+
+# --- typical slips ---
+
+
+def guidance_swapped(noise_uncond, noise_text, guidance_scale):
+    return noise_text + guidance_scale * (noise_uncond - noise_text)
+
+
+def guidance_w_for_s(noise_uncond, noise_text, guidance_scale):
+    # the paper's w used as if it were s: one step too far
+    return noise_text + guidance_scale * (noise_text - noise_uncond)
+
+
+def guidance_s_minus_one(noise_uncond, noise_text, guidance_scale):
+    return noise_uncond + (guidance_scale - 1) * (noise_text - noise_uncond)
+
+
+def guidance_from_text_alone(noise_uncond, noise_text, guidance_scale):
+    return guidance_scale * noise_text
+
+
+def start_steps_to_run(num_inference_steps, strength):
+    # returns how many steps to run, not where to start
+    return int(num_inference_steps * strength)
+
+
+def start_from_one_minus_strength(num_inference_steps, strength):
+    # rounds the steps to skip down, so it runs one step too many
+    return int(num_inference_steps * (1 - strength))
+
+
+def start_rounded(num_inference_steps, strength):
+    return num_inference_steps - round(num_inference_steps * strength)
+
+
+def start_as_float(num_inference_steps, strength):
+    return num_inference_steps - num_inference_steps * strength // 1
+
+
+def start_as_tensor(num_inference_steps, strength):
+    return torch.tensor(start(num_inference_steps, strength))
+
+
+def blend_swapped(latents, known_latents, mask):
+    return mask * known_latents + (1 - mask) * latents
+
+
+def blend_known_only(latents, known_latents, mask):
+    return (1 - mask) * known_latents
+
+
+def blend_average(latents, known_latents, mask):
+    return (latents + known_latents) / 2
+
+
+@pytest.mark.parametrize(
+    ("check", "wrong"),
+    [
+        ("check_classifier_free_guidance", guidance_swapped),
+        ("check_classifier_free_guidance", guidance_w_for_s),
+        ("check_classifier_free_guidance", guidance_s_minus_one),
+        ("check_classifier_free_guidance", guidance_from_text_alone),
+        ("check_img2img_start", start_steps_to_run),
+        ("check_img2img_start", start_from_one_minus_strength),
+        ("check_img2img_start", start_rounded),
+        ("check_img2img_start", start_as_float),
+        ("check_img2img_start", start_as_tensor),
+        ("check_blend_latents", blend_swapped),
+        ("check_blend_latents", blend_known_only),
+        ("check_blend_latents", blend_average),
+    ],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_typical_slips_fail_with_a_hint(capsys, check, wrong):
+    verdict = getattr(checks, check)(wrong)
+    out = capsys.readouterr().out
+    assert isinstance(verdict, Verdict) and not verdict
+    assert "❌" in out and "Hint:" in out
+
+
+def test_img2img_start_says_what_is_wrong(capsys):
+    assert not checks.check_img2img_start(start_steps_to_run)
+    assert "returned 40 for 50 steps at strength 0.8, expected 10" in (
+        capsys.readouterr().out
+    )
+    assert not checks.check_img2img_start(start_as_float)
+    assert "must be an int" in capsys.readouterr().out
+
+
+def test_unsolved_exercises_never_raise(capsys):
+    for check in (
+        checks.check_classifier_free_guidance,
+        checks.check_img2img_start,
+        checks.check_blend_latents,
+    ):
+        verdict = check(unsolved)
+        assert isinstance(verdict, Verdict) and not verdict
+    out = capsys.readouterr().out
+    assert out.count("not done yet") == 3 and out.count("Hint:") == 3
