@@ -32,6 +32,7 @@ from sdlearn.attention import Attention
 from sdlearn.weights import (
     clip_text_from_transformers,
     clip_text_to_transformers,
+    config_from_json,
     load_checked,
     read_shipped,
 )
@@ -615,8 +616,7 @@ def zero_shot_accuracy(
 def _config_from_record(values: dict) -> ContrastiveCLIPConfig:
     """ContrastiveCLIPConfig from its JSON form (lists back to tuples)."""
     text = CLIPTextConfig(**values["text_config"])
-    rest = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return ContrastiveCLIPConfig(**{**rest, "text_config": text})
+    return ContrastiveCLIPConfig(**{**config_from_json(values), "text_config": text})
 
 
 def pretrained_tiny_clip() -> ContrastiveCLIP:

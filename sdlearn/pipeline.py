@@ -37,6 +37,7 @@ from sdlearn.schedulers import DDPMScheduler
 from sdlearn.tokenizer import CLIPTokenizer
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL, VAEConfig
+from sdlearn.weights import config_from_json
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 ImageInput = Image.Image | np.ndarray | torch.Tensor
@@ -827,13 +828,14 @@ def load_single_file(path: str | Path) -> StableDiffusionPipeline:
     configs = _single_file_configs(path)
     state_dict = read_checkpoint_file(path)  # a bad file fails before any model
     unet = UNet(
-        UNetConfig(**_tuples(configs["unet"]))
+        UNetConfig(**config_from_json(configs["unet"]))
         if "unet" in configs
         else UNetConfig.sd15()
     )
-    vae = AutoencoderKL(
-        VAEConfig(**_tuples(configs["vae"])) if "vae" in configs else VAEConfig.sd15()
-    )
+    vae_config = VAEConfig.sd15()
+    if "vae" in configs:
+        vae_config = VAEConfig(**config_from_json(configs["vae"]))
+    vae = AutoencoderKL(vae_config)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(**configs["text_encoder"])
         if "text_encoder" in configs
@@ -881,14 +883,9 @@ def load_tiny() -> StableDiffusionPipeline:
     from sdlearn.weights import load_checked, read_shipped
 
     state_dict, record = read_shipped("unet")
-    unet = UNet(UNetConfig(**_tuples(record["model_config"])))
+    unet = UNet(UNetConfig(**config_from_json(record["model_config"])))
     load_checked(unet, state_dict, "the shipped tiny UNet")
     scheduler = scheduler_from_config(record.get("scheduler_config", {}))
     text_encoder = pretrained_tiny_clip().text_model
     vae = AutoencoderKL.pretrained_tiny()
     return StableDiffusionPipeline(CLIPTokenizer(), text_encoder, vae, unet, scheduler)
-
-
-def _tuples(config: dict) -> dict:
-    """JSON turns tuples into lists; the frozen configs want tuples back."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}

@@ -732,8 +732,13 @@ def train_unet(
     from sdlearn.shapes import ShapesDataset
     from sdlearn.tokenizer import CLIPTokenizer
     from sdlearn.unet import UNet, UNetConfig
-    from sdlearn.vae import AutoencoderKL, VAEConfig, _tuples
-    from sdlearn.weights import SHIPPED_DIR, load_checked, read_shipped
+    from sdlearn.vae import AutoencoderKL, VAEConfig
+    from sdlearn.weights import (
+        SHIPPED_DIR,
+        config_from_json,
+        load_checked,
+        read_shipped,
+    )
 
     out_dir = Path(out_dir)
     parts = SHIPPED_DIR if parts_dir is None else Path(parts_dir)
@@ -746,7 +751,7 @@ def train_unet(
         return inside if (inside / f"{name}.safetensors").exists() else parts
 
     state, record = read_shipped("vae", folder=folder("vae"))
-    vae = AutoencoderKL(VAEConfig(**_tuples(record["model_config"])))
+    vae = AutoencoderKL(VAEConfig(**config_from_json(record["model_config"])))
     load_checked(vae, state, str(folder("vae") / "vae.safetensors")).eval()
     state, record = read_shipped("clip", folder=folder("clip"))
     clip = ContrastiveCLIP(_config_from_record(record["model_config"]))

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlearn.attention import Attention
-from sdlearn.weights import load_checked, read_shipped
+from sdlearn.weights import config_from_json, load_checked, read_shipped
 
 
 class ResnetBlock(nn.Module):
@@ -738,13 +738,8 @@ class AutoencoderKL(nn.Module):
         """The course's tiny VAE, trained on the shapes dataset and shipped in
         the package (`sdlearn train vae --ship` made it; see its JSON record)."""
         state_dict, record = read_shipped("vae")
-        model = cls(VAEConfig(**_tuples(record["model_config"])))
+        model = cls(VAEConfig(**config_from_json(record["model_config"])))
         return load_checked(model, state_dict, "the shipped tiny VAE").eval()
-
-
-def _tuples(config: dict) -> dict:
-    """JSON turns tuples into lists; the frozen configs want tuples back."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
 class VAELoss(nn.Module):

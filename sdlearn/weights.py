@@ -104,6 +104,11 @@ def rename(
     return renamed
 
 
+def config_from_json(values: Mapping) -> dict:
+    """A config's fields read back from JSON, which turned its tuples into lists."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
 # --- CLIP's text encoder (chapter 03) ---------------------------------------
 
 # transformers' CLIPTextModel -> sdlearn's. Only the attention projections differ:

@@ -158,7 +158,7 @@ def test_img2img_start_says_what_is_wrong(capsys):
         capsys.readouterr().out
     )
     assert not checks.check_img2img_start(start_as_float)
-    assert "must be an int" in capsys.readouterr().out
+    assert "expected an int" in capsys.readouterr().out
 
 
 def test_unsolved_exercises_never_raise(capsys):

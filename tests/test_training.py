@@ -220,7 +220,7 @@ def unet_run(out_dir, **kwargs):
 
 def test_unet_stage_learns_and_writes_loadable_weights(tmp_path):
     from sdlearn.unet import UNet, UNetConfig
-    from sdlearn.weights import load_checked, read_shipped
+    from sdlearn.weights import config_from_json, load_checked, read_shipped
 
     record = unet_run(tmp_path)
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
@@ -231,14 +231,7 @@ def test_unet_stage_learns_and_writes_loadable_weights(tmp_path):
     state, saved = read_shipped("unet", folder=tmp_path)
     assert saved == json.loads(json.dumps(record))
     assert saved["scheduler_config"]["_class_name"] == "DDPMScheduler"
-    unet = UNet(
-        UNetConfig(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in saved["model_config"].items()
-            }
-        )
-    )
+    unet = UNet(UNetConfig(**config_from_json(saved["model_config"])))
     load_checked(unet, state, "unet.safetensors")
 
 

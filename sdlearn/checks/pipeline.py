@@ -45,8 +45,8 @@ def _start_problem(actual: object, case: Case) -> str | None:
     if isinstance(actual, bool) or not isinstance(actual, int):
         kind = type(actual).__name__
         return (
-            f"returned {kind} {actual!r}; an index to slice the timesteps with "
-            f"must be an int"
+            f"returned {kind} {actual!r}; expected an int, the index of the first "
+            f"timestep to run"
         )
     if actual != case.expected:
         return (
