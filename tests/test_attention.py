@@ -15,7 +15,12 @@ from sdlearn.attention import (
     set_attention_backend,
     split_heads,
 )
-from tests.helpers import load_reference, needs_diffusers, needs_transformers
+from tests.helpers import (
+    load_reference,
+    needs_diffusers,
+    needs_transformers,
+    randomize_,
+)
 
 # CLIP's names for the projections -> diffusers' (and sdlearn's)
 CLIP_TO_SDLEARN = {
@@ -67,15 +72,6 @@ def clip_to_sdlearn(clip_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         module, param = name.rsplit(".", 1)
         out[f"{CLIP_TO_SDLEARN[module]}.{param}"] = tensor
     return out
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Overwrite every parameter with N(0, 0.3^2) draws from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=g))
-    return module.eval()
 
 
 # --- the attention function -------------------------------------------------
@@ -238,6 +234,7 @@ def test_attention_matches_live_diffusers(cross):
     theirs = randomize_(
         DiffusersAttention(16, cross_attention_dim=context_dim, heads=4, dim_head=8),
         seed=11,
+        scale=0.3,
     )
     ours = Attention(16, cross_attention_dim=context_dim, heads=4, dim_head=8)
     ours.load_state_dict(theirs.state_dict())
@@ -266,7 +263,7 @@ def test_causal_attention_matches_live_clip(implementation):
         intermediate_size=64,
         attn_implementation=implementation,
     )
-    theirs = randomize_(CLIPAttention(config), seed=13)
+    theirs = randomize_(CLIPAttention(config), seed=13, scale=0.3)
     ours = Attention(16, heads=4, dim_head=4, bias=True)
     ours.load_state_dict(clip_to_sdlearn(theirs.state_dict()))
 
@@ -329,7 +326,7 @@ def layer_masks(seed: int) -> dict[str, tuple[torch.Tensor | None, bool]]:
 
 @pytest.mark.parametrize("case", list(layer_masks(0)))
 def test_fused_and_readable_agree(case):
-    layer = randomize_(Attention(8, heads=2, dim_head=4, bias=True), seed=21)
+    layer = randomize_(Attention(8, heads=2, dim_head=4, bias=True), seed=21, scale=0.3)
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(22))
     mask, causal = layer_masks(23)[case]
     with torch.no_grad():

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sdlearn.attention import set_attention_backend
 from sdlearn.clip import (
@@ -23,7 +22,7 @@ from sdlearn.clip import (
 from sdlearn.shapes import ShapesDataset
 from sdlearn.tokenizer import CLIPTokenizer
 from sdlearn.weights import WeightsMismatchError, clip_text_to_transformers
-from tests.helpers import load_reference, needs_transformers
+from tests.helpers import load_reference, needs_transformers, randomize_
 
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 
@@ -81,15 +80,6 @@ def padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """1 up to and including each row's first <|endoftext|>, 0 on the padding."""
     first_eos = (input_ids == 49407).int().argmax(dim=-1, keepdim=True)
     return (torch.arange(input_ids.shape[1]) <= first_eos).long()  # (B, T)
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Overwrite every parameter with N(0, 0.3^2) draws from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=g))
-    return module.eval()
 
 
 # --- configs ----------------------------------------------------------------
@@ -198,7 +188,7 @@ def test_encoder_matches_live_transformers(tokenizer, name, implementation):
     config = transformers.CLIPTextConfig(
         **CONFIGS[name], attn_implementation=implementation
     )
-    theirs = randomize_(transformers.CLIPTextModel(config), seed=31)
+    theirs = randomize_(transformers.CLIPTextModel(config), seed=31, scale=0.3)
     ours = CLIPTextModel.from_transformers(theirs)
 
     input_ids = tokenizer(PROMPTS)
@@ -223,7 +213,7 @@ def test_round_trip_through_transformers_is_exact():
     import transformers
 
     config = transformers.CLIPTextConfig(**CONFIGS["small"])
-    theirs = randomize_(transformers.CLIPTextModel(config), seed=32)
+    theirs = randomize_(transformers.CLIPTextModel(config), seed=32, scale=0.3)
     back = CLIPTextModel.from_transformers(theirs).to_transformers()
 
     assert isinstance(back, transformers.CLIPTextModel)
@@ -239,7 +229,7 @@ def test_round_trip_through_transformers_is_exact():
 def test_loads_a_checkpoint_files_layout():
     # Checkpoint files (SD 1.x's text encoder) keep transformers 4's layout:
     # keys under text_model., and the position_ids buffer
-    model = randomize_(CLIPTextModel(tiny_text_config()), seed=33)
+    model = randomize_(CLIPTextModel(tiny_text_config()), seed=33, scale=0.3)
     state = clip_text_to_transformers(model.state_dict())
     assert "encoder.layers.1.self_attn.out_proj.bias" in state
     checkpoint = {f"text_model.{k}": v for k, v in state.items()}

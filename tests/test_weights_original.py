@@ -28,7 +28,7 @@ from sdlearn.weights import (
     vae_from_original,
     vae_to_original,
 )
-from tests.helpers import needs_diffusers, needs_transformers
+from tests.helpers import needs_diffusers, needs_transformers, randomize_
 
 UNET_CONFIGS = {
     "tiny": UNetConfig.tiny(),
@@ -131,16 +131,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Every parameter from a seeded N(0, 1): no two weights are alike, so a
-    table that swaps two of the same shape cannot go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=g))
-    return module.eval()
-
-
 def assert_same_tensors(actual: dict, expected: dict) -> None:
     assert sorted(actual) == sorted(expected)
     for key, value in expected.items():
@@ -183,9 +173,9 @@ def diffusers_vae(config: VAEConfig) -> nn.Module:
 
 def sdlearn_models(seed: int) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
     return (
-        randomize_(UNet(UNET_CONFIGS["tiny"]), seed),
-        randomize_(AutoencoderKL(VAE_CONFIGS["tiny"]), seed + 1),
-        randomize_(CLIPTextModel(TEXT_CONFIG), seed + 2),
+        randomize_(UNet(UNET_CONFIGS["tiny"]), seed, 1.0),
+        randomize_(AutoencoderKL(VAE_CONFIGS["tiny"]), seed + 1, 1.0),
+        randomize_(CLIPTextModel(TEXT_CONFIG), seed + 2, 1.0),
     )
 
 
@@ -199,7 +189,8 @@ def test_unet_layout_is_what_diffusers_converter_reads(name):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     config = UNET_CONFIGS[name]
-    theirs = randomize_(UNet2DConditionModel(**config.to_diffusers()), seed=1)
+    theirs = UNet2DConditionModel(**config.to_diffusers())
+    theirs = randomize_(theirs, seed=1, scale=1.0)
     ours = UNet.from_diffusers(theirs)
 
     original = unet_to_original(ours.state_dict(), config)
@@ -215,7 +206,7 @@ def test_vae_layout_is_what_diffusers_converter_reads(name):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     config = VAE_CONFIGS[name]
-    theirs = randomize_(diffusers_vae(config), seed=2)
+    theirs = randomize_(diffusers_vae(config), seed=2, scale=1.0)
     ours = AutoencoderKL.from_diffusers(theirs)
 
     original = vae_to_original(ours.state_dict(), config)
@@ -247,7 +238,7 @@ def test_text_layout_is_what_diffusers_loads(tmp_path):
         num_attention_heads=4,
         eos_token_id=999,
     )
-    theirs = randomize_(transformers.CLIPTextModel(config), seed=3)
+    theirs = randomize_(transformers.CLIPTextModel(config), seed=3, scale=1.0)
     ours = CLIPTextModel.from_transformers(theirs)
     original = clip_text_to_original(ours.state_dict())
 
@@ -341,7 +332,7 @@ def test_sd15_has_the_keys_of_sd15s_file():
 @pytest.mark.parametrize("name", list(UNET_CONFIGS))
 def test_unet_round_trip_is_exact(name):
     config = UNET_CONFIGS[name]
-    state = randomize_(UNet(config), seed=4).state_dict()
+    state = randomize_(UNet(config), seed=4, scale=1.0).state_dict()
     assert_same_tensors(
         unet_from_original(unet_to_original(state, config), config), state
     )
@@ -350,14 +341,14 @@ def test_unet_round_trip_is_exact(name):
 @pytest.mark.parametrize("name", list(VAE_CONFIGS))
 def test_vae_round_trip_is_exact(name):
     config = VAE_CONFIGS[name]
-    state = randomize_(AutoencoderKL(config), seed=5).state_dict()
+    state = randomize_(AutoencoderKL(config), seed=5, scale=1.0).state_dict()
     assert_same_tensors(
         vae_from_original(vae_to_original(state, config), config), state
     )
 
 
 def test_text_round_trip_is_exact_and_drops_position_ids():
-    state = randomize_(CLIPTextModel(TEXT_CONFIG), seed=6).state_dict()
+    state = randomize_(CLIPTextModel(TEXT_CONFIG), seed=6, scale=1.0).state_dict()
     original = clip_text_to_original(state)
     positions = original[
         "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -452,7 +443,7 @@ def test_a_saved_file_loads_into_fresh_models(tmp_path, wrap):
 
 
 def test_text_encoder_loads_without_position_ids(tmp_path):
-    text = randomize_(CLIPTextModel(TEXT_CONFIG), seed=10)
+    text = randomize_(CLIPTextModel(TEXT_CONFIG), seed=10, scale=1.0)
     state = clip_text_to_original(text.state_dict())
     del state["cond_stage_model.transformer.text_model.embeddings.position_ids"]
     save_file(state, tmp_path / "text.safetensors")
