@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/sdlearn tour --out outputs/shapes_grid.png
+	$(VENV)/bin/sdlearn generate "a large red circle on the left" --out outputs/red_circle.png
 
 # The README's test command: unit tests, then the notebooks in both forms.
 test: setup test-fast test-notebooks

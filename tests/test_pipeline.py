@@ -398,3 +398,36 @@ def test_a_malicious_ckpt_is_refused_without_running_it(tmp_path):
     with pytest.raises(ValueError, match="model.ckpt"):
         StableDiffusionPipeline.from_pretrained(path)
     assert not marker.exists()
+
+
+# 6. the course's tiny model, shipped in the package
+
+
+def test_shipped_files_fit_in_30_megabytes():
+    from sdlearn.weights import SHIPPED_DIR
+
+    sizes = {p.name: p.stat().st_size for p in SHIPPED_DIR.glob("*.safetensors")}
+    assert set(sizes) == {"vae.safetensors", "clip.safetensors", "unet.safetensors"}
+    assert sum(sizes.values()) <= 30e6
+
+
+def test_shipped_model_draws_what_the_prompt_says():
+    from sdlearn.evaluate import score
+
+    pipe = StableDiffusionPipeline.from_pretrained()
+    pipe.progress = False
+    prompts = [
+        "a large red circle on the left",
+        "a small blue square at the top",
+        "a large yellow triangle in the center",
+        "a small purple square at the bottom",
+        "a large green circle on the right",
+        # colour-shape pairs the UNet never saw together
+        "a large green triangle on the left",
+        "a large purple circle at the top",
+        "a large orange square on the right",
+    ]
+    images = pipe(prompts, num_inference_steps=50, generator=seeded(), output_type="np")
+    pixels = (images.images * 255).round().astype(np.uint8)
+    scores = [score(image, p) for image, p in zip(pixels, prompts, strict=True)]
+    assert all(s["all"] for s in scores), scores
