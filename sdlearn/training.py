@@ -171,9 +171,10 @@ class EMA:
 
     Sampling from the average of the last few hundred steps' weights gives
     smoother results than the last step's weights (Song & Ermon 2020). The
-    decay warms up as (1 + n) / (10 + n) after n updates, as diffusers' EMAModel
-    does: with a fixed 0.999 from the start, the random initial weights would
-    still make up 0.999^2000 = 13% of the average after 2000 steps.
+    decay warms up as (1 + n) / (10 + n) after n updates, diffusers' EMAModel's
+    rule (which counts one update later: its first update copies the weights).
+    With a fixed 0.999 from the start, the random initial weights would still
+    make up 0.999^2000 = 13% of the average after 2000 steps.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
