@@ -93,6 +93,10 @@ def train(args: argparse.Namespace) -> int:
                 extra["caption_dropout"] = args.caption_dropout
             if args.images is not None:
                 extra["images"] = args.images
+            if args.num_train_timesteps is not None:
+                extra["num_train_timesteps"] = args.num_train_timesteps
+            if args.beta_schedule is not None:
+                extra["beta_schedule"] = args.beta_schedule
             if args.stage == "all" and not args.ship:
                 # the VAE and CLIP this run just trained, not the shipped ones
                 extra["parts_dir"] = Path(args.out)
@@ -216,6 +220,8 @@ def _guidance(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sdlearn.schedulers.common import BETA_SCHEDULES
+
     parser = argparse.ArgumentParser(
         prog="sdlearn", description="Stable Diffusion from scratch in PyTorch."
     )
@@ -247,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--caption-dropout", type=float, help="unet: how often the caption is dropped"
     )
     p.add_argument("--images", type=_positive, help="unet: training images to encode")
+    p.add_argument(
+        "--num-train-timesteps", type=_positive, help="unet: diffusion steps T"
+    )
+    p.add_argument(
+        "--beta-schedule",
+        choices=BETA_SCHEDULES,
+        help="unet: the noise schedule",
+    )
     p.add_argument(
         "--eval-images", type=_positive, default=256, help="images to score at the end"
     )

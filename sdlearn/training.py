@@ -711,6 +711,8 @@ def train_unet(
     parts_dir: str | Path | None = None,
     caption_dropout: float = 0.1,
     images: int = 40_000,
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "scaled_linear",
 ) -> dict:
     """Stage 3: the tiny UNet, on the latents of the frozen tiny VAE, conditioned
     on the frozen tiny CLIP's text tokens (chapter 07).
@@ -720,6 +722,9 @@ def train_unet(
             .json records); the ones shipped in the package by default.
         caption_dropout: how often the caption becomes the empty prompt.
         images: how many training images to encode once and sample batches from.
+        num_train_timesteps: the diffusion's number of noise levels T.
+        beta_schedule: the noise schedule, one of DDPMScheduler's (SD 1.x's
+            "scaled_linear" by default); the record keeps the scheduler's config.
         eval_images: about how many images the end-of-run evaluation draws, a
             few seeds of every evaluation prompt (see `sdlearn.evaluate`); 0
             skips it.
@@ -765,7 +770,9 @@ def train_unet(
 
     # 2. train the UNet to predict the noise
     unet = UNet(UNetConfig.tiny(cross_attention_dim=clip.text_model.config.hidden_size))
-    scheduler = DDPMScheduler()
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule
+    )
     loss = DiffusionLoss(
         unet, scheduler, text_tokens, vae.config.scaling_factor, caption_dropout
     )
@@ -806,6 +813,8 @@ def train_unet(
         ship,
         caption_dropout=caption_dropout,
         images=images,
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
         extra_record={"scheduler_config": scheduler_to_config(scheduler)},
     )
 

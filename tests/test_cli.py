@@ -131,3 +131,15 @@ def test_evaluate_prints_a_table_and_writes_a_grid(checkpoint, tmp_path, capsys)
     assert "one image, 2 steps with guidance" in printed
     with Image.open(out) as image:  # 2 guidance scales x 2 prompt sets, 30 each
         assert image.size == (30 * 16, 4 * 16)
+
+
+def test_train_unet_takes_the_noise_schedule(tmp_path, capsys):
+    out = tmp_path / "unet"
+    flags = ["--steps", "2", "--batch-size", "4", "--images", "8", "--eval-images", "1"]
+    flags += ["--num-train-timesteps", "100", "--beta-schedule", "linear"]
+    assert main(["train", "unet", *flags, "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "unet.json").read_text())
+    assert record["scheduler_config"]["num_train_timesteps"] == 100
+    assert record["scheduler_config"]["beta_schedule"] == "linear"
+    assert "--beta-schedule linear" in record["command"]
+    assert "unet:" in capsys.readouterr().out
