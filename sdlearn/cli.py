@@ -20,6 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# --scheduler's choices -> the scheduler classes' names
+SCHEDULER_NAMES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -118,6 +121,7 @@ def generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.schedulers import scheduler_from_config, scheduler_to_config
 
     def read_image(path: str | None) -> Image.Image | None:
         if path is None:
@@ -134,6 +138,11 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--strength needs --image: it says how far to noise it")
     pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint)
     pipe.progress = not args.no_progress
+    if args.scheduler is not None:
+        # the same noise schedule, walked back by another algorithm
+        config = scheduler_to_config(pipe.scheduler)
+        name = SCHEDULER_NAMES[args.scheduler]
+        pipe.scheduler = scheduler_from_config({**config, "_class_name": name})
     output = pipe(
         args.prompt,
         negative_prompt=args.negative,
@@ -274,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", help="what to steer away from")
     p.add_argument("--steps", type=_positive, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
+    p.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULER_NAMES),
+        help="sampler (default: the checkpoint's own)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=_positive, help="pixels, a multiple of 8")
     p.add_argument("--width", type=_positive, help="pixels, a multiple of 8")

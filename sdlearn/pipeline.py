@@ -793,7 +793,11 @@ def save_diffusers_folder(
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(scheduler_to_config(pipeline.scheduler), indent=2)
     )
-    (folder / "model_index.json").write_text(json.dumps(_MODEL_INDEX, indent=2))
+    index = {
+        **_MODEL_INDEX,
+        "scheduler": ["diffusers", type(pipeline.scheduler).__name__],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 

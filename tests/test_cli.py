@@ -66,6 +66,24 @@ def test_generate_writes_pngs_and_prints_their_paths(checkpoint, tmp_path, capsy
     flags = ["--checkpoint", str(checkpoint), "--steps", "3", "--no-progress"]
     assert main(["generate", "a red circle", *flags, "--out", str(out)]) == 0
     assert capsys.readouterr().out.split() == [str(out)]
+    ddim = tmp_path / "ddim.png"
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                *flags,
+                "--scheduler",
+                "ddim",
+                "--out",
+                str(ddim),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    with Image.open(out) as a, Image.open(ddim) as b:  # another sampler, same size
+        assert a.size == b.size and a.tobytes() != b.tobytes()
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (16, 16)
     # img2img and inpainting from files, two images

@@ -233,3 +233,39 @@ def add_noise(
     alpha_bar_t = alphas_cumprod[timesteps].view(-1, *ones)  # (B, 1, 1, 1)
     # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, eq. 4, Ho et al. 2020
     return alpha_bar_t**0.5 * original_samples + (1 - alpha_bar_t) ** 0.5 * noise
+
+
+def predict_original_and_noise(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar_t: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean sample x_0 and the noise eps that a model's output implies at x_t.
+
+    Args:
+        model_output: (B, C, H, W) eps, x_0 or v, as `prediction_type` says.
+        sample: (B, C, H, W) the noisy sample x_t.
+        alpha_bar_t: alpha_bar at x_t's timestep.
+        prediction_type: one of PREDICTION_TYPES.
+
+    Returns:
+        (x_0, eps), each (B, C, H, W), computed with diffusers' formulas.
+    """
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    x_t, beta_bar_t = sample, 1 - alpha_bar_t
+    if prediction_type == "epsilon":
+        eps = model_output
+        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eq. 15,
+        # Ho et al. 2020
+        x_0 = (x_t - beta_bar_t**0.5 * eps) / alpha_bar_t**0.5
+    elif prediction_type == "sample":
+        x_0 = model_output
+        eps = (x_t - alpha_bar_t**0.5 * x_0) / beta_bar_t**0.5
+    else:
+        v = model_output
+        # v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, Section 4,
+        # Salimans & Ho 2022
+        x_0 = alpha_bar_t**0.5 * x_t - beta_bar_t**0.5 * v
+        eps = alpha_bar_t**0.5 * v + beta_bar_t**0.5 * x_t
+    return x_0, eps

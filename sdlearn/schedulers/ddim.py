@@ -1,0 +1,230 @@
+"""DDIM sampling (Song, Meng & Ermon 2021): the same trained model, fewer steps.
+
+DDPM's reverse process is one of many with the same marginals q(x_t | x_0). DDIM
+picks a non-Markovian one: from x_t, guess x_0 and the noise eps, then jump to
+
+    x_prev = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps
+             + sigma z,                                          eq. 12
+
+with sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)
+                        * (1 - alpha_bar_t / alpha_bar_prev))    eq. 16.
+
+eta = 0 adds no noise (a deterministic map from noise to image, which can be run
+backwards: inversion); eta = 1 is DDPM's posterior variance.
+
+The interface and the numbers are diffusers' `DDIMScheduler`: with the same
+model, settings and `torch.Generator`, a sampling loop gives the same samples.
+As in diffusers, the previous timestep is t - T // n whatever the spacing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from sdlearn.schedulers.common import (
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    SchedulerOutput,
+    add_noise,
+    check_choice,
+    check_timesteps,
+    make_alphas_cumprod,
+    make_betas,
+    predict_original_and_noise,
+    spaced_timesteps,
+)
+
+
+@dataclass(frozen=True)
+class DDIMConfig:
+    """The settings of a DDIMScheduler, with diffusers' names; see its docstring."""
+
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    beta_schedule: str
+    trained_betas: tuple[float, ...] | None
+    clip_sample: bool
+    clip_sample_range: float
+    set_alpha_to_one: bool
+    steps_offset: int
+    prediction_type: str
+    timestep_spacing: str
+
+    def __post_init__(self) -> None:
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+
+
+class DDIMScheduler:
+    """The DDIM sampler with diffusers' interface and Stable Diffusion 1.x's defaults.
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+        clip_sample, clip_sample_range, prediction_type, timestep_spacing,
+        steps_offset: as for `DDPMScheduler`.
+        set_alpha_to_one: what alpha_bar the last step lands on: 1 (a clean
+            sample) or alpha_bar_0 of the first training timestep, as SD 1.x's
+            own config says (False).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: tuple[float, ...] | None = None,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        set_alpha_to_one: bool = False,
+        steps_offset: int = 1,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+    ) -> None:
+        self.config = DDIMConfig(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=None if trained_betas is None else tuple(trained_betas),
+            clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
+            set_alpha_to_one=set_alpha_to_one,
+            steps_offset=steps_offset,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+        )
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
+        self.alphas_cumprod = make_alphas_cumprod(self.betas)
+        # where the last step lands: the clean data, or the first training timestep
+        self.final_alpha_cumprod = (
+            torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        )
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+
+    @classmethod
+    def from_diffusers(cls, scheduler: Any) -> DDIMScheduler:
+        """The same scheduler as a diffusers DDIMScheduler, from its `config`."""
+        config = scheduler.config
+        missing = [f.name for f in fields(DDIMConfig) if f.name not in config]
+        if missing:
+            raise ValueError(f"scheduler.config lacks {missing}")
+        for name in ("thresholding", "rescale_betas_zero_snr"):
+            if config.get(name, False):
+                raise ValueError(f"{name}=True is not supported, expected False")
+        return cls(**{f.name: config[f.name] for f in fields(DDIMConfig)})
+
+    def to_diffusers(self) -> Any:
+        """An equivalent `diffusers.DDIMScheduler` (needs diffusers installed)."""
+        from diffusers import DDIMScheduler as DiffusersDDIMScheduler
+
+        settings = asdict(self.config)
+        if settings["trained_betas"] is not None:
+            settings["trained_betas"] = list(settings["trained_betas"])
+        return DiffusersDDIMScheduler(**settings)
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: torch.device | str | None = None
+    ) -> None:
+        """Choose the timesteps to sample with; they land in `self.timesteps`."""
+        self.timesteps = spaced_timesteps(
+            num_inference_steps,
+            self.config.num_train_timesteps,
+            self.config.timestep_spacing,
+            self.config.steps_offset,
+        ).to(device)
+        self.num_inference_steps = num_inference_steps
+
+    def scale_model_input(
+        self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The model's input at `timestep`: for DDIM, `sample` itself."""
+        return sample
+
+    def add_noise(
+        self,
+        original_samples: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor | int,
+    ) -> torch.Tensor:
+        """Noise clean samples to the given timesteps, as in training."""
+        return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> SchedulerOutput:
+        """One DDIM step from `timestep` to the previous one.
+
+        Args:
+            model_output: (B, C, H, W) the model's prediction at `timestep`.
+            timestep: the current timestep, one of `self.timesteps`.
+            sample: (B, C, H, W) the current noisy sample x_t.
+            eta: 0 for deterministic DDIM, 1 for DDPM's amount of noise.
+            generator: the noise's source when eta > 0.
+
+        Returns:
+            SchedulerOutput with prev_sample and pred_original_sample (B, C, H, W).
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"expected model_output of the sample's shape {tuple(sample.shape)}, "
+                f"got {tuple(model_output.shape)}"
+            )
+        if eta < 0:
+            raise ValueError(f"expected eta >= 0, got {eta}")
+        t = int(timestep)
+        check_timesteps(torch.tensor(t), self.config.num_train_timesteps)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+
+        # 1. the noise levels at t and at prev_t
+        alpha_bar_t = self.alphas_cumprod[t]
+        alpha_bar_prev = (
+            self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        )
+
+        # 2. the model's guess of the clean sample and of the noise
+        x_0, eps = predict_original_and_noise(
+            model_output, sample, alpha_bar_t, self.config.prediction_type
+        )
+        if self.config.clip_sample:
+            bound = self.config.clip_sample_range
+            x_0 = x_0.clamp(-bound, bound)
+
+        # 3. sigma, eq. 16: eta times DDPM's posterior standard deviation
+        variance = (
+            (1 - alpha_bar_prev)
+            / (1 - alpha_bar_t)
+            * (1 - alpha_bar_t / alpha_bar_prev)
+        )
+        sigma = eta * variance**0.5
+
+        # 4. eq. 12: the clean guess at the new noise level, pointing back along eps
+        direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps
+        prev_sample = alpha_bar_prev**0.5 * x_0 + direction
+        if eta > 0:
+            device = model_output.device if generator is None else generator.device
+            z = torch.randn(
+                model_output.shape,
+                generator=generator,
+                device=device,
+                dtype=model_output.dtype,
+            ).to(model_output.device)
+            prev_sample = prev_sample + sigma * z
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_0)
