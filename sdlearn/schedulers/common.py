@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,3 +270,101 @@ def predict_original_and_noise(
         x_0 = alpha_bar_t**0.5 * x_t - beta_bar_t**0.5 * v
         eps = alpha_bar_t**0.5 * v + beta_bar_t**0.5 * x_t
     return x_0, eps
+
+
+class Scheduler:
+    """What every sampler shares: diffusers' interface around one noise schedule.
+
+    A subclass sets `config_class` (its frozen dataclass of settings, with
+    diffusers' names) and, in `__init__`, `config`, `alphas_cumprod`,
+    `init_noise_sigma`, `num_inference_steps` and `timesteps`; it brings its own
+    `step`. diffusers' scheduler of the same class name is its reference.
+    """
+
+    config_class: type
+
+    @classmethod
+    def from_diffusers(cls, scheduler: Any) -> Scheduler:
+        """The same scheduler as diffusers' scheduler of this class's name.
+
+        Args:
+            scheduler: e.g. a `diffusers.DDPMScheduler` for `DDPMScheduler` (or
+                anything whose `config` holds all of `config_class`'s fields).
+
+        Returns:
+            This class's scheduler with the same settings.
+        """
+        config = scheduler.config
+        settings = fields(cls.config_class)
+        missing = [f.name for f in settings if f.name not in config]
+        if missing:
+            raise ValueError(
+                f"scheduler.config lacks {missing}; convert it first with "
+                f"diffusers.{cls.__name__}.from_config(scheduler.config)"
+            )
+        # Features we leave out must be off, or the numbers would differ.
+        for name in ("thresholding", "rescale_betas_zero_snr"):
+            if config.get(name, False):
+                raise ValueError(f"{name}=True is not supported, expected False")
+        return cls(**{f.name: config[f.name] for f in settings})
+
+    def to_diffusers(self) -> Any:
+        """diffusers' scheduler of this class's name with the same settings
+        (needs diffusers installed)."""
+        import diffusers
+
+        settings = asdict(self.config)
+        if settings["trained_betas"] is not None:
+            settings["trained_betas"] = list(settings["trained_betas"])
+        return getattr(diffusers, type(self).__name__)(**settings)
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: torch.device | str | None = None
+    ) -> None:
+        """Choose the timesteps to sample with; they land in `self.timesteps`.
+
+        Args:
+            num_inference_steps: how many steps to take, 1 to num_train_timesteps.
+            device: where to put `self.timesteps`.
+        """
+        self.timesteps = spaced_timesteps(
+            num_inference_steps,
+            self.config.num_train_timesteps,
+            self.config.timestep_spacing,
+            self.config.steps_offset,
+        ).to(device)
+        self.num_inference_steps = num_inference_steps
+
+    def scale_model_input(
+        self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The model's input at `timestep`: for DDPM and DDIM, `sample` itself.
+
+        Kept so that one sampling loop drives every scheduler; Euler's does scale.
+
+        Args:
+            sample: (B, C, H, W) the current noisy sample.
+            timestep: the current timestep (unused).
+
+        Returns:
+            (B, C, H, W) `sample`, unchanged.
+        """
+        return sample
+
+    def add_noise(
+        self,
+        original_samples: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor | int,
+    ) -> torch.Tensor:
+        """Noise clean samples to the given timesteps, as in training.
+
+        Args:
+            original_samples: (B, C, H, W) clean samples.
+            noise: (B, C, H, W) standard normal noise.
+            timesteps: (B,) integer timesteps, one per sample, or a single one.
+
+        Returns:
+            (B, C, H, W) the noisy samples.
+        """
+        return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)

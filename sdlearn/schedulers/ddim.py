@@ -19,8 +19,7 @@ As in diffusers, the previous timestep is t - T // n whatever the spacing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -28,14 +27,13 @@ from sdlearn.schedulers.common import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
+    Scheduler,
     SchedulerOutput,
-    add_noise,
     check_choice,
     check_timesteps,
     make_alphas_cumprod,
     make_betas,
     predict_original_and_noise,
-    spaced_timesteps,
 )
 
 
@@ -61,7 +59,7 @@ class DDIMConfig:
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
 
 
-class DDIMScheduler:
+class DDIMScheduler(Scheduler):
     """The DDIM sampler with diffusers' interface and Stable Diffusion 1.x's defaults.
 
     Args:
@@ -72,6 +70,8 @@ class DDIMScheduler:
             sample) or alpha_bar_0 of the first training timestep, as SD 1.x's
             own config says (False).
     """
+
+    config_class = DDIMConfig
 
     def __init__(
         self,
@@ -111,54 +111,6 @@ class DDIMScheduler:
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
-
-    @classmethod
-    def from_diffusers(cls, scheduler: Any) -> DDIMScheduler:
-        """The same scheduler as a diffusers DDIMScheduler, from its `config`."""
-        config = scheduler.config
-        missing = [f.name for f in fields(DDIMConfig) if f.name not in config]
-        if missing:
-            raise ValueError(f"scheduler.config lacks {missing}")
-        for name in ("thresholding", "rescale_betas_zero_snr"):
-            if config.get(name, False):
-                raise ValueError(f"{name}=True is not supported, expected False")
-        return cls(**{f.name: config[f.name] for f in fields(DDIMConfig)})
-
-    def to_diffusers(self) -> Any:
-        """An equivalent `diffusers.DDIMScheduler` (needs diffusers installed)."""
-        from diffusers import DDIMScheduler as DiffusersDDIMScheduler
-
-        settings = asdict(self.config)
-        if settings["trained_betas"] is not None:
-            settings["trained_betas"] = list(settings["trained_betas"])
-        return DiffusersDDIMScheduler(**settings)
-
-    def set_timesteps(
-        self, num_inference_steps: int, device: torch.device | str | None = None
-    ) -> None:
-        """Choose the timesteps to sample with; they land in `self.timesteps`."""
-        self.timesteps = spaced_timesteps(
-            num_inference_steps,
-            self.config.num_train_timesteps,
-            self.config.timestep_spacing,
-            self.config.steps_offset,
-        ).to(device)
-        self.num_inference_steps = num_inference_steps
-
-    def scale_model_input(
-        self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The model's input at `timestep`: for DDIM, `sample` itself."""
-        return sample
-
-    def add_noise(
-        self,
-        original_samples: torch.Tensor,
-        noise: torch.Tensor,
-        timesteps: torch.Tensor | int,
-    ) -> torch.Tensor:
-        """Noise clean samples to the given timesteps, as in training."""
-        return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
 
     def step(
         self,

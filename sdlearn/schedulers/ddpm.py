@@ -13,8 +13,7 @@ and the same `torch.Generator`, a sampling loop gives the same samples.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -22,13 +21,12 @@ from sdlearn.schedulers.common import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
+    Scheduler,
     SchedulerOutput,
-    add_noise,
     check_choice,
     check_timesteps,
     make_alphas_cumprod,
     make_betas,
-    spaced_timesteps,
 )
 
 VARIANCE_TYPES: tuple[str, ...] = (
@@ -66,7 +64,7 @@ class DDPMConfig:
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
 
 
-class DDPMScheduler:
+class DDPMScheduler(Scheduler):
     """The DDPM sampler with diffusers' interface and Stable Diffusion 1.x's defaults.
 
     diffusers' own defaults are the DDPM paper's (beta_schedule="linear",
@@ -94,6 +92,8 @@ class DDPMScheduler:
             "trailing" or "linspace".
         steps_offset: added to the timesteps of the "leading" spacing.
     """
+
+    config_class = DDPMConfig
 
     def __init__(
         self,
@@ -132,76 +132,6 @@ class DDPMScheduler:
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
-    @classmethod
-    def from_diffusers(cls, scheduler: Any) -> DDPMScheduler:
-        """The same scheduler as a diffusers DDPMScheduler, from its `config`.
-
-        Args:
-            scheduler: a `diffusers.DDPMScheduler` (or anything whose `config`
-                holds all of DDPMConfig's fields).
-
-        Returns:
-            A DDPMScheduler with the same settings.
-        """
-        config = scheduler.config
-        missing = [f.name for f in fields(DDPMConfig) if f.name not in config]
-        if missing:
-            raise ValueError(
-                f"scheduler.config lacks {missing}; convert it first with "
-                f"diffusers.DDPMScheduler.from_config(scheduler.config)"
-            )
-        # Features we leave out must be off, or the numbers would differ.
-        for name in ("thresholding", "rescale_betas_zero_snr"):
-            if config.get(name, False):
-                raise ValueError(f"{name}=True is not supported, expected False")
-        return cls(**{f.name: config[f.name] for f in fields(DDPMConfig)})
-
-    def to_diffusers(self) -> Any:
-        """An equivalent `diffusers.DDPMScheduler` (needs diffusers installed).
-
-        Returns:
-            A diffusers DDPMScheduler with the same settings.
-        """
-        from diffusers import DDPMScheduler as DiffusersDDPMScheduler
-
-        settings = asdict(self.config)
-        if settings["trained_betas"] is not None:
-            settings["trained_betas"] = list(settings["trained_betas"])
-        return DiffusersDDPMScheduler(**settings)
-
-    def set_timesteps(
-        self, num_inference_steps: int, device: torch.device | str | None = None
-    ) -> None:
-        """Choose the timesteps to sample with; they land in `self.timesteps`.
-
-        Args:
-            num_inference_steps: how many steps to take, 1 to num_train_timesteps.
-            device: where to put `self.timesteps`.
-        """
-        self.timesteps = spaced_timesteps(
-            num_inference_steps,
-            self.config.num_train_timesteps,
-            self.config.timestep_spacing,
-            self.config.steps_offset,
-        ).to(device)
-        self.num_inference_steps = num_inference_steps
-
-    def scale_model_input(
-        self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The model's input at `timestep`: for DDPM, `sample` itself.
-
-        Kept so that one sampling loop drives every scheduler; Euler's does scale.
-
-        Args:
-            sample: (B, C, H, W) the current noisy sample.
-            timestep: the current timestep (unused).
-
-        Returns:
-            (B, C, H, W) `sample`, unchanged.
-        """
-        return sample
-
     def previous_timestep(self, timestep: int) -> int:
         """The timestep that a step from `timestep` lands on; -1 after the last.
 
@@ -223,24 +153,6 @@ class DDPMScheduler:
         if next_index == len(self.timesteps):
             return -1
         return int(self.timesteps[next_index])
-
-    def add_noise(
-        self,
-        original_samples: torch.Tensor,
-        noise: torch.Tensor,
-        timesteps: torch.Tensor | int,
-    ) -> torch.Tensor:
-        """Noise clean samples to the given timesteps, as in training.
-
-        Args:
-            original_samples: (B, C, H, W) clean samples.
-            noise: (B, C, H, W) standard normal noise.
-            timesteps: (B,) integer timesteps, one per sample, or a single one.
-
-        Returns:
-            (B, C, H, W) the noisy samples.
-        """
-        return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
 
     def step(
         self,
