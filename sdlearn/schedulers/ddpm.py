@@ -27,6 +27,7 @@ from sdlearn.schedulers.common import (
     check_timesteps,
     make_alphas_cumprod,
     make_betas,
+    predict_original_and_noise,
 )
 
 VARIANCE_TYPES: tuple[str, ...] = (
@@ -193,8 +194,8 @@ class DDPMScheduler(Scheduler):
         beta_t = 1 - alpha_t
 
         # 2. the model's guess of the clean sample
-        pred_original_sample = self._predict_original_sample(
-            model_output, sample, alpha_bar_t
+        pred_original_sample, _ = predict_original_and_noise(
+            model_output, sample, alpha_bar_t, self.config.prediction_type
         )
 
         # 3. clip the guess into the data's range
@@ -245,26 +246,6 @@ class DDPMScheduler(Scheduler):
                 f"got {tuple(model_output.shape)}"
             )
         return model_output, None
-
-    def _predict_original_sample(
-        self,
-        model_output: torch.Tensor,
-        sample: torch.Tensor,
-        alpha_bar_t: torch.Tensor,
-    ) -> torch.Tensor:
-        """The clean sample that the model's output implies at this noise level."""
-        if self.config.prediction_type == "epsilon":
-            eps, x_t = model_output, sample
-            # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eq. 15,
-            # Ho et al. 2020
-            return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
-        if self.config.prediction_type == "sample":
-            return model_output
-        v, x_t = model_output, sample
-        # v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, so
-        # x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v, Section 4,
-        # Salimans & Ho 2022
-        return alpha_bar_t**0.5 * x_t - (1 - alpha_bar_t) ** 0.5 * v
 
     def _std(
         self,
