@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,7 @@ class StableDiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where the UNet's weights are, and so where sampling runs."""
         return next(self.unet.parameters()).device
 
     def to(self, device: torch.device | str) -> StableDiffusionPipeline:
@@ -470,7 +472,7 @@ class StableDiffusionPipeline:
 
         # 4. denoise
         capture = CrossAttentionMaps(self.unet, shape[-2:], keep_last=n)
-        with capture if attention_maps else _nothing():
+        with capture if attention_maps else nullcontext():
             for i, t in enumerate(tqdm(timesteps, disable=not self.progress)):
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
@@ -652,14 +654,6 @@ class StableDiffusionPipeline:
         ids = self.tokenizer(prompt)[0].tolist()
         end = ids.index(self.tokenizer.eos_token_id)
         return [self.tokenizer.id_to_token[i] for i in ids[: end + 1]]
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _randn(
