@@ -93,3 +93,64 @@ def random_pipeline() -> StableDiffusionPipeline:
     )
     pipe.progress = False
     return pipe
+
+
+# --- the chapters' exercise checks -------------------------------------------
+
+
+def unsolved(*args, **kwargs):
+    """An exercise left as the chapter hands it out."""
+    raise NotImplementedError
+
+
+def assert_refused(check, answer, capsys) -> str:
+    """`check(answer)` says no without raising: a falsy Verdict, a ❌ and a hint.
+
+    Returns:
+        what the check printed, for more specific assertions.
+    """
+    from sdlearn.checks import Verdict
+
+    verdict = check(answer)
+    out = capsys.readouterr().out
+    assert isinstance(verdict, Verdict) and not verdict
+    assert "❌" in out and "Hint:" in out
+    return out
+
+
+def assert_unsolved_never_raise(checks, capsys) -> None:
+    """Every check says "not done yet", with a hint, to an unsolved exercise."""
+    from sdlearn.checks import Verdict
+
+    for check in checks:
+        verdict = check(unsolved)
+        assert isinstance(verdict, Verdict) and not verdict
+    out = capsys.readouterr().out
+    assert out.count("not done yet") == len(checks) == out.count("Hint:")
+
+
+# The two UNets of tools/reference/unet.py ("b": three levels, two transformer
+# layers per block, linear projections as in SD 2.x), written out here
+# independently of the diffusers configs they were made from
+UNET_REFERENCE_CONFIGS = {
+    "a": UNetConfig(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_levels=(True, False),
+        num_heads=(2, 2),
+        cross_attention_dim=12,
+        norm_groups=4,
+    ),
+    "b": UNetConfig(
+        sample_size=8,
+        block_out_channels=(8, 12, 16),
+        layers_per_block=2,
+        cross_attention_levels=(True, True, False),
+        num_heads=(2, 3, 4),
+        cross_attention_dim=20,
+        transformer_layers_per_block=2,
+        norm_groups=4,
+        use_linear_projection=True,
+    ),
+}

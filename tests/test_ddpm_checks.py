@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlearn.checks import Verdict
 from sdlearn.checks import ddpm as checks
-
-
-def unsolved(*args):
-    raise NotImplementedError
-
+from tests.helpers import assert_refused, assert_unsolved_never_raise
 
 # --- right answers, written as a learner would ---
 
@@ -164,10 +159,7 @@ def reverse_step_without_noise(eps, t, x_t, alphas_cumprod, noise):
     ids=lambda v: getattr(v, "__name__", v),
 )
 def test_typical_slips_fail_with_a_hint(capsys, check, wrong):
-    verdict = getattr(checks, check)(wrong)
-    out = capsys.readouterr().out
-    assert isinstance(verdict, Verdict) and not verdict
-    assert "❌" in out and "Hint:" in out
+    assert_refused(getattr(checks, check), wrong, capsys)
 
 
 def test_posterior_wants_a_tuple():
@@ -175,12 +167,7 @@ def test_posterior_wants_a_tuple():
 
 
 def test_unsolved_exercises_never_raise(capsys):
-    for check in (
-        checks.check_add_noise,
-        checks.check_posterior,
-        checks.check_reverse_step,
-    ):
-        verdict = check(unsolved)
-        assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert out.count("not done yet") == 3 and out.count("Hint:") == 3
+    assert_unsolved_never_raise(
+        [checks.check_add_noise, checks.check_posterior, checks.check_reverse_step],
+        capsys,
+    )

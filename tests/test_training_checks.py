@@ -8,13 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlearn.checks import Verdict
 from sdlearn.checks import training as checks
-
-
-def unsolved(*args):
-    raise NotImplementedError
-
+from tests.helpers import assert_refused, assert_unsolved_never_raise
 
 # --- right answers, written as a learner would ---
 
@@ -96,6 +91,18 @@ def test_loss_cases_drop_some_captions_and_noise_to_varied_timesteps():
 # --- typical slips ---
 
 
+def right_draws(batch, text_tokens, scale, p, generator):
+    """The right answer's random draws, in its order: z0, t, noise, context."""
+    mean, std = batch["mean"], batch["std"]
+    B = mean.shape[0]
+    z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
+    t = torch.randint(0, 1000, (B,), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    keep = torch.rand(B, generator=generator) >= p
+    context = text_tokens[torch.where(keep, batch["caption"], 0)]
+    return z0, t, noise, context
+
+
 def loss_unscaled(unet, scheduler, batch, text_tokens, scaling_factor, p, generator):
     return diffusion_loss(unet, scheduler, batch, text_tokens, 1.0, p, generator)
 
@@ -136,24 +143,12 @@ def loss_drops_the_kept(unet, scheduler, batch, text_tokens, scale, p, generator
 
 
 def loss_predicts_z0(unet, scheduler, batch, text_tokens, scale, p, generator):
-    mean, std = batch["mean"], batch["std"]
-    B = mean.shape[0]
-    z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
-    t = torch.randint(0, 1000, (B,), generator=generator)
-    noise = torch.randn(z0.shape, generator=generator)
-    keep = torch.rand(B, generator=generator) >= p
-    context = text_tokens[torch.where(keep, batch["caption"], 0)]
+    z0, t, noise, context = right_draws(batch, text_tokens, scale, p, generator)
     return F.mse_loss(unet(scheduler.add_noise(z0, noise, t), t, context), z0)
 
 
 def loss_per_image(unet, scheduler, batch, text_tokens, scale, p, generator):
-    mean, std = batch["mean"], batch["std"]
-    B = mean.shape[0]
-    z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
-    t = torch.randint(0, 1000, (B,), generator=generator)
-    noise = torch.randn(z0.shape, generator=generator)
-    keep = torch.rand(B, generator=generator) >= p
-    context = text_tokens[torch.where(keep, batch["caption"], 0)]
+    z0, t, noise, context = right_draws(batch, text_tokens, scale, p, generator)
     prediction = unet(scheduler.add_noise(z0, noise, t), t, context)
     return (prediction - noise).pow(2).mean(dim=(1, 2, 3))  # (B,), not one number
 
@@ -277,23 +272,15 @@ def ema_returns_nothing(shadow, weights, max_decay, updates):
     ids=lambda v: getattr(v, "__name__", None) if callable(v) else None,
 )
 def test_typical_slips_fail_with_a_hint(capsys, check, wrong, says):
-    verdict = getattr(checks, check)(wrong)
-    out = capsys.readouterr().out
-    assert isinstance(verdict, Verdict) and not verdict
-    assert "❌" in out and "Hint:" in out
+    out = assert_refused(getattr(checks, check), wrong, capsys)
     assert says in out, out
 
 
 def test_unsolved_exercises_never_raise(capsys):
-    for check in (
-        checks.check_diffusion_loss,
-        checks.check_lr_factor,
-        checks.check_ema_update,
-    ):
-        verdict = check(unsolved)
-        assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert out.count("not done yet") == 3 and out.count("Hint:") == 3
+    assert_unsolved_never_raise(
+        [checks.check_diffusion_loss, checks.check_lr_factor, checks.check_ema_update],
+        capsys,
+    )
 
 
 def loss_that_crashes(unet, scheduler, batch, *rest):

@@ -9,32 +9,14 @@ from sdlearn import attention
 from sdlearn.attention import set_attention_backend
 from sdlearn.unet import UNet, UNetConfig, timestep_embedding
 from sdlearn.weights import load_checked
-from tests.helpers import load_reference, needs_diffusers, randomize_
+from tests.helpers import (
+    UNET_REFERENCE_CONFIGS,
+    load_reference,
+    needs_diffusers,
+    randomize_,
+)
 
-# The two UNets of tools/reference/unet.py, written out here independently of
-# the diffusers configs they were made from
-CONFIGS = {
-    "a": UNetConfig(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        cross_attention_levels=(True, False),
-        num_heads=(2, 2),
-        cross_attention_dim=12,
-        norm_groups=4,
-    ),
-    "b": UNetConfig(
-        sample_size=8,
-        block_out_channels=(8, 12, 16),
-        layers_per_block=2,
-        cross_attention_levels=(True, True, False),
-        num_heads=(2, 3, 4),
-        cross_attention_dim=20,
-        transformer_layers_per_block=2,
-        norm_groups=4,
-        use_linear_projection=True,
-    ),
-}
+CONFIGS = UNET_REFERENCE_CONFIGS
 NAMES = list(CONFIGS)
 
 

@@ -28,7 +28,12 @@ from sdlearn.weights import (
     vae_from_original,
     vae_to_original,
 )
-from tests.helpers import needs_diffusers, needs_transformers, randomize_
+from tests.helpers import (
+    UNET_REFERENCE_CONFIGS,
+    needs_diffusers,
+    needs_transformers,
+    randomize_,
+)
 
 UNET_CONFIGS = {
     "tiny": UNetConfig.tiny(),
@@ -44,17 +49,7 @@ UNET_CONFIGS = {
         norm_groups=4,
     ),
     # two transformer layers per block and linear projections, as in SD 2.x
-    "deep": UNetConfig(
-        sample_size=8,
-        block_out_channels=(8, 12, 16),
-        layers_per_block=2,
-        cross_attention_levels=(True, True, False),
-        num_heads=(2, 3, 4),
-        cross_attention_dim=20,
-        transformer_layers_per_block=2,
-        norm_groups=4,
-        use_linear_projection=True,
-    ),
+    "deep": UNET_REFERENCE_CONFIGS["b"],
 }
 VAE_CONFIGS = {
     "tiny": VAEConfig.tiny(),
