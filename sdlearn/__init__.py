@@ -9,8 +9,10 @@ The package grows one module per chapter; later modules import only earlier ones
     tokenizer    ch. 03: CLIP's byte-level BPE tokenizer
     clip         ch. 03: the text encoder, and a tiny contrastive CLIP
     unet         ch. 04: the UNet, the noise predictor
-    schedulers   ch. 05: noise schedules and samplers (DDPM), one file each
+    schedulers   ch. 05: noise schedules and samplers (DDPM, DDIM), one file each
+    pipeline     ch. 06: text to image, img2img, inpainting; loading and saving
     weights      every weight-name mapping, and checked loading
+    evaluate     ch. 07: a non-learned scorer of generated shapes images
     training     ch. 07: the training loop and the stages `sdlearn train` runs
     checks       auto-checks for the chapters' exercises
     cli          the `sdlearn` command
