@@ -182,6 +182,16 @@ def test_two_processes_keep_identical_weights(tmp_path):
     assert run["world_size"] == 2
 
 
+def test_loss_history_averages_windows(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        "".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 11))
+    )
+    history = training.loss_history(log, points=4)
+    # 10 rows in windows of 3: (1,2,3), (4,5,6), (7,8,9), (10,)
+    assert history == {"step": [3, 6, 9, 10], "loss": [2.0, 5.0, 8.0, 10.0]}
+
+
 def test_ema_warms_up_instead_of_keeping_the_initial_weights():
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
@@ -231,6 +241,10 @@ def test_unet_stage_learns_and_writes_loadable_weights(tmp_path):
     state, saved = read_shipped("unet", folder=tmp_path)
     assert saved == json.loads(json.dumps(record))
     assert saved["scheduler_config"]["_class_name"] == "DDPMScheduler"
+    # the record keeps the whole curve, averaged down, for plotting the run
+    history = saved["loss_history"]
+    assert history["step"][-1] == 16 * UNET_STEPS.log_every
+    assert len(history["loss"]) == len(history["step"]) == 16
     unet = UNet(UNetConfig(**config_from_json(saved["model_config"])))
     load_checked(unet, state, "unet.safetensors")
 
