@@ -6,11 +6,12 @@ sdlearn tour [--out PATH] [--rows N] [--cols N] [--seed N]
 sdlearn train vae|clip|unet|all [...]
     train a stage of the tiny Stable Diffusion (`sdlearn train --help`).
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
-                 [--height H --width W] [--num-images N] [--checkpoint PATH]
+                 [--scheduler NAME [--karras]] [--height H --width W]
+                 [--num-images N] [--checkpoint PATH]
                  [--image PATH --strength S] [--mask PATH] [--out PATH]
     draw images and print the paths of the PNGs written.
 sdlearn evaluate [--checkpoint PATH] [--seeds N] [--steps N] [--guidance S ...]
-                 [--out PATH]
+                 [--scheduler NAME [--karras]] [--out PATH]
     draw the evaluation prompts, score them (sdlearn.evaluate) and print a table.
 """
 
@@ -21,7 +22,33 @@ import sys
 from pathlib import Path
 
 # --scheduler's choices -> the scheduler classes' names
-SCHEDULER_NAMES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+SCHEDULER_NAMES = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+def _choose_scheduler(pipe, args: argparse.Namespace) -> None:
+    """--scheduler and --karras: the same noise schedule, another sampler."""
+    from sdlearn.schedulers import scheduler_from_config, scheduler_to_config
+
+    if args.scheduler is None and not args.karras:
+        return
+    config = scheduler_to_config(pipe.scheduler)
+    if args.scheduler is not None:
+        config["_class_name"] = SCHEDULER_NAMES[args.scheduler]
+    scheduler = scheduler_from_config(config)
+    if args.karras:
+        if not hasattr(scheduler.config, "use_karras_sigmas"):
+            raise ValueError(
+                f"--karras needs a sampler with Karras sigmas (euler, dpmpp_2m), "
+                f"got {type(scheduler).__name__}"
+            )
+        scheduler = scheduler_from_config({**config, "use_karras_sigmas": True})
+    pipe.scheduler = scheduler
 
 
 def _positive(text: str) -> int:
@@ -121,7 +148,6 @@ def generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from sdlearn.pipeline import StableDiffusionPipeline
-    from sdlearn.schedulers import scheduler_from_config, scheduler_to_config
 
     def read_image(path: str | None) -> Image.Image | None:
         if path is None:
@@ -138,11 +164,7 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--strength needs --image: it says how far to noise it")
     pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint)
     pipe.progress = not args.no_progress
-    if args.scheduler is not None:
-        # the same noise schedule, walked back by another algorithm
-        config = scheduler_to_config(pipe.scheduler)
-        name = SCHEDULER_NAMES[args.scheduler]
-        pipe.scheduler = scheduler_from_config({**config, "_class_name": name})
+    _choose_scheduler(pipe, args)
     output = pipe(
         args.prompt,
         negative_prompt=args.negative,
@@ -178,6 +200,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from sdlearn.shapes import image_grid
 
     pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint)
+    _choose_scheduler(pipe, args)
     summaries, grids = {}, []
     for guidance in args.guidance:
         scores, images = evaluate_pipeline(
@@ -192,7 +215,8 @@ def evaluate(args: argparse.Namespace) -> int:
         # the first seed's image of every prompt, one row per prompt set
         grids.append(np.concatenate([drawn[0] for drawn in images.values()]))
     print(
-        f"{args.seeds} seed(s) per prompt, {args.steps} steps "
+        f"{args.seeds} seed(s) per prompt, {args.steps} steps of "
+        f"{type(pipe.scheduler).__name__} "
         f"(colour+shape: both right in the same image)"
     )
     print(format_table(summaries))
@@ -219,6 +243,19 @@ def evaluate(args: argparse.Namespace) -> int:
     Image.fromarray(image_grid(np.concatenate(grids), rows=rows)).save(out)
     print(f"wrote {out}: one row per prompt set and guidance scale, first seed")
     return 0
+
+
+def _scheduler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULER_NAMES),
+        help="sampler (default: the checkpoint's own)",
+    )
+    p.add_argument(
+        "--karras",
+        action="store_true",
+        help="Karras et al.'s noise levels (euler, dpmpp_2m)",
+    )
 
 
 def _guidance(text: str) -> float:
@@ -283,11 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", help="what to steer away from")
     p.add_argument("--steps", type=_positive, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
-    p.add_argument(
-        "--scheduler",
-        choices=list(SCHEDULER_NAMES),
-        help="sampler (default: the checkpoint's own)",
-    )
+    _scheduler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=_positive, help="pixels, a multiple of 8")
     p.add_argument("--width", type=_positive, help="pixels, a multiple of 8")
@@ -317,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[7.5, 1.0],
         help="guidance scales to compare",
     )
+    _scheduler_arguments(p)
     p.add_argument("--out", default="outputs/evaluation.png", help="grid PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=evaluate)

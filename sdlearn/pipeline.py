@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel
-from sdlearn.schedulers import DDPMScheduler
+from sdlearn.schedulers import Scheduler
 from sdlearn.tokenizer import CLIPTokenizer
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL, VAEConfig
@@ -282,8 +282,10 @@ class StableDiffusionPipeline:
         text_encoder: token ids -> (B, 77, D) text tokens.
         vae: images <-> latents; `vae.config.scaling_factor` scales latents.
         unet: predicts the noise in latents, given a timestep and text tokens.
-        scheduler: the sampler, with diffusers' interface (`set_timesteps`,
-            `timesteps`, `scale_model_input`, `step`, `add_noise`).
+        scheduler: the sampler, any of `sdlearn.schedulers` (DDPM, DDIM, Euler,
+            Euler ancestral, DPM-Solver++), with diffusers' interface
+            (`set_timesteps`, `timesteps`, `scale_model_input`, `step`,
+            `add_noise`).
     """
 
     def __init__(
@@ -292,7 +294,7 @@ class StableDiffusionPipeline:
         text_encoder: CLIPTextModel,
         vae: AutoencoderKL,
         unet: UNet,
-        scheduler: DDPMScheduler,
+        scheduler: Scheduler,
     ) -> None:
         if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
             raise ValueError(
@@ -456,7 +458,11 @@ class StableDiffusionPipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         if pixels is not None:
-            timesteps = timesteps[img2img_start(num_inference_steps, strength) :]
+            start = img2img_start(num_inference_steps, strength)
+            timesteps = timesteps[start:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                # the sigma-space samplers count their steps: start them there
+                self.scheduler.set_begin_index(start)
 
         # 3. the starting latents
         known, noise = None, None

@@ -154,3 +154,28 @@ UNET_REFERENCE_CONFIGS = {
         use_linear_projection=True,
     ),
 }
+
+
+def fake_model(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A fixed function of the sample and the timestep, standing in for a UNet."""
+    return torch.tanh(0.7 * sample + 0.001 * float(t)) - 0.1 * sample.roll(1, dims=-1)
+
+
+def sample_loop(scheduler, steps: int, **step_kwargs) -> list[torch.Tensor]:
+    """Every prev_sample (and pred_original_sample where there is one) of a
+    seeded sampling loop driving `fake_model`, the way the pipeline does:
+    starting noise times init_noise_sigma, scale_model_input, then step."""
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g) * scheduler.init_noise_sigma
+    out = []
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        result = scheduler.step(
+            fake_model(model_input, t), t, x, generator=g, **step_kwargs
+        )
+        x = result.prev_sample
+        out.append(x)
+        if getattr(result, "pred_original_sample", None) is not None:
+            out.append(result.pred_original_sample)
+    return out

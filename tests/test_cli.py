@@ -111,6 +111,53 @@ def test_generate_writes_pngs_and_prints_their_paths(checkpoint, tmp_path, capsy
 
 
 @pytest.mark.parametrize(
+    ("sampler", "settings"),
+    [
+        (["euler"], {"_class_name": "EulerDiscreteScheduler"}),
+        (
+            ["euler", "--karras"],
+            {"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True},
+        ),
+        (["euler_a"], {"_class_name": "EulerAncestralDiscreteScheduler"}),
+        (
+            ["dpmpp_2m", "--karras"],
+            {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
+        ),
+    ],
+)
+def test_generate_with_each_sampler(checkpoint, tmp_path, capsys, sampler, settings):
+    """The CLI's image is the pipeline's with that sampler on the same schedule."""
+    import torch
+
+    from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.schedulers import scheduler_from_config, scheduler_to_config
+
+    out = tmp_path / "out.png"
+    flags = ["--checkpoint", str(checkpoint), "--steps", "4", "--no-progress"]
+    argv = ["generate", "a red circle", *flags, "--scheduler", *sampler]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out)]
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
+    pipe.progress = False
+    pipe.scheduler = scheduler_from_config(
+        {**scheduler_to_config(pipe.scheduler), **settings}
+    )
+    expected = pipe(
+        "a red circle",
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    with Image.open(out) as image:
+        assert image.tobytes() == expected.tobytes()
+
+
+def test_karras_needs_a_sampler_that_has_it(checkpoint, capsys):
+    flags = ["--checkpoint", str(checkpoint), "--steps", "2", "--no-progress"]
+    assert main(["generate", "a red circle", *flags, "--karras"]) == 1
+    assert "--karras needs a sampler with Karras sigmas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--steps", "0"], "expected a positive integer, got 0"),

@@ -8,7 +8,13 @@ import torch
 
 from sdlearn.pipeline import StableDiffusionPipeline
 from sdlearn.schedulers import DDIMScheduler, scheduler_from_config
-from tests.helpers import PROMPTS, SIZE, needs_diffusers, random_pipeline
+from tests.helpers import (
+    PROMPTS,
+    SIZE,
+    needs_diffusers,
+    random_pipeline,
+    sample_loop,
+)
 
 # (settings, steps, eta): spacings, step counts, eta, prediction types, the last
 # step's alpha_bar and clipping
@@ -38,24 +44,6 @@ CASES = {
 }
 
 
-def fake_model(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A fixed function of the sample and the timestep, standing in for a UNet."""
-    return torch.tanh(0.7 * sample + 0.001 * float(t)) - 0.1 * sample.roll(1, dims=-1)
-
-
-def sample_loop(scheduler, steps: int, eta: float) -> list[torch.Tensor]:
-    """Every prev_sample and pred_original_sample of a seeded sampling loop."""
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 4, 4, generator=g)
-    out = []
-    for t in scheduler.timesteps:
-        result = scheduler.step(fake_model(x, t), t, x, eta=eta, generator=g)
-        x = result.prev_sample
-        out += [x, result.pred_original_sample]
-    return out
-
-
 @needs_diffusers
 @pytest.mark.parametrize("name", list(CASES))
 def test_sampling_loop_matches_diffusers(name):
@@ -64,7 +52,9 @@ def test_sampling_loop_matches_diffusers(name):
     theirs = ours.to_diffusers()
     torch.testing.assert_close(ours.timesteps, theirs.timesteps)  # before set_timesteps
     for actual, expected in zip(
-        sample_loop(ours, steps, eta), sample_loop(theirs, steps, eta), strict=True
+        sample_loop(ours, steps, eta=eta),
+        sample_loop(theirs, steps, eta=eta),
+        strict=True,
     ):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.timesteps, theirs.timesteps)
@@ -83,10 +73,10 @@ def test_from_diffusers_and_config_round_trip():
 
 
 def test_eta_zero_is_deterministic_and_eta_adds_noise():
-    a = sample_loop(DDIMScheduler(), 10, 0.0)
-    b = sample_loop(DDIMScheduler(), 10, 0.0)
+    a = sample_loop(DDIMScheduler(), 10, eta=0.0)
+    b = sample_loop(DDIMScheduler(), 10, eta=0.0)
     torch.testing.assert_close(a[-2], b[-2], rtol=0, atol=0)
-    noisy = sample_loop(DDIMScheduler(), 10, 1.0)
+    noisy = sample_loop(DDIMScheduler(), 10, eta=1.0)
     assert (noisy[-2] - a[-2]).abs().max() > 1e-2
 
 

@@ -1,8 +1,13 @@
 """Noise schedulers: one file per sampling algorithm, all with diffusers' interface.
 
-    common   what they share: betas, alpha_bar, timestep spacing, add_noise
-    ddpm     DDPM (Ho et al. 2020): ancestral sampling from the posterior
-    ddim     DDIM (Song et al. 2021): deterministic (eta = 0) or noisier steps
+    common           what they share: betas, alpha_bar, timestep spacing, add_noise
+    ddpm             DDPM (Ho et al. 2020): ancestral sampling from the posterior
+    ddim             DDIM (Song et al. 2021): deterministic (eta = 0) or noisier
+                     steps, and its inversion from an image to noise
+    sigmas           the sigma view (x = x_0 + sigma eps) of the samplers below
+    euler            Euler steps along the probability-flow ODE (Karras et al. 2022)
+    euler_ancestral  Euler steps with fresh noise each step (an SDE sampler)
+    dpm_solver       DPM-Solver++ (Lu et al. 2022), first or second order (2M)
 
 Each has `set_timesteps`, `.timesteps`, `step(...)` returning `prev_sample` and
 `pred_original_sample`, and `add_noise`, so one sampling loop drives them all.
@@ -14,16 +19,34 @@ from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
-from sdlearn.schedulers.common import SchedulerOutput
-from sdlearn.schedulers.ddim import DDIMConfig, DDIMScheduler
+from sdlearn.schedulers.common import Scheduler, SchedulerOutput
+from sdlearn.schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
 from sdlearn.schedulers.ddpm import DDPMConfig, DDPMScheduler, DDPMSchedulerOutput
+from sdlearn.schedulers.dpm_solver import (
+    DPMSolverMultistepConfig,
+    DPMSolverMultistepScheduler,
+)
+from sdlearn.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
+from sdlearn.schedulers.euler_ancestral import (
+    EulerAncestralDiscreteConfig,
+    EulerAncestralDiscreteScheduler,
+)
 
 __all__ = [
     "DDIMConfig",
+    "DDIMInverseScheduler",
     "DDIMScheduler",
     "DDPMConfig",
     "DDPMScheduler",
     "DDPMSchedulerOutput",
+    "DPMSolverMultistepConfig",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteConfig",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteConfig",
+    "EulerDiscreteScheduler",
+    "SCHEDULERS",
+    "Scheduler",
     "SchedulerOutput",
     "scheduler_from_config",
     "scheduler_to_config",
@@ -31,12 +54,19 @@ __all__ = [
 
 
 # diffusers' class name -> sdlearn's scheduler of the same algorithm
-SCHEDULERS = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.__name__: cls
+    for cls in (
+        DDPMScheduler,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        DPMSolverMultistepScheduler,
+    )
+}
 
 
-def scheduler_from_config(
-    config: Mapping[str, Any],
-) -> DDPMScheduler | DDIMScheduler:
+def scheduler_from_config(config: Mapping[str, Any]) -> Scheduler:
     """A scheduler from a diffusers scheduler_config.json (or `scheduler.config`).
 
     The class is the config's `_class_name` where sdlearn has that algorithm.
@@ -50,15 +80,14 @@ def scheduler_from_config(
             ignored, missing ones take its (SD 1.x's) defaults.
     """
     cls = SCHEDULERS.get(config.get("_class_name"), DDPMScheduler)
-    config_class = DDIMConfig if cls is DDIMScheduler else DDPMConfig
-    known = {f.name for f in fields(config_class)}
+    known = {f.name for f in fields(cls.config_class)}
     settings = {k: v for k, v in config.items() if k in known}
     if settings.get("trained_betas") is not None:
         settings["trained_betas"] = tuple(settings["trained_betas"])
     return cls(**settings)
 
 
-def scheduler_to_config(scheduler: DDPMScheduler | DDIMScheduler) -> dict[str, Any]:
+def scheduler_to_config(scheduler: Scheduler) -> dict[str, Any]:
     """The scheduler_config.json that diffusers reads back as the same scheduler."""
     settings = asdict(scheduler.config)
     if settings["trained_betas"] is not None:

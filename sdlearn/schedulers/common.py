@@ -282,6 +282,12 @@ class Scheduler:
     """
 
     config_class: type
+    # diffusers settings this class leaves out, with the value they must have
+    # (anything else would change the numbers)
+    unsupported: dict[str, Any] = {
+        "thresholding": False,
+        "rescale_betas_zero_snr": False,
+    }
 
     @classmethod
     def from_diffusers(cls, scheduler: Any) -> Scheduler:
@@ -303,9 +309,11 @@ class Scheduler:
                 f"diffusers.{cls.__name__}.from_config(scheduler.config)"
             )
         # Features we leave out must be off, or the numbers would differ.
-        for name in ("thresholding", "rescale_betas_zero_snr"):
-            if config.get(name, False):
-                raise ValueError(f"{name}=True is not supported, expected False")
+        for name, value in cls.unsupported.items():
+            if config.get(name, value) != value:
+                raise ValueError(
+                    f"{name}={config[name]!r} is not supported, expected {value!r}"
+                )
         return cls(**{f.name: config[f.name] for f in settings})
 
     def to_diffusers(self) -> Any:

@@ -59,6 +59,29 @@ class DDIMConfig:
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
 
 
+def ddim_update(
+    pred_original_sample: torch.Tensor,
+    pred_epsilon: torch.Tensor,
+    alpha_bar_prev: torch.Tensor,
+    sigma: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
+    """DDIM's jump to noise level alpha_bar_prev, before any fresh noise (eq. 12).
+
+    Args:
+        pred_original_sample: (B, C, H, W) the guess of the clean sample x_0.
+        pred_epsilon: (B, C, H, W) the guess of the noise eps in x_t.
+        alpha_bar_prev: alpha_bar of the timestep to jump to (smaller t when
+            sampling, larger when inverting).
+        sigma: the standard deviation of the noise the caller adds afterwards
+            (0 for deterministic DDIM).
+
+    Returns:
+        (B, C, H, W) sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps.
+    """
+    direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * pred_epsilon
+    return alpha_bar_prev**0.5 * pred_original_sample + direction
+
+
 class DDIMScheduler(Scheduler):
     """The DDIM sampler with diffusers' interface and Stable Diffusion 1.x's defaults.
 
@@ -168,8 +191,7 @@ class DDIMScheduler(Scheduler):
         sigma = eta * variance**0.5
 
         # 4. eq. 12: the clean guess at the new noise level, pointing back along eps
-        direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps
-        prev_sample = alpha_bar_prev**0.5 * x_0 + direction
+        prev_sample = ddim_update(x_0, eps, alpha_bar_prev, sigma)
         if eta > 0:
             device = model_output.device if generator is None else generator.device
             z = torch.randn(
@@ -180,3 +202,109 @@ class DDIMScheduler(Scheduler):
             ).to(model_output.device)
             prev_sample = prev_sample + sigma * z
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_0)
+
+
+class DDIMInverseScheduler(Scheduler):
+    """DDIM run backwards: from a clean sample to the noise that DDIM maps onto it.
+
+    Deterministic DDIM (eta = 0) is a discretised ODE, so it can be walked the
+    other way: each step guesses x_0 and eps at the current sample and jumps
+    *up* to the next, noisier timestep with the same update (`ddim_update`).
+    Sampling with DDIM from the result gives back (nearly) the start: the
+    model is asked at slightly different points on the way up and on the way
+    down, so the round trip is exact only as the steps shrink.
+
+    The interface and the numbers are diffusers' `DDIMInverseScheduler`: the
+    timesteps run upwards, and the model is evaluated at the timestep each step
+    lands on. Settings as for `DDIMScheduler`; set_alpha_to_one here says where
+    the first step starts (alpha_bar 1, a clean sample, or alpha_bar_0), and the
+    spacing is "leading" or "trailing".
+    """
+
+    config_class = DDIMConfig
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: tuple[float, ...] | None = None,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        set_alpha_to_one: bool = False,
+        steps_offset: int = 1,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+    ) -> None:
+        check_choice("timestep_spacing", timestep_spacing, ("leading", "trailing"))
+        self.config = DDIMConfig(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=None if trained_betas is None else tuple(trained_betas),
+            clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
+            set_alpha_to_one=set_alpha_to_one,
+            steps_offset=steps_offset,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+        )
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
+        self.alphas_cumprod = make_alphas_cumprod(self.betas)
+        # where the first step starts: the clean data, or the first timestep
+        self.initial_alpha_cumprod = (
+            torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        )
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps)
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: torch.device | str | None = None
+    ) -> None:
+        """DDIM's timesteps for `num_inference_steps`, in rising order."""
+        super().set_timesteps(num_inference_steps, device)
+        self.timesteps = self.timesteps.flip(0)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+    ) -> SchedulerOutput:
+        """One inverse step: from the timestep below `timestep` up to `timestep`.
+
+        Args:
+            model_output: (B, C, H, W) the model's prediction at `timestep` for
+                `sample`.
+            timestep: the timestep to land on, one of `self.timesteps`.
+            sample: (B, C, H, W) the sample one step below `timestep`.
+
+        Returns:
+            SchedulerOutput with prev_sample, the sample at `timestep` (named
+            as in every scheduler, though it is noisier), and pred_original_sample.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"expected model_output of the sample's shape {tuple(sample.shape)}, "
+                f"got {tuple(model_output.shape)}"
+            )
+        T = self.config.num_train_timesteps
+        next_t = int(timestep)
+        check_timesteps(torch.tensor(next_t), T)
+        t = min(next_t - T // self.num_inference_steps, T - 1)
+        alpha_bar_t = self.alphas_cumprod[t] if t >= 0 else self.initial_alpha_cumprod
+        x_0, eps = predict_original_and_noise(
+            model_output, sample, alpha_bar_t, self.config.prediction_type
+        )
+        if self.config.clip_sample:
+            bound = self.config.clip_sample_range
+            x_0 = x_0.clamp(-bound, bound)
+        next_sample = ddim_update(x_0, eps, self.alphas_cumprod[next_t])
+        return SchedulerOutput(prev_sample=next_sample, pred_original_sample=x_0)

@@ -1,0 +1,389 @@
+"""Tests for the sigma-space samplers: Euler, Euler ancestral, DPM-Solver++ (and
+DDIM inversion): each sampling loop equals diffusers' same-named scheduler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdlearn.schedulers import (
+    SCHEDULERS,
+    DDIMInverseScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    scheduler_from_config,
+    scheduler_to_config,
+)
+from sdlearn.schedulers.euler_ancestral import ancestral_sigmas
+from sdlearn.schedulers.sigmas import karras_sigmas, sigma_to_t
+from tests.helpers import (
+    PROMPTS,
+    SIZE,
+    fake_model,
+    needs_diffusers,
+    random_pipeline,
+    sample_loop,
+)
+
+# a 16x16 RGB picture to start img2img and inpainting from
+START = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+
+SD = {}  # sdlearn's defaults are Stable Diffusion 1.x's betas
+LINEAR = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+# (scheduler class, settings, steps, step keyword arguments)
+CASES = {
+    "euler-sd-50": (EulerDiscreteScheduler, SD, 50, {}),
+    "euler-karras-20": (EulerDiscreteScheduler, {"use_karras_sigmas": True}, 20, {}),
+    "euler-karras-ends-v": (
+        EulerDiscreteScheduler,
+        {
+            "use_karras_sigmas": True,
+            "sigma_min": 0.1,
+            "sigma_max": 10.0,
+            "prediction_type": "v_prediction",
+        },
+        9,
+        {},
+    ),
+    "euler-leading-sample-sigma-min": (
+        EulerDiscreteScheduler,
+        {
+            "timestep_spacing": "leading",
+            "prediction_type": "sample",
+            "final_sigmas_type": "sigma_min",
+            **LINEAR,
+        },
+        15,
+        {},
+    ),
+    "euler-trailing-cosine": (
+        EulerDiscreteScheduler,
+        {"timestep_spacing": "trailing", "beta_schedule": "squaredcos_cap_v2"},
+        7,
+        {},
+    ),
+    "euler-churn": (
+        EulerDiscreteScheduler,
+        SD,
+        12,
+        {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 8.0, "s_noise": 1.003},
+    ),
+    "euler-a-sd-30": (EulerAncestralDiscreteScheduler, SD, 30, {}),
+    "euler-a-leading": (
+        EulerAncestralDiscreteScheduler,
+        {"timestep_spacing": "leading", **LINEAR},
+        10,
+        {},
+    ),
+    "euler-a-trailing-v": (
+        EulerAncestralDiscreteScheduler,
+        {"timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        12,
+        {},
+    ),
+    "dpmpp-2m-sd-20": (DPMSolverMultistepScheduler, SD, 20, {}),
+    "dpmpp-2m-karras-25": (
+        DPMSolverMultistepScheduler,
+        {"use_karras_sigmas": True},
+        25,
+        {},
+    ),
+    "dpmpp-2m-heun-leading-v": (
+        DPMSolverMultistepScheduler,
+        {
+            "solver_type": "heun",
+            "timestep_spacing": "leading",
+            "prediction_type": "v_prediction",
+        },
+        8,
+        {},
+    ),
+    "dpmpp-1-trailing-sample": (
+        DPMSolverMultistepScheduler,
+        {
+            "solver_order": 1,
+            "timestep_spacing": "trailing",
+            "prediction_type": "sample",
+            **LINEAR,
+        },
+        10,
+        {},
+    ),
+    "dpmpp-2m-sigma-min-no-lower-final": (
+        DPMSolverMultistepScheduler,
+        {"final_sigmas_type": "sigma_min", "lower_order_final": False},
+        6,
+        {},
+    ),
+    "dpmpp-2m-euler-final-clipped-cosine": (
+        DPMSolverMultistepScheduler,
+        {
+            "final_sigmas_type": "sigma_min",
+            "euler_at_final": True,
+            "lambda_min_clipped": -5.1,
+            "beta_schedule": "squaredcos_cap_v2",
+        },
+        16,
+        {},
+    ),
+    "dpmpp-2m-karras-linear": (
+        DPMSolverMultistepScheduler,
+        {"use_karras_sigmas": True, **LINEAR},
+        11,
+        {},
+    ),
+}
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", list(CASES))
+def test_sampling_loop_matches_diffusers(name):
+    cls, settings, steps, step_kwargs = CASES[name]
+    ours = cls(**settings)
+    theirs = ours.to_diffusers()
+    assert type(theirs).__name__ == cls.__name__
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas)  # before set_timesteps
+    actual = sample_loop(ours, steps, **step_kwargs)
+    expected = sample_loop(theirs, steps, **step_kwargs)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas)
+    torch.testing.assert_close(
+        torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(theirs.init_noise_sigma)
+    )
+    if cls is DPMSolverMultistepScheduler:
+        # diffusers' DPM-Solver returns no pred_original_sample; ours does
+        actual = actual[::2]
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", ["euler-karras-20", "dpmpp-2m-karras-25"])
+def test_add_noise_matches_diffusers_for_img2img(name):
+    """img2img starts part-way: set_begin_index, then add_noise, then steps."""
+    cls, settings, steps, _ = CASES[name]
+    results = []
+    for scheduler in (cls(**settings), cls(**settings).to_diffusers()):
+        scheduler.set_timesteps(steps)
+        start = steps // 3
+        scheduler.set_begin_index(start)
+        g = torch.Generator().manual_seed(1)
+        x0, noise = torch.randn(2, 2, 3, 3, generator=g).unbind(0)
+        t0 = scheduler.timesteps[start : start + 1]
+        x = scheduler.add_noise(x0[None], noise[None], t0)
+        noised = [x]
+        for t in scheduler.timesteps[start:]:
+            x = scheduler.step(
+                fake_model(scheduler.scale_model_input(x, t), t), t, x
+            ).prev_sample
+            noised.append(x)
+        results.append(noised)
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("cls", list(SCHEDULERS.values()))
+def test_from_diffusers_and_the_config_file_round_trip(cls):
+    import diffusers
+
+    theirs = getattr(diffusers, cls.__name__).from_config(
+        {"beta_schedule": "scaled_linear", "timestep_spacing": "trailing"}
+    )
+    ours = cls.from_diffusers(theirs)
+    assert ours.config.timestep_spacing == "trailing"
+    # what save_pretrained writes, as JSON, reads back as the same scheduler
+    written = json.loads(json.dumps(scheduler_to_config(ours)))
+    again = scheduler_from_config(written)
+    assert type(again) is cls and again.config == ours.config
+    rebuilt = getattr(diffusers, cls.__name__).from_config(written)
+    assert cls.from_diffusers(rebuilt).config == ours.config
+
+
+@needs_diffusers
+def test_settings_sdlearn_lacks_are_refused():
+    from diffusers import DPMSolverMultistepScheduler as Theirs
+    from diffusers import EulerDiscreteScheduler as TheirEuler
+
+    with pytest.raises(ValueError, match="use_lu_lambdas=True is not supported"):
+        DPMSolverMultistepScheduler.from_diffusers(Theirs(use_lu_lambdas=True))
+    with pytest.raises(ValueError, match="unknown algorithm_type 'sde-dpmsolver"):
+        DPMSolverMultistepScheduler.from_diffusers(
+            Theirs(algorithm_type="sde-dpmsolver++")
+        )
+    with pytest.raises(ValueError, match="interpolation_type='log_linear'"):
+        EulerDiscreteScheduler.from_diffusers(
+            TheirEuler(interpolation_type="log_linear")
+        )
+
+
+def test_karras_sigmas_are_dense_near_sigma_min():
+    sigmas = karras_sigmas(0.03, 14.6, 10)
+    assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == pytest.approx(0.03)
+    steps = -np.diff(sigmas)
+    assert (steps > 0).all() and (np.diff(steps) < 0).all()  # ever shorter steps
+
+
+def test_sigma_to_t_inverts_the_training_sigmas():
+    scheduler = EulerDiscreteScheduler()
+    log_sigmas = np.log(scheduler.sigmas[:-1].flip(0).numpy())
+    t = sigma_to_t(np.exp(log_sigmas[[0, 10, 500, 999]]), log_sigmas)
+    np.testing.assert_allclose(t, [0, 10, 500, 999], atol=1e-3)
+
+
+def test_ancestral_sigmas_keep_the_total_noise_level():
+    sigma, sigma_next = torch.tensor(3.0), torch.tensor(2.0)
+    sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
+    torch.testing.assert_close(sigma_up**2 + sigma_down**2, sigma_next**2)
+    assert sigma_down < sigma_next
+    up, down = ancestral_sigmas(torch.tensor(3.0), torch.tensor(0.0))
+    assert up == 0 and down == 0  # the last step lands on the clean sample
+
+
+def test_euler_converges_and_euler_ancestral_does_not():
+    """More steps bring Euler's ODE solution closer together; the ancestral
+    sampler's images stay apart because every step draws new noise."""
+
+    def final(cls, steps):
+        return sample_loop(cls(), steps)[-2]
+
+    euler = [final(EulerDiscreteScheduler, n) for n in (50, 100, 200)]
+    ancestral = [final(EulerAncestralDiscreteScheduler, n) for n in (50, 100, 200)]
+    euler_gap = (euler[1] - euler[2]).abs().mean()
+    ancestral_gap = (ancestral[1] - ancestral[2]).abs().mean()
+    assert (euler[0] - euler[2]).abs().mean() > euler_gap  # converging
+    assert ancestral_gap > 10 * euler_gap
+
+
+def test_bad_input_raises_value_error():
+    for cls in (
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        DPMSolverMultistepScheduler,
+    ):
+        scheduler = cls()
+        x = torch.zeros(1, 4, 2, 2)
+        with pytest.raises(ValueError, match="set_timesteps"):
+            scheduler.step(x, scheduler.timesteps[0], x)
+        scheduler.set_timesteps(5)
+        with pytest.raises(ValueError, match=r"shape \(1, 4, 2, 2\)"):
+            scheduler.step(torch.zeros(1, 3, 2, 2), scheduler.timesteps[0], x)
+        with pytest.raises(ValueError, match="not one of the timesteps"):
+            scheduler.step(x, torch.tensor(3.5), x)
+        for t in scheduler.timesteps:
+            scheduler.step(x, t, x)
+        with pytest.raises(ValueError, match="all 5 steps are done"):
+            scheduler.step(x, scheduler.timesteps[-1], x)
+    with pytest.raises(ValueError, match="unknown prediction_type 'sample'"):
+        EulerAncestralDiscreteScheduler(prediction_type="sample")
+    with pytest.raises(ValueError, match="unknown solver_order 3"):
+        DPMSolverMultistepScheduler(solver_order=3)
+    with pytest.raises(ValueError, match="unknown timestep_spacing 'linspace'"):
+        DDIMInverseScheduler(timestep_spacing="linspace")
+
+
+@needs_diffusers
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}],
+)
+def test_ddim_inversion_loop_matches_diffusers(settings):
+    ours = DDIMInverseScheduler(**settings)
+    theirs = ours.to_diffusers()
+    results = []
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(10)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        path = []
+        for t in scheduler.timesteps:
+            out = scheduler.step(fake_model(x, t), t, x)
+            x = out.prev_sample
+            path += [x, out.pred_original_sample]
+        results.append(path)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps)
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+# the pipeline with each sampler: text to image and img2img, against diffusers
+
+PIPELINE_SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """sdlearn's random pipeline and diffusers' pipelines loaded from its
+    save_pretrained folder (text to image and img2img share the parts)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusionPipeline as DiffusersPipeline
+
+    ours = random_pipeline()
+    folder = tmp_path_factory.mktemp("pipe")
+    ours.save_pretrained(folder)
+    theirs = DiffusersPipeline.from_pretrained(folder)
+    theirs.set_progress_bar_config(disable=True)
+    img2img = StableDiffusionImg2ImgPipeline(**theirs.components)
+    img2img.set_progress_bar_config(disable=True)
+    return ours, theirs, img2img
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", list(PIPELINE_SAMPLERS))
+# diffusers warns that one image for two prompts is deprecated; sdlearn spreads it
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")
+def test_pipeline_with_each_sampler_matches_diffusers(pipelines, name):
+    from PIL import Image
+
+    ours, theirs, img2img = pipelines
+    cls, settings = PIPELINE_SAMPLERS[name]
+    ours.scheduler = cls(**settings)
+    theirs.scheduler = img2img.scheduler = ours.scheduler.to_diffusers()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(num_inference_steps=8, guidance_scale=7.5, output_type="np")
+    for extra in ({"latents": latents}, {"image": START, "strength": 0.6}):
+        seeded = torch.Generator().manual_seed(0)
+        mine = ours(PROMPTS, generator=seeded, **kwargs, **extra).images
+        seeded = torch.Generator().manual_seed(0)
+        if "image" in extra:
+            extra = {**extra, "image": Image.fromarray(START)}
+            ref = img2img(PROMPTS, generator=seeded, **kwargs, **extra).images
+        else:
+            ref = theirs(
+                PROMPTS, height=SIZE, width=SIZE, generator=seeded, **kwargs, **extra
+            ).images
+        assert np.abs(mine - ref).max() <= 1e-4, f"{name}, {sorted(extra)}"
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_SAMPLERS))
+def test_inpainting_keeps_the_unmasked_image_with_each_sampler(name):
+    from sdlearn.pipeline import to_pixels
+
+    pipe = random_pipeline()
+    cls, settings = PIPELINE_SAMPLERS[name]
+    pipe.scheduler = cls(**settings)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, : SIZE // 2] = 255  # repaint the left half
+    out = pipe(
+        "a blue square",
+        image=START,
+        mask_image=mask,
+        num_inference_steps=6,
+        strength=0.7,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    known = pipe.encode_image(to_pixels(START), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[..., 4:], known[..., 4:])
+    assert (out[..., :4] - known[..., :4]).abs().max() > 0.1
