@@ -480,14 +480,8 @@ class StableDiffusionPipeline:
         capture = CrossAttentionMaps(self.unet, shape[-2:], keep_last=n)
         with capture if attention_maps else nullcontext():
             for i, t in enumerate(tqdm(timesteps, disable=not self.progress)):
-                model_input = torch.cat([latents] * 2) if guided else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, text)
-                if guided:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = classifier_free_guidance(
-                        noise_uncond, noise_text, guidance_scale
-                    )
+                model_input = self.scheduler.scale_model_input(latents, t)
+                noise_pred = self.predict_noise(model_input, t, text, guidance_scale)
                 out = self.scheduler.step(noise_pred, t, latents, generator=generator)
                 latents = out.prev_sample
                 if mask is not None:
@@ -516,6 +510,96 @@ class StableDiffusionPipeline:
         return self.vae.decode(latents / self.vae.config.scaling_factor)
 
     @torch.no_grad()
+    def predict_noise(
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The UNet's prediction for `model_input`, with classifier-free guidance.
+
+        Args:
+            model_input: (B, C, h, w) latents, already scaled for the scheduler.
+            timestep: the current timestep.
+            text: (B, 77, D) text tokens, or (2B, 77, D) with the unconditional
+                (or negative) half first when guidance_scale > 1.
+            guidance_scale: s; guidance runs only for s > 1, as in diffusers.
+
+        Returns:
+            (B, C, h, w) the (guided) prediction.
+        """
+        if guidance_scale <= 1:
+            return self.unet(model_input, timestep, text)
+        noise_pred = self.unet(torch.cat([model_input] * 2), timestep, text)
+        noise_uncond, noise_text = noise_pred.chunk(2)
+        return classifier_free_guidance(noise_uncond, noise_text, guidance_scale)
+
+    @torch.no_grad()
+    def invert(
+        self,
+        latents: torch.Tensor,
+        prompt: str | list[str] = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        fixed_point_iterations: int = 0,
+    ) -> torch.Tensor:
+        """DDIM inversion: the starting noise from which DDIM (eta 0) redraws `latents`.
+
+        Runs `DDIMInverseScheduler` on this pipeline's noise schedule, from the
+        clean latents up to the noisiest timestep. Sampling with `DDIMScheduler`
+        (same schedule and steps, `latents=` the result) comes back close to the
+        start. Each inverse step asks the model at the timestep it lands on but
+        for the sample it starts from, which sampling never does; that mismatch
+        is the round trip's error. `fixed_point_iterations` re-asks the model at
+        the landing point itself (x_next = step(eps(x_next)), solved by
+        iteration), which makes each step the exact inverse of DDIM's.
+
+        Args:
+            latents: (B, C, h, w) clean latents, e.g. from `encode_image`.
+            prompt: the prompt to invert under (one, or one per latent).
+            num_inference_steps: DDIM steps; sample back with the same number.
+            guidance_scale: classifier-free guidance while inverting; 1 (none)
+                inverts best, since guidance bends the path.
+            fixed_point_iterations: extra model calls per step to refine it.
+
+        Returns:
+            (B, C, h, w) the noise latents x_T.
+        """
+        from sdlearn.schedulers import DDIMInverseScheduler
+
+        if latents.ndim != 4 or latents.shape[1] != self.unet.config.in_channels:
+            raise ValueError(
+                f"expected latents of shape (B, {self.unet.config.in_channels}, "
+                f"h, w), got {tuple(latents.shape)}"
+            )
+        if fixed_point_iterations < 0:
+            raise ValueError(
+                f"expected fixed_point_iterations >= 0, got {fixed_point_iterations}"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) == 1:
+            prompts = prompts * len(latents)
+        if len(prompts) != len(latents):
+            raise ValueError(
+                f"expected one prompt or one per latent ({len(latents)}), "
+                f"got {len(prompts)}"
+            )
+        text = self.encode_prompt(prompts, 1)
+        if guidance_scale > 1:
+            text = torch.cat([self.encode_prompt([""] * len(latents), 1), text])
+        inverse = DDIMInverseScheduler(**inverse_settings(self.scheduler))
+        inverse.set_timesteps(num_inference_steps, device=self.device)
+        x = latents.to(self.device)
+        for t in tqdm(inverse.timesteps, disable=not self.progress):
+            x_next = inverse.step(self.predict_noise(x, t, text, guidance_scale), t, x)
+            x_next = x_next.prev_sample
+            for _ in range(fixed_point_iterations):
+                eps = self.predict_noise(x_next, t, text, guidance_scale)
+                x_next = inverse.step(eps, t, x).prev_sample
+            x = x_next
+        return x
+
     def encode_image(
         self, pixels: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -660,6 +744,20 @@ class StableDiffusionPipeline:
         ids = self.tokenizer(prompt)[0].tolist()
         end = ids.index(self.tokenizer.eos_token_id)
         return [self.tokenizer.id_to_token[i] for i in ids[: end + 1]]
+
+
+def inverse_settings(scheduler: Scheduler) -> dict:
+    """DDIMInverseScheduler's settings for the noise schedule of `scheduler`."""
+    from dataclasses import fields
+
+    from sdlearn.schedulers import DDIMConfig, scheduler_to_config
+
+    config = scheduler_to_config(scheduler)
+    settings = {f.name: config[f.name] for f in fields(DDIMConfig) if f.name in config}
+    # the inverse scheduler spaces its steps as DDIM does: leading or trailing
+    if settings.get("timestep_spacing") not in ("leading", "trailing"):
+        settings["timestep_spacing"] = "leading"
+    return settings
 
 
 def _randn(
