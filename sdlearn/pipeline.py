@@ -19,6 +19,7 @@ tiny model.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -395,6 +396,7 @@ class StableDiffusionPipeline:
         callback: Callback | None = None,
         num_images_per_prompt: int = 1,
         attention_maps: bool = False,
+        eta: float = 0.0,
     ) -> PipelineOutput:
         """Draw images for prompts.
 
@@ -422,6 +424,8 @@ class StableDiffusionPipeline:
                 latents, predicted clean latents).
             num_images_per_prompt: images drawn for each prompt.
             attention_maps: also return each token's cross-attention map.
+            eta: DDIM's noise, 0 (deterministic) to 1 (DDPM's amount); only
+                for schedulers whose `step` takes it.
 
         Returns:
             `PipelineOutput` with the images (and maps).
@@ -477,12 +481,20 @@ class StableDiffusionPipeline:
             mask = F.interpolate(mask, size=(h, w)).expand(n, 1, h, w)  # nearest
 
         # 4. denoise
+        step_options = {"eta": eta} if eta else {}
+        if eta and "eta" not in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(
+                f"eta={eta} needs a scheduler whose step takes eta (DDIM), "
+                f"got {type(self.scheduler).__name__}"
+            )
         capture = CrossAttentionMaps(self.unet, shape[-2:], keep_last=n)
         with capture if attention_maps else nullcontext():
             for i, t in enumerate(tqdm(timesteps, disable=not self.progress)):
                 model_input = self.scheduler.scale_model_input(latents, t)
                 noise_pred = self.predict_noise(model_input, t, text, guidance_scale)
-                out = self.scheduler.step(noise_pred, t, latents, generator=generator)
+                out = self.scheduler.step(
+                    noise_pred, t, latents, generator=generator, **step_options
+                )
                 latents = out.prev_sample
                 if mask is not None:
                     latents = self._keep_unmasked(

@@ -95,28 +95,40 @@ def test_bad_input_raises_value_error():
 
 
 @needs_diffusers
-def test_pipeline_with_ddim_matches_diffusers():
+def test_pipeline_with_ddim_matches_diffusers(tmp_path):
     from diffusers import DDIMScheduler as DiffusersDDIM
     from diffusers import StableDiffusionPipeline as DiffusersPipeline
 
     ours = random_pipeline()
     ours.scheduler = DDIMScheduler()
-    kwargs = dict(num_inference_steps=8, guidance_scale=7.5, output_type="np")
-    mine = ours(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        ours.save_pretrained(folder)
-        theirs = DiffusersPipeline.from_pretrained(folder)
-        assert isinstance(theirs.scheduler, DiffusersDDIM)
-        reloaded = StableDiffusionPipeline.from_pretrained(folder)
+    ours.save_pretrained(tmp_path)
+    theirs = DiffusersPipeline.from_pretrained(tmp_path)
+    assert isinstance(theirs.scheduler, DiffusersDDIM)
     theirs.set_progress_bar_config(disable=True)
-    ref = theirs(
-        PROMPTS,
-        height=SIZE,
-        width=SIZE,
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
-    ).images
-    assert np.abs(mine.images - ref).max() <= 1e-4
-    assert isinstance(reloaded.scheduler, DDIMScheduler)
+    assert isinstance(
+        StableDiffusionPipeline.from_pretrained(tmp_path).scheduler, DDIMScheduler
+    )
+    for eta in (0.0, 0.7):  # eta > 0 draws the step noise from the generator too
+        kwargs = dict(
+            num_inference_steps=8, guidance_scale=7.5, output_type="np", eta=eta
+        )
+        mine = ours(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+        ref = theirs(
+            PROMPTS,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        ).images
+        assert np.abs(mine.images - ref).max() <= 1e-4, eta
+
+
+def test_eta_needs_a_scheduler_that_takes_it():
+    from sdlearn.schedulers import EulerDiscreteScheduler
+
+    pipe = random_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler()
+    with pytest.raises(
+        ValueError, match="eta=0.5 needs a scheduler whose step takes eta"
+    ):
+        pipe("a red circle", num_inference_steps=2, eta=0.5)
