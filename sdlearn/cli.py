@@ -29,26 +29,25 @@ SCHEDULER_NAMES = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
 }
+# the samplers that take --karras
+KARRAS = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
 
 
 def _choose_scheduler(pipe, args: argparse.Namespace) -> None:
     """--scheduler and --karras: the same noise schedule, another sampler."""
-    from sdlearn.schedulers import scheduler_from_config, scheduler_to_config
+    from sdlearn.schedulers import with_sampler
 
     if args.scheduler is None and not args.karras:
         return
-    config = scheduler_to_config(pipe.scheduler)
+    name = type(pipe.scheduler).__name__
     if args.scheduler is not None:
-        config["_class_name"] = SCHEDULER_NAMES[args.scheduler]
-    scheduler = scheduler_from_config(config)
-    if args.karras:
-        if not hasattr(scheduler.config, "use_karras_sigmas"):
-            raise ValueError(
-                f"--karras needs a sampler with Karras sigmas (euler, dpmpp_2m), "
-                f"got {type(scheduler).__name__}"
-            )
-        scheduler = scheduler_from_config({**config, "use_karras_sigmas": True})
-    pipe.scheduler = scheduler
+        name = SCHEDULER_NAMES[args.scheduler]
+    settings = {"use_karras_sigmas": True} if args.karras else {}
+    if args.karras and name not in KARRAS:
+        raise ValueError(
+            f"--karras needs a sampler with Karras sigmas (euler, dpmpp_2m), got {name}"
+        )
+    pipe.scheduler = with_sampler(pipe.scheduler, name, **settings)
 
 
 def _positive(text: str) -> int:

@@ -130,7 +130,7 @@ def test_generate_with_each_sampler(checkpoint, tmp_path, capsys, sampler, setti
     import torch
 
     from sdlearn.pipeline import StableDiffusionPipeline
-    from sdlearn.schedulers import scheduler_from_config, scheduler_to_config
+    from sdlearn.schedulers import with_sampler
 
     out = tmp_path / "out.png"
     flags = ["--checkpoint", str(checkpoint), "--steps", "4", "--no-progress"]
@@ -139,8 +139,9 @@ def test_generate_with_each_sampler(checkpoint, tmp_path, capsys, sampler, setti
     assert capsys.readouterr().out.split() == [str(out)]
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
     pipe.progress = False
-    pipe.scheduler = scheduler_from_config(
-        {**scheduler_to_config(pipe.scheduler), **settings}
+    settings = dict(settings)
+    pipe.scheduler = with_sampler(
+        pipe.scheduler, settings.pop("_class_name"), **settings
     )
     expected = pipe(
         "a red circle",

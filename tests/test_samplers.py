@@ -12,11 +12,13 @@ import torch
 from sdlearn.schedulers import (
     SCHEDULERS,
     DDIMInverseScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     scheduler_from_config,
     scheduler_to_config,
+    with_sampler,
 )
 from sdlearn.schedulers.euler_ancestral import ancestral_sigmas
 from sdlearn.schedulers.sigmas import karras_sigmas, sigma_to_t
@@ -221,6 +223,29 @@ def test_settings_sdlearn_lacks_are_refused():
         EulerDiscreteScheduler.from_diffusers(
             TheirEuler(interpolation_type="log_linear")
         )
+
+
+def test_with_sampler_keeps_the_noise_schedule_and_takes_the_samplers_spacing():
+    model = DDPMScheduler(
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="v_prediction",
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
+    euler = with_sampler(model, "EulerDiscreteScheduler", use_karras_sigmas=True)
+    assert isinstance(euler, EulerDiscreteScheduler)
+    torch.testing.assert_close(euler.alphas_cumprod, model.alphas_cumprod)
+    assert euler.config.prediction_type == "v_prediction"
+    assert euler.config.steps_offset == 0 and euler.config.use_karras_sigmas
+    # the spacing is a sampling choice: Euler's own default, as in diffusers
+    assert euler.config.timestep_spacing == "linspace"
+    # the same class keeps every setting
+    again = with_sampler(model, "DDPMScheduler")
+    assert again.config == model.config and again is not model
+    with pytest.raises(ValueError, match="unknown scheduler 'PNDMScheduler'"):
+        with_sampler(model, "PNDMScheduler")
 
 
 def test_karras_sigmas_are_dense_near_sigma_min():

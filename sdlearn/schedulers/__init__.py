@@ -50,6 +50,7 @@ __all__ = [
     "SchedulerOutput",
     "scheduler_from_config",
     "scheduler_to_config",
+    "with_sampler",
 ]
 
 
@@ -93,3 +94,42 @@ def scheduler_to_config(scheduler: Scheduler) -> dict[str, Any]:
     if settings["trained_betas"] is not None:
         settings["trained_betas"] = list(settings["trained_betas"])
     return {"_class_name": type(scheduler).__name__, **settings}
+
+
+# what the model was trained with; everything else is the sampler's own choice
+NOISE_SCHEDULE = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "steps_offset",
+)
+
+
+def with_sampler(scheduler: Scheduler, class_name: str, **settings: Any) -> Scheduler:
+    """Another sampler on `scheduler`'s noise schedule.
+
+    The betas, the prediction type and the steps offset belong to the model;
+    the sampler keeps its own defaults for the rest (DDPM and DDIM space their
+    steps "leading", Euler and DPM-Solver++ "linspace", as diffusers does for
+    Stable Diffusion 1.x's configs), unless `settings` say otherwise.
+
+    Args:
+        scheduler: the pipeline's scheduler, whose schedule to keep.
+        class_name: diffusers' name of the sampler, a key of `SCHEDULERS`.
+        settings: any of the sampler's own settings, e.g. use_karras_sigmas.
+
+    Returns:
+        The new scheduler.
+    """
+    if class_name not in SCHEDULERS:
+        raise ValueError(
+            f"unknown scheduler {class_name!r}; expected one of {tuple(SCHEDULERS)}"
+        )
+    config = scheduler_to_config(scheduler)
+    if class_name == config["_class_name"]:
+        return scheduler_from_config({**config, **settings})
+    schedule = {k: config[k] for k in NOISE_SCHEDULE if k in config}
+    return scheduler_from_config({"_class_name": class_name, **schedule, **settings})
