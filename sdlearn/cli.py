@@ -8,7 +8,8 @@ sdlearn train vae|clip|unet|all [...]
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--scheduler NAME [--karras]] [--height H --width W]
                  [--num-images N] [--checkpoint PATH]
-                 [--image PATH --strength S] [--mask PATH] [--out PATH]
+                 [--image PATH --strength S] [--mask PATH]
+                 [--lora PATH [--lora-scale S]] [--out PATH]
     draw images and print the paths of the PNGs written.
 sdlearn evaluate [--checkpoint PATH] [--seeds N] [--steps N] [--guidance S ...]
                  [--scheduler NAME [--karras]] [--out PATH]
@@ -164,6 +165,12 @@ def generate(args: argparse.Namespace) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint)
     pipe.progress = not args.no_progress
     _choose_scheduler(pipe, args)
+    if args.lora is not None:
+        if not Path(args.lora).is_file():
+            raise FileNotFoundError(f"{args.lora} does not exist")
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    elif args.lora_scale != 1.0:
+        raise ValueError("--lora-scale needs --lora: the adapter to scale")
     output = pipe(
         args.prompt,
         negative_prompt=args.negative,
@@ -332,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="img2img: the picture to start from")
     p.add_argument("--strength", type=float, help="img2img: how far to noise it")
     p.add_argument("--mask", help="inpainting: white where to repaint")
+    p.add_argument("--lora", help="a LoRA adapter (.safetensors) for the UNet")
+    p.add_argument(
+        "--lora-scale", type=float, default=1.0, help="how much of the adapter"
+    )
     p.add_argument("--out", default="outputs/generated.png", help="PNG to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=generate)

@@ -349,6 +349,18 @@ class StableDiffusionPipeline:
         diffusers' `StableDiffusionPipeline.from_pretrained`."""
         return save_diffusers_folder(self, folder)
 
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Add the UNet adapters of a LoRA file (sdlearn's or diffusers' layout).
+
+        Args:
+            path: a .safetensors file with "unet.<module>.lora_A/B.weight" keys,
+                as `sdlearn.lora.save_lora` and diffusers write them.
+            scale: how much of the adapter to apply (0: none, 1: as trained).
+        """
+        from sdlearn.lora import load_lora
+
+        load_lora(self.unet, path, prefix="unet", multiplier=scale)
+
     @property
     def vae_scale_factor(self) -> int:
         """How many image pixels one latent pixel stands for, per side (8 in SD)."""
