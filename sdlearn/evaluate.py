@@ -30,9 +30,11 @@ from PIL import Image
 from sdlearn.shapes import (
     _CENTERS,
     _PHRASES,
+    ALL_SHAPES,
     BACKGROUND,
     COLORS,
     HELD_OUT,
+    NEW_SHAPES,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -75,6 +77,11 @@ SQUARE_KURTOSIS_GAP = 0.2
 # shapes. Measured: small 0.100-0.150 clean at 32 and 64 px, up to 0.154 with
 # noise and blur at 64 px; large 0.174-0.241 clean, 0.182-0.240 with noise.
 LARGE_RADIUS = 0.165
+
+# A ring encloses white: its hole is (1 - RING_WIDTH)^2 = 25% of the disc it
+# fills, a solid shape's is 0. Counted as a ring from 8% of the disc on, so that
+# a blurred or thin ring still counts and a speck of white inside a shape does not.
+RING_HOLE = 0.08
 
 # Area / radius^2 of each shape as shapes.render draws it: a circle of radius r,
 # a square of half-side 0.9 r, an equilateral triangle with circumradius r.
@@ -140,7 +147,11 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
     for word in text.split():
         if word in _FILLER:
             continue
-        for key, vocabulary in (("color", COLORS), ("shape", SHAPES), ("size", SIZES)):
+        for key, vocabulary in (
+            ("color", COLORS),
+            ("shape", ALL_SHAPES),
+            ("size", SIZES),
+        ):
             if word in vocabulary:
                 if found[key] is not None:
                     raise ValueError(f"prompt {prompt!r} names two {key}s")
@@ -149,7 +160,7 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
         else:
             raise ValueError(
                 f"unknown word {word!r} in prompt {prompt!r}; expected the words of "
-                f"shapes.TEMPLATES with colours {tuple(COLORS)}, shapes {SHAPES}, "
+                f"shapes.TEMPLATES with colours {tuple(COLORS)}, shapes {ALL_SHAPES}, "
                 f"sizes {SIZES} and positions {POSITIONS}"
             )
     for key in ("color", "shape"):
@@ -158,7 +169,7 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
     return found
 
 
-def describe(image: np.ndarray | Image.Image) -> dict:
+def describe(image: np.ndarray | Image.Image, shapes: tuple[str, ...] = SHAPES) -> dict:
     """Reads a picture back into the words of the dataset.
 
     Args:
@@ -170,6 +181,9 @@ def describe(image: np.ndarray | Image.Image) -> dict:
             3 x 3 blur; at 32 px with that blur it still gets colour and
             position right (>= 99.9%) but only 92% of shapes and 99% of sizes;
             at 16 px, clean, only 88% of sizes.
+        shapes: the shapes to tell apart; with "ring" (`shapes.NEW_SHAPES`), a
+            drawing that encloses white is a ring. The base shapes by default,
+            so that the base model's scores do not depend on it.
 
     Returns:
         A dict with
@@ -179,7 +193,8 @@ def describe(image: np.ndarray | Image.Image) -> dict:
         - the measurements behind them: "area" (fraction of the image),
           "center" ((x, y) in fractions of the image side), "color_share" (the
           fraction of the shape's inner pixels that voted for "color"),
-          "skewness" and "kurtosis_gap" (see the module's constants), "radius".
+          "skewness" and "kurtosis_gap" (see the module's constants), "radius",
+          "hole" (the white it encloses, as a fraction of the disc it fills).
     """
     pixels = _as_pixels(image)
     H, W, _ = pixels.shape
@@ -201,7 +216,10 @@ def describe(image: np.ndarray | Image.Image) -> dict:
     # (half-white red is nearer orange than red)
     color, share = _dominant_color(pixels, mask)
 
-    # 2. shape: moments of the pixel coordinates, which noise barely moves
+    # 2. shape: moments of the pixel coordinates, which noise barely moves, and
+    # for rings the white the drawing encloses
+    enclosed = float(_enclosed(mask).sum())
+    hole = enclosed / (float(mask.sum()) + enclosed)
     ys, xs = np.nonzero(mask)
     x = (xs + 0.5) / W
     y = (ys + 0.5) / H
@@ -209,7 +227,9 @@ def describe(image: np.ndarray | Image.Image) -> dict:
     diagonal = (_standardized_moment(x + y, 4) + _standardized_moment(x - y, 4)) / 2
     axes = (_standardized_moment(x, 4) + _standardized_moment(y, 4)) / 2
     kurtosis_gap = diagonal - axes
-    if skewness < TRIANGLE_SKEWNESS:
+    if "ring" in shapes and hole > RING_HOLE:
+        shape = "ring"
+    elif skewness < TRIANGLE_SKEWNESS:
         shape = "triangle"
     elif kurtosis_gap > SQUARE_KURTOSIS_GAP:
         shape = "square"
@@ -220,8 +240,12 @@ def describe(image: np.ndarray | Image.Image) -> dict:
     center = (float(x.mean()), float(y.mean()))
     position = min(POSITIONS, key=lambda p: math.dist(center, _CENTERS[p]))
 
-    # 4. size: the radius that this shape would need to cover this area
-    radius = math.sqrt(area / _AREA_OVER_RADIUS2[shape])
+    # 4. size: the radius that this shape would need to cover this area (a ring:
+    # the disc it fills, its hole included)
+    if shape == "ring":
+        radius = math.sqrt(area / (1 - hole) / math.pi)
+    else:
+        radius = math.sqrt(area / _AREA_OVER_RADIUS2[shape])
     size = "large" if radius > LARGE_RADIUS else "small"
 
     return {
@@ -236,15 +260,20 @@ def describe(image: np.ndarray | Image.Image) -> dict:
         "skewness": skewness,
         "kurtosis_gap": kurtosis_gap,
         "radius": radius,
+        "hole": hole,
     }
 
 
-def score(image: np.ndarray | Image.Image, prompt: str) -> dict[str, bool | None]:
+def score(
+    image: np.ndarray | Image.Image, prompt: str, shapes: tuple[str, ...] = SHAPES
+) -> dict[str, bool | None]:
     """Whether an image shows what its prompt asks for, attribute by attribute.
 
     Args:
         image: uint8 array (H, W, 3) or PIL image, see `describe`.
         prompt: a caption in the form of `shapes.TEMPLATES`, see `parse_prompt`.
+        shapes: the shapes `describe` tells apart; a prompt that names a new
+            shape adds it.
 
     Returns:
         {"color", "shape", "position", "size", "color_and_shape", "all"}: True
@@ -253,7 +282,9 @@ def score(image: np.ndarray | Image.Image, prompt: str) -> dict[str, bool | None
         names. An image where nothing is found matches nothing.
     """
     wanted = parse_prompt(prompt)
-    seen = describe(image)
+    if wanted["shape"] not in shapes:
+        shapes = (*shapes, wanted["shape"])
+    seen = describe(image, shapes)
     result: dict[str, bool | None] = {}
     for key in ("color", "shape", "position", "size"):
         result[key] = None if wanted[key] is None else seen[key] == wanted[key]
@@ -295,6 +326,18 @@ def evaluation_prompts(per_pair: int = 2) -> dict[str, list[str]]:
         SINGLE: _prompts(seen, per_pair),
         HELD_OUT_COMBOS: _prompts(list(HELD_OUT), placements),
     }
+
+
+def concept_prompts(shape: str = "ring") -> list[str]:
+    """Prompts of a shape the base model never saw (`shapes.NEW_SHAPES`).
+
+    Returns:
+        30 prompts in the fullest template: every colour, each at 5 placements,
+        sizes and positions dealt in turn as in `evaluation_prompts`.
+    """
+    if shape not in NEW_SHAPES:
+        raise ValueError(f"expected one of the new shapes {NEW_SHAPES}, got {shape!r}")
+    return _prompts([(color, shape) for color in COLORS], 5)
 
 
 def summarize(rows: Iterable[dict[str, bool | None]]) -> dict[str, float | None]:
@@ -390,6 +433,28 @@ def _as_pixels(image: np.ndarray | Image.Image) -> np.ndarray:
     return image.astype(np.float64)
 
 
+def _enclosed(mask: np.ndarray) -> np.ndarray:
+    """The background pixels that `mask` walls off from the image's border."""
+    outside = ~mask
+    # flood the background in from the border, 4-connected, until it stops
+    reached = np.zeros_like(mask)
+    reached[0, :], reached[-1, :] = outside[0, :], outside[-1, :]
+    reached[:, 0] |= outside[:, 0]
+    reached[:, -1] |= outside[:, -1]
+    while True:
+        padded = np.pad(reached, 1)
+        grown = outside & (
+            reached
+            | padded[:-2, 1:-1]
+            | padded[2:, 1:-1]
+            | padded[1:-1, :-2]
+            | padded[1:-1, 2:]
+        )
+        if np.array_equal(grown, reached):
+            return outside & ~reached
+        reached = grown
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean (H, W) mask."""
     H, W = mask.shape
@@ -450,6 +515,8 @@ def evaluate_pipeline(
     guidance_scale: float = 7.5,
     num_inference_steps: int = 50,
     progress: bool = False,
+    prompt_sets: dict[str, list[str]] | None = None,
+    shapes: tuple[str, ...] = SHAPES,
 ) -> tuple[dict[str, dict], dict[str, list]]:
     """Draw every evaluation prompt with several seeds and score the images.
 
@@ -461,9 +528,12 @@ def evaluate_pipeline(
         guidance_scale: classifier-free guidance scale.
         num_inference_steps: denoising steps.
         progress: show the pipeline's progress bar.
+        prompt_sets: {name: prompts} to draw; `evaluation_prompts()` by default.
+        shapes: the shapes the scorer tells apart (see `describe`); pass
+            `shapes.ALL_SHAPES` to count a ring drawn for a circle as wrong.
 
     Returns:
-        summaries: per prompt set (SINGLE, HELD_OUT_COMBOS), `summarize`'s
+        summaries: per prompt set (SINGLE, HELD_OUT_COMBOS by default), `summarize`'s
             accuracies over all its images;
         images: per prompt set, uint8 arrays (seeds, prompts, H, W, 3).
     """
@@ -473,7 +543,8 @@ def evaluate_pipeline(
     pipeline.progress = progress
     summaries, images = {}, {}
     try:
-        for name, prompts in evaluation_prompts().items():
+        sets = evaluation_prompts() if prompt_sets is None else prompt_sets
+        for name, prompts in sets.items():
             rows, drawn = [], []
             for seed in range(seeds):
                 output = pipeline(
@@ -485,7 +556,8 @@ def evaluate_pipeline(
                 )
                 batch = (output.images * 255).round().astype(np.uint8)
                 rows += [
-                    score(image, p) for image, p in zip(batch, prompts, strict=True)
+                    score(image, p, shapes)
+                    for image, p in zip(batch, prompts, strict=True)
                 ]
                 drawn.append(batch)
             summaries[name] = summarize(rows)

@@ -24,6 +24,14 @@ from torch.utils.data import Dataset
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
+# Shapes the base model never sees: random scenes and the dataset draw from
+# SHAPES unless asked for these; chapter 09 teaches them by fine-tuning.
+NEW_SHAPES: tuple[str, ...] = ("ring",)
+ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
+
+# A ring's band is this fraction of its outer radius wide.
+RING_WIDTH = 0.5
+
 # Far apart in RGB (the closest pair, red and orange, differs by about 100), so a
 # pixel's nearest colour in this table names the colour that was drawn.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -84,7 +92,7 @@ class Scene:
     """One picture of the dataset: a single shape and how it is placed.
 
     Args:
-        shape: one of `SHAPES`.
+        shape: one of `ALL_SHAPES`.
         color: a key of `COLORS`.
         size: one of `SIZES`.
         position: one of `POSITIONS`.
@@ -103,7 +111,7 @@ class Scene:
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
-            ("shape", self.shape, SHAPES),
+            ("shape", self.shape, ALL_SHAPES),
             ("color", self.color, tuple(COLORS)),
             ("size", self.size, SIZES),
             ("position", self.position, POSITIONS),
@@ -167,6 +175,10 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     fill = COLORS[scene.color]
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "ring":
+        # the circle's outline, RING_WIDTH of the radius wide, white inside
+        width = max(2, round(r * RING_WIDTH))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
     elif scene.shape == "square":
         # a square of the circle's area would look smaller; same box reads better
         s = r * 0.9
@@ -228,10 +240,12 @@ class ShapesDataset(Dataset):
         seed: selects the whole sequence of scenes.
         random_captions: pick a caption template at random (for training) or
             always the fullest one.
+        shapes: the shapes to draw from (not for "held_out"); `SHAPES` by
+            default, e.g. ("ring",) for a new concept of `NEW_SHAPES`.
 
     Items are dicts with "pixel_values" (3, H, W) float in [-1, 1], "caption"
     (str), and the integer labels "shape", "color", "size", "position" (indices
-    into SHAPES, list(COLORS), SIZES, POSITIONS).
+    into ALL_SHAPES, list(COLORS), SIZES, POSITIONS).
     """
 
     SPLITS = ("train", "held_out", "all")
@@ -243,6 +257,7 @@ class ShapesDataset(Dataset):
         image_size: int = 64,
         seed: int = 0,
         random_captions: bool = True,
+        shapes: tuple[str, ...] = SHAPES,
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {self.SPLITS}")
@@ -253,6 +268,10 @@ class ShapesDataset(Dataset):
         self.image_size = image_size
         self.seed = seed
         self.random_captions = random_captions
+        unknown = [shape for shape in shapes if shape not in ALL_SHAPES]
+        if unknown or not shapes:
+            raise ValueError(f"expected shapes among {ALL_SHAPES}, got {shapes}")
+        self.shapes = tuple(shapes)
 
     def __len__(self) -> int:
         return self.length
@@ -265,9 +284,9 @@ class ShapesDataset(Dataset):
         if self.split == "held_out":
             color, shape = HELD_OUT[rng.integers(len(HELD_OUT))]
             return random_scene(rng, shapes=(shape,), colors=(color,))
-        scene = random_scene(rng)
+        scene = random_scene(rng, shapes=self.shapes)
         while self.split == "train" and is_held_out(scene):
-            scene = random_scene(rng)
+            scene = random_scene(rng, shapes=self.shapes)
         return scene
 
     def __getitem__(self, index: int) -> dict:
@@ -280,7 +299,7 @@ class ShapesDataset(Dataset):
         return {
             "pixel_values": pixels,
             "caption": caption(scene, rng if self.random_captions else None),
-            "shape": SHAPES.index(scene.shape),
+            "shape": ALL_SHAPES.index(scene.shape),
             "color": list(COLORS).index(scene.color),
             "size": SIZES.index(scene.size),
             "position": POSITIONS.index(scene.position),

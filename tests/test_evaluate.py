@@ -243,3 +243,60 @@ def test_summarize_and_format_table():
     )
     with pytest.raises(ValueError, match="at least one"):
         evaluate.summarize([])
+
+
+# --- a new shape: the ring of chapter 09 ---
+
+
+def every_ring(seed: int) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [
+        Scene(
+            "ring",
+            color,
+            size,
+            position,
+            jitter=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
+            scale=float(rng.uniform(0.9, 1.1)),
+        )
+        for color, size, position in itertools.product(COLORS, SIZES, POSITIONS)
+    ]
+
+
+def test_rings_are_read_as_their_captions_clean_and_degraded():
+    rng = np.random.default_rng(5)
+    for degraded in (False, True):
+        scores = []
+        for scene in every_ring(seed=5):
+            image = shapes.render(scene)
+            if degraded:
+                image = degrade(image, rng)
+            scores.append(score(image, shapes.caption(scene)))
+        measured = rates(scores)
+        assert min(measured.values()) >= 99, (degraded, measured)
+
+
+def test_a_ring_is_not_a_circle_and_a_circle_is_not_a_ring():
+    ring = shapes.render(Scene("ring", "red", "large", "left"))
+    circle = shapes.render(Scene("circle", "red", "large", "left"))
+    circle_prompt = "a large red circle on the left"
+    assert score(ring, circle_prompt, shapes.ALL_SHAPES)["shape"] is False
+    assert score(circle, "a large red ring on the left")["shape"] is False
+    # without "ring" among the shapes, the base scorer reads a ring as a circle:
+    # the base model's scores never depend on the ring
+    assert score(ring, circle_prompt)["shape"] is True
+    assert describe(ring)["shape"] == "circle"
+    assert describe(ring, shapes.ALL_SHAPES)["shape"] == "ring"
+    assert describe(circle, shapes.ALL_SHAPES)["hole"] == 0
+
+
+def test_concept_prompts_cover_every_colour_and_placement():
+    prompts = evaluate.concept_prompts("ring")
+    parsed = [parse_prompt(p) for p in prompts]
+    assert len(prompts) == 30 and all(p["shape"] == "ring" for p in parsed)
+    assert {p["color"] for p in parsed} == set(COLORS)
+    assert {(p["size"], p["position"]) for p in parsed} == set(
+        itertools.product(SIZES, POSITIONS)
+    )
+    with pytest.raises(ValueError, match="new shapes"):
+        evaluate.concept_prompts("circle")

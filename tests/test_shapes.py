@@ -142,3 +142,16 @@ def test_image_grid_and_to_image():
     np.testing.assert_array_equal(grid[2:, :3], images[3])
     pixels = torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1)
     np.testing.assert_array_equal(shapes.to_image(pixels)[0, 0], [0, 128, 255])
+
+
+def test_new_shapes_are_drawn_only_when_asked_for():
+    from sdlearn.shapes import ALL_SHAPES, NEW_SHAPES
+
+    base = ShapesDataset("train", length=300, seed=2)
+    assert not {base.scene(i).shape for i in range(300)} & set(NEW_SHAPES)
+    rings = ShapesDataset("train", length=20, seed=2, shapes=("ring",))
+    items = [rings[i] for i in range(20)]
+    assert all(" ring" in item["caption"] for item in items)
+    assert {item["shape"] for item in items} == {ALL_SHAPES.index("ring")}
+    with pytest.raises(ValueError, match="expected shapes among"):
+        ShapesDataset("train", shapes=("star",))
