@@ -5,6 +5,8 @@ sdlearn tour [--out PATH] [--rows N] [--cols N] [--seed N]
     dataset with its captions to a PNG.
 sdlearn train vae|clip|unet|all [...]
     train a stage of the tiny Stable Diffusion (`sdlearn train --help`).
+sdlearn train lora [--concept diamond] [--rank R] [--prior-images N] [--base PATH]
+    fine-tune a pipeline's UNet on a new shape through LoRA adapters.
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--scheduler NAME [--karras]] [--height H --width W]
                  [--num-images N] [--checkpoint PATH]
@@ -94,8 +96,9 @@ def tour(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     import json
 
-    from sdlearn.training import STAGE_DEFAULTS, STAGES, TrainConfig
+    from sdlearn.training import FINE_TUNES, STAGE_DEFAULTS, STAGES, TrainConfig
 
+    commands = {**STAGES, **FINE_TUNES}
     names = list(STAGES) if args.stage == "all" else [args.stage]
     for name in names:
         config = STAGE_DEFAULTS[name]
@@ -115,7 +118,18 @@ def train(args: argparse.Namespace) -> int:
             device=args.device,
         )
         out = Path(args.out) / name if args.stage == "all" else Path(args.out)
-        extra = {"eval_images": args.eval_images}
+        extra = {}
+        if args.eval_images is not None:
+            extra["eval_images"] = args.eval_images
+        if name == "lora":
+            extra["checkpoint"] = args.base
+            for option in ("concept", "rank", "prior_images", "caption_dropout"):
+                if getattr(args, option) is not None:
+                    extra[option] = getattr(args, option)
+            if args.lora_alpha is not None:
+                extra["alpha"] = args.lora_alpha
+            if args.images is not None:
+                extra["images"] = args.images
         if name == "vae" and args.kl_weight is not None:
             extra["kl_weight"] = args.kl_weight
         if name == "unet":
@@ -130,7 +144,7 @@ def train(args: argparse.Namespace) -> int:
             if args.stage == "all" and not args.ship:
                 # the VAE and CLIP this run just trained, not the shipped ones
                 extra["parts_dir"] = Path(args.out)
-        record = STAGES[name](
+        record = commands[name](
             config,
             out,
             resume=args.resume,
@@ -287,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train a stage of the tiny Stable Diffusion")
     p.add_argument(
-        "stage", choices=["vae", "clip", "unet", "all"], help="what to train"
+        "stage",
+        choices=["vae", "clip", "unet", "all", "lora"],
+        help="what to train (lora: fine-tune a pipeline on a new shape)",
     )
     p.add_argument("--out", help="run folder (default runs/STAGE)")
     p.add_argument("--config", help="JSON file of training settings")
@@ -313,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BETA_SCHEDULES,
         help="unet: the noise schedule",
     )
-    p.add_argument(
-        "--eval-images", type=_positive, default=256, help="images to score at the end"
-    )
+    p.add_argument("--eval-images", type=_positive, help="images to score at the end")
+    p.add_argument("--base", help="lora: the pipeline to fine-tune (default: shipped)")
+    p.add_argument("--concept", help="lora: the new shape to teach (diamond, ring)")
+    p.add_argument("--rank", type=_positive, help="lora: the adapters' rank")
+    p.add_argument("--lora-alpha", type=float, help="lora: scale = alpha / rank")
+    p.add_argument("--prior-images", type=int, help="lora: base-shape images mixed in")
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--ship", action="store_true", help="write weights into sdlearn")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -78,6 +78,12 @@ SQUARE_KURTOSIS_GAP = 0.2
 # noise and blur at 64 px; large 0.174-0.241 clean, 0.182-0.240 with noise.
 LARGE_RADIUS = 0.165
 
+# A diamond (a square on its corner) is a square seen along its diagonals: its
+# kurtosis gap is that of a square with the sign flipped, -0.6 clean at 64 px.
+# Counted as a diamond below -0.3, where circles (0, -0.24 at worst with noise)
+# never go.
+DIAMOND_KURTOSIS_GAP = -0.3
+
 # A ring encloses white: its hole is (1 - RING_WIDTH)^2 = 25% of the disc it
 # fills, a solid shape's is 0. Counted as a ring from 8% of the disc on, so that
 # a blurred or thin ring still counts and a speck of white inside a shape does not.
@@ -89,6 +95,7 @@ _AREA_OVER_RADIUS2: dict[str, float] = {
     "circle": math.pi,
     "square": 1.8**2,
     "triangle": 3 * math.sqrt(3) / 4,
+    "diamond": 2.0,
 }
 
 # Prompt words that carry no attribute: articles and the "there is" of
@@ -182,7 +189,8 @@ def describe(image: np.ndarray | Image.Image, shapes: tuple[str, ...] = SHAPES) 
             position right (>= 99.9%) but only 92% of shapes and 99% of sizes;
             at 16 px, clean, only 88% of sizes.
         shapes: the shapes to tell apart; with "ring" (`shapes.NEW_SHAPES`), a
-            drawing that encloses white is a ring. The base shapes by default,
+            drawing that encloses white is a ring, with "diamond" one whose
+            kurtosis gap is strongly negative a diamond. The base shapes by default,
             so that the base model's scores do not depend on it.
 
     Returns:
@@ -231,6 +239,8 @@ def describe(image: np.ndarray | Image.Image, shapes: tuple[str, ...] = SHAPES) 
         shape = "ring"
     elif skewness < TRIANGLE_SKEWNESS:
         shape = "triangle"
+    elif "diamond" in shapes and kurtosis_gap < DIAMOND_KURTOSIS_GAP:
+        shape = "diamond"
     elif kurtosis_gap > SQUARE_KURTOSIS_GAP:
         shape = "square"
     else:
@@ -328,7 +338,7 @@ def evaluation_prompts(per_pair: int = 2) -> dict[str, list[str]]:
     }
 
 
-def concept_prompts(shape: str = "ring") -> list[str]:
+def concept_prompts(shape: str = "diamond") -> list[str]:
     """Prompts of a shape the base model never saw (`shapes.NEW_SHAPES`).
 
     Returns:

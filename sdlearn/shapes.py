@@ -26,7 +26,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 # Shapes the base model never sees: random scenes and the dataset draw from
 # SHAPES unless asked for these; chapter 09 teaches them by fine-tuning.
-NEW_SHAPES: tuple[str, ...] = ("ring",)
+NEW_SHAPES: tuple[str, ...] = ("diamond", "ring")
 ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
 
 # A ring's band is this fraction of its outer radius wide.
@@ -175,6 +175,11 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     fill = COLORS[scene.color]
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "diamond":
+        # a square on its corner, in the circle's box
+        draw.polygon(
+            [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill
+        )
     elif scene.shape == "ring":
         # the circle's outline, RING_WIDTH of the radius wide, white inside
         width = max(2, round(r * RING_WIDTH))
@@ -241,7 +246,7 @@ class ShapesDataset(Dataset):
         random_captions: pick a caption template at random (for training) or
             always the fullest one.
         shapes: the shapes to draw from (not for "held_out"); `SHAPES` by
-            default, e.g. ("ring",) for a new concept of `NEW_SHAPES`.
+            default, e.g. ("diamond",) for a new concept of `NEW_SHAPES`.
 
     Items are dicts with "pixel_values" (3, H, W) float in [-1, 1], "caption"
     (str), and the integer labels "shape", "color", "size", "position" (indices

@@ -245,29 +245,31 @@ def test_summarize_and_format_table():
         evaluate.summarize([])
 
 
-# --- a new shape: the ring of chapter 09 ---
+# --- the new shapes of chapter 09: diamond and ring ---
 
 
-def every_ring(seed: int) -> list[Scene]:
+def every_new_shape(seed: int) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [
         Scene(
-            "ring",
+            shape,
             color,
             size,
             position,
             jitter=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
             scale=float(rng.uniform(0.9, 1.1)),
         )
-        for color, size, position in itertools.product(COLORS, SIZES, POSITIONS)
+        for shape, color, size, position in itertools.product(
+            shapes.NEW_SHAPES, COLORS, SIZES, POSITIONS
+        )
     ]
 
 
-def test_rings_are_read_as_their_captions_clean_and_degraded():
+def test_new_shapes_are_read_as_their_captions_clean_and_degraded():
     rng = np.random.default_rng(5)
     for degraded in (False, True):
         scores = []
-        for scene in every_ring(seed=5):
+        for scene in every_new_shape(seed=5):
             image = shapes.render(scene)
             if degraded:
                 image = degrade(image, rng)
@@ -288,12 +290,19 @@ def test_a_ring_is_not_a_circle_and_a_circle_is_not_a_ring():
     assert describe(ring)["shape"] == "circle"
     assert describe(ring, shapes.ALL_SHAPES)["shape"] == "ring"
     assert describe(circle, shapes.ALL_SHAPES)["hole"] == 0
+    # a diamond is a square on its corner, not a square
+    diamond = shapes.render(Scene("diamond", "blue", "small", "top"))
+    assert describe(diamond, shapes.ALL_SHAPES)["shape"] == "diamond"
+    assert (
+        score(diamond, "a small blue square at the top", shapes.ALL_SHAPES)["shape"]
+        is False
+    )
 
 
 def test_concept_prompts_cover_every_colour_and_placement():
-    prompts = evaluate.concept_prompts("ring")
+    prompts = evaluate.concept_prompts()  # the diamond
     parsed = [parse_prompt(p) for p in prompts]
-    assert len(prompts) == 30 and all(p["shape"] == "ring" for p in parsed)
+    assert len(prompts) == 30 and all(p["shape"] == "diamond" for p in parsed)
     assert {p["color"] for p in parsed} == set(COLORS)
     assert {(p["size"], p["position"]) for p in parsed} == set(
         itertools.product(SIZES, POSITIONS)
