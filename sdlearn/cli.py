@@ -96,7 +96,8 @@ def tour(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     import json
 
-    from sdlearn.training import FINE_TUNES, STAGE_DEFAULTS, STAGES, TrainConfig
+    from sdlearn.fine_tuning import FINE_TUNES
+    from sdlearn.training import STAGE_DEFAULTS, STAGES, TrainConfig
 
     commands = {**STAGES, **FINE_TUNES}
     names = list(STAGES) if args.stage == "all" else [args.stage]

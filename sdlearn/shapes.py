@@ -156,7 +156,7 @@ def random_scene(
 
 
 def render(scene: Scene, size: int = 64) -> np.ndarray:
-    """Draws a scene: a solid shape on a plain white background.
+    """Draws a scene: one solid shape (a ring: a band) on a plain white background.
 
     Args:
         scene: what to draw.

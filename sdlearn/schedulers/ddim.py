@@ -204,7 +204,7 @@ class DDIMScheduler(Scheduler):
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_0)
 
 
-class DDIMInverseScheduler(Scheduler):
+class DDIMInverseScheduler(DDIMScheduler):
     """DDIM run backwards: from a clean sample to the noise that DDIM maps onto it.
 
     Deterministic DDIM (eta = 0) is a discretised ODE, so it can be walked the
@@ -221,47 +221,14 @@ class DDIMInverseScheduler(Scheduler):
     spacing is "leading" or "trailing".
     """
 
-    config_class = DDIMConfig
-
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas: tuple[float, ...] | None = None,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-        set_alpha_to_one: bool = False,
-        steps_offset: int = 1,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "leading",
-    ) -> None:
-        check_choice("timestep_spacing", timestep_spacing, ("leading", "trailing"))
-        self.config = DDIMConfig(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=None if trained_betas is None else tuple(trained_betas),
-            clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range,
-            set_alpha_to_one=set_alpha_to_one,
-            steps_offset=steps_offset,
-            prediction_type=prediction_type,
-            timestep_spacing=timestep_spacing,
-        )
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
-        )
-        self.alphas_cumprod = make_alphas_cumprod(self.betas)
+    def __init__(self, **settings) -> None:
+        """Settings as for `DDIMScheduler` (same names and defaults)."""
+        spacing = settings.get("timestep_spacing", "leading")
+        check_choice("timestep_spacing", spacing, ("leading", "trailing"))
+        super().__init__(**settings)
         # where the first step starts: the clean data, or the first timestep
-        self.initial_alpha_cumprod = (
-            torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        )
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(num_train_timesteps)
+        self.initial_alpha_cumprod = self.final_alpha_cumprod
+        self.timesteps = torch.arange(self.config.num_train_timesteps)
 
     def set_timesteps(
         self, num_inference_steps: int, device: torch.device | str | None = None
