@@ -14,8 +14,9 @@ from sdlearn.shapes import COLORS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scene
 ATTRIBUTES = ("color", "shape", "position", "size")
 
 
-def every_scene(seed: int) -> list[Scene]:
-    """All 180 shape-colour-size-position combinations, randomly jittered and scaled."""
+def every_scene(seed: int, shapes: tuple[str, ...] = SHAPES) -> list[Scene]:
+    """All shape-colour-size-position combinations (180 of the base shapes),
+    randomly jittered and scaled."""
     rng = np.random.default_rng(seed)
     return [
         Scene(
@@ -27,7 +28,7 @@ def every_scene(seed: int) -> list[Scene]:
             scale=float(rng.uniform(0.9, 1.1)),
         )
         for shape, color, size, position in itertools.product(
-            SHAPES, COLORS, SIZES, POSITIONS
+            shapes, COLORS, SIZES, POSITIONS
         )
     ]
 
@@ -248,28 +249,11 @@ def test_summarize_and_format_table():
 # --- the new shapes of chapter 09: diamond and ring ---
 
 
-def every_new_shape(seed: int) -> list[Scene]:
-    rng = np.random.default_rng(seed)
-    return [
-        Scene(
-            shape,
-            color,
-            size,
-            position,
-            jitter=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
-            scale=float(rng.uniform(0.9, 1.1)),
-        )
-        for shape, color, size, position in itertools.product(
-            shapes.NEW_SHAPES, COLORS, SIZES, POSITIONS
-        )
-    ]
-
-
 def test_new_shapes_are_read_as_their_captions_clean_and_degraded():
     rng = np.random.default_rng(5)
     for degraded in (False, True):
         scores = []
-        for scene in every_new_shape(seed=5):
+        for scene in every_scene(seed=5, shapes=shapes.NEW_SHAPES):
             image = shapes.render(scene)
             if degraded:
                 image = degrade(image, rng)

@@ -199,6 +199,15 @@ def check_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> None:
         )
 
 
+def check_model_output(model_output: torch.Tensor, sample: torch.Tensor) -> None:
+    """Raise a ValueError unless the model's output has the sample's shape."""
+    if model_output.shape != sample.shape:
+        raise ValueError(
+            f"expected model_output of the sample's shape {tuple(sample.shape)}, "
+            f"got {tuple(model_output.shape)}"
+        )
+
+
 def add_noise(
     alphas_cumprod: torch.Tensor,
     original_samples: torch.Tensor,

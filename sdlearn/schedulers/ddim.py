@@ -30,6 +30,7 @@ from sdlearn.schedulers.common import (
     Scheduler,
     SchedulerOutput,
     check_choice,
+    check_model_output,
     check_timesteps,
     make_alphas_cumprod,
     make_betas,
@@ -157,11 +158,7 @@ class DDIMScheduler(Scheduler):
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"expected model_output of the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        check_model_output(model_output, sample)
         if eta < 0:
             raise ValueError(f"expected eta >= 0, got {eta}")
         t = int(timestep)
@@ -257,11 +254,7 @@ class DDIMInverseScheduler(DDIMScheduler):
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step")
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"expected model_output of the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        check_model_output(model_output, sample)
         T = self.config.num_train_timesteps
         next_t = int(timestep)
         check_timesteps(torch.tensor(next_t), T)

@@ -24,6 +24,7 @@ from sdlearn.schedulers.common import (
     Scheduler,
     SchedulerOutput,
     check_choice,
+    check_model_output,
     check_timesteps,
     make_alphas_cumprod,
     make_betas,
@@ -240,11 +241,7 @@ class DDPMScheduler(Scheduler):
                     f"then variance), got shape {tuple(model_output.shape)}"
                 )
             return model_output.split(channels, dim=1)  # 2x (B, C, H, W)
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"expected model_output of the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        check_model_output(model_output, sample)
         return model_output, None
 
     def _std(

@@ -38,6 +38,7 @@ from sdlearn.schedulers.common import (
     TIMESTEP_SPACINGS,
     SchedulerOutput,
     check_choice,
+    check_model_output,
     make_alphas_cumprod,
     make_betas,
 )
@@ -359,7 +360,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         Returns:
             SchedulerOutput with prev_sample and pred_original_sample (B, C, H, W).
         """
-        self._check_step_input(model_output, sample)
+        check_model_output(model_output, sample)
         self._start_step(timestep)
         config, i, n = self.config, self._step_index, len(self.timesteps)
         # the last step is first order when it lands on sigma 0 (lambda = inf,

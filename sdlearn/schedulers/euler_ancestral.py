@@ -30,6 +30,7 @@ from sdlearn.schedulers.common import (
     TIMESTEP_SPACINGS,
     SchedulerOutput,
     check_choice,
+    check_model_output,
     make_alphas_cumprod,
     make_betas,
 )
@@ -165,7 +166,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         Returns:
             SchedulerOutput with prev_sample and pred_original_sample (B, C, H, W).
         """
-        self._check_step_input(model_output, sample)
+        check_model_output(model_output, sample)
         self._start_step(timestep)
         sample = sample.float()
         sigma = self.sigmas[self._step_index]

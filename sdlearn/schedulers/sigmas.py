@@ -258,12 +258,3 @@ class SigmaScheduler(Scheduler):
         sigmas = self.sigmas.to(device=like.device, dtype=like.dtype)
         sigma = sigmas[self.sigma_step_indices(timesteps)]
         return sigma.view(-1, *[1] * (like.ndim - 1))
-
-    def _check_step_input(
-        self, model_output: torch.Tensor, sample: torch.Tensor
-    ) -> None:
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"expected model_output of the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
