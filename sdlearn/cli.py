@@ -133,6 +133,8 @@ def train(args: argparse.Namespace) -> int:
                 extra["images"] = args.images
         if name == "vae" and args.kl_weight is not None:
             extra["kl_weight"] = args.kl_weight
+        if name == "vae" and args.shapes is not None:
+            extra["shapes"] = args.shapes
         if name == "unet":
             if args.caption_dropout is not None:
                 extra["caption_dropout"] = args.caption_dropout
@@ -318,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", choices=["auto", "on", "off"])
     p.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
     p.add_argument("--kl-weight", type=float, help="vae: weight of the KL term")
+    p.add_argument(
+        "--shapes",
+        choices=["base", "all"],
+        help="vae: train on the base shapes (default) or also on the new ones",
+    )
     p.add_argument(
         "--caption-dropout", type=float, help="unet: how often the caption is dropped"
     )

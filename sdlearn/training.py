@@ -491,24 +491,40 @@ def train_vae(
     progress: bool = True,
     stop_at: int | None = None,
     eval_images: int = 256,
+    shapes: str = "base",
 ) -> dict:
     """Stage 1: the tiny VAE on 64x64 shapes images.
 
     After training, sets the latent scaling factor to 1 / std of the latents of
     training images (SD's 0.18215 was chosen the same way), measures the PSNR of
-    reconstructions of held-out images, and writes vae.safetensors and vae.json
-    to `out_dir` (and into the package with `ship=True`).
+    reconstructions of held-out images and how often the scorer reads the
+    reconstructions of base and of new shapes right, and writes vae.safetensors
+    and vae.json to `out_dir` (and into the package with `ship=True`).
+
+    Args:
+        shapes: "base" trains on `shapes.SHAPES`; "all" also on the new shapes
+            (`shapes.NEW_SHAPES`), which the UNet stage never shows, so that a
+            later fine-tuning can draw them (Stable Diffusion's VAE, too, has
+            seen far more than any one fine-tuning teaches).
 
     Returns:
         the record written to vae.json.
     """
-    from sdlearn.shapes import ShapesDataset
+    from sdlearn.shapes import ALL_SHAPES, SHAPES, ShapesDataset
     from sdlearn.vae import AutoencoderKL, VAEConfig, VAELoss, psnr
 
+    if shapes not in ("base", "all"):
+        raise ValueError(f"expected shapes 'base' or 'all', got {shapes!r}")
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(VAEConfig.tiny()).to(memory_format=torch.channels_last)
-    data = ShapesDataset("train", length=100_000, image_size=64, seed=config.seed)
+    data = ShapesDataset(
+        "train",
+        length=100_000,
+        image_size=64,
+        seed=config.seed,
+        shapes=ALL_SHAPES if shapes == "all" else SHAPES,
+    )
     result = train(
         VAELoss(vae, kl_weight),
         data,
@@ -530,10 +546,42 @@ def train_vae(
         images = _channels_last([held_out[i] for i in range(n)])["pixel_values"]
         scores = psnr(vae.decode(vae.encode(images).mode()), images)
     model_config = {**asdict(vae.config), "scaling_factor": scaling_factor}
-    metrics = {"held_out_psnr_db": round(scores.mean().item(), 2)}
+    metrics = {
+        "held_out_psnr_db": round(scores.mean().item(), 2),
+        **_reconstructions_read_right(vae, n),
+    }
+    options = {
+        "kl_weight": kl_weight,
+        **({"shapes": shapes} if shapes != "base" else {}),
+    }
     return _finish_stage(
-        "vae", vae, model_config, config, result, metrics, ship, kl_weight=kl_weight
+        "vae", vae, model_config, config, result, metrics, ship, **options
     )
+
+
+@torch.no_grad()
+def _reconstructions_read_right(vae: nn.Module, n: int) -> dict[str, float]:
+    """How often the scorer reads a VAE's reconstruction as its caption, in
+    percent, for base shapes and for each new shape: what a UNet on these
+    latents can draw at best."""
+    from sdlearn.evaluate import score
+    from sdlearn.shapes import ALL_SHAPES, NEW_SHAPES, SHAPES, ShapesDataset, to_image
+
+    n = max(1, n)
+    result = {}
+    for name, shapes in (("base", SHAPES), *((s, (s,)) for s in NEW_SHAPES)):
+        data = ShapesDataset(
+            "all", length=n, seed=2, shapes=shapes, random_captions=False
+        )
+        items = [data[i] for i in range(n)]
+        pixels = torch.stack([item["pixel_values"] for item in items])
+        images = to_image(vae.decode(vae.encode(pixels).mode()))
+        right = [
+            score(image, item["caption"], ALL_SHAPES)["all"]
+            for image, item in zip(images, items, strict=True)
+        ]
+        result[f"{name}_read_right"] = round(100 * sum(right) / n, 1)
+    return result
 
 
 def train_clip(

@@ -47,12 +47,23 @@ def test_train_vae_writes_weights_and_a_record(tmp_path, capsys):
     assert record["command"].startswith("sdlearn train vae --steps 3 --batch-size 2")
     assert record["model_config"]["scaling_factor"] > 0
     assert {"loss", "mse", "kl", "held_out_psnr_db"} <= set(record["metrics"])
+    # what a UNet on these latents could draw at best, base and new shapes
+    assert {"base_read_right", "diamond_read_right", "ring_read_right"} <= set(
+        record["metrics"]
+    )
     state_dict = load_file(out / "vae.safetensors")
     assert "encoder.conv_in.weight" in state_dict
     # an interrupted run continues from its checkpoint; other settings are refused
     assert main(["train", "vae", *flags, "--bf16", "off", "--resume"]) == 0
     assert main(["train", "vae", *flags, "--lr", "1", "--resume"]) == 1
     assert "resume with the same ones" in capsys.readouterr().err
+    # the new shapes too: recorded in the command that repeats the run
+    all_shapes = tmp_path / "vae_all"
+    argv = ["train", "vae", "--steps", "2", "--batch-size", "2", "--eval-images", "2"]
+    argv += ["--shapes", "all", "--out", str(all_shapes), "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((all_shapes / "vae.json").read_text())
+    assert "--shapes all" in record["command"] and record["shapes"] == "all"
 
 
 @pytest.fixture(scope="module")
