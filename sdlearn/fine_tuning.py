@@ -139,7 +139,7 @@ def train_lora(
     record = {
         "train_config": config.to_dict(),
         **options,
-        "command": _command("lora", config, **options).replace(" --ship", ""),
+        "command": _command("lora", config, ship=False, **options),
         "seconds": round(result.seconds, 1),
         "hardware": result.hardware,
         "trainable_parameters": sum(

@@ -462,8 +462,9 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _command(stage: str, config: TrainConfig, **options) -> str:
-    """The `sdlearn train` command line that repeats a run with these settings."""
+def _command(stage: str, config: TrainConfig, ship: bool = True, **options) -> str:
+    """The `sdlearn train` command line that repeats a run with these settings
+    (with --ship for the stages whose weights the package ships)."""
     defaults = STAGE_DEFAULTS[stage].to_dict()
     flags = [
         f"--{key.replace('_', '-')} {value}"
@@ -471,7 +472,7 @@ def _command(stage: str, config: TrainConfig, **options) -> str:
         if value != defaults[key] and key not in _NOT_RESULTS
     ]
     flags += [f"--{key.replace('_', '-')} {value}" for key, value in options.items()]
-    return " ".join([f"sdlearn train {stage}", *flags, "--ship"])
+    return " ".join([f"sdlearn train {stage}", *flags, *(["--ship"] if ship else [])])
 
 
 def _channels_last(items: list[dict]) -> dict:

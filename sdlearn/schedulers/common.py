@@ -285,9 +285,10 @@ class Scheduler:
     """What every sampler shares: diffusers' interface around one noise schedule.
 
     A subclass sets `config_class` (its frozen dataclass of settings, with
-    diffusers' names) and, in `__init__`, `config`, `alphas_cumprod`,
-    `init_noise_sigma`, `num_inference_steps` and `timesteps`; it brings its own
-    `step`. diffusers' scheduler of the same class name is its reference.
+    diffusers' names); its `__init__` passes its config to `_init_schedule`
+    (config, betas, alphas_cumprod) and sets `init_noise_sigma` and
+    `timesteps`; it brings its own `step`. diffusers' scheduler of the same
+    class name is its reference.
     """
 
     config_class: type
@@ -297,6 +298,20 @@ class Scheduler:
         "thresholding": False,
         "rescale_betas_zero_snr": False,
     }
+
+    def _init_schedule(self, config: Any) -> None:
+        """Keep `config` and compute the noise schedule it describes: `betas`
+        and `alphas_cumprod` per training timestep; no timesteps chosen yet."""
+        self.config = config
+        self.betas = make_betas(
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.beta_schedule,
+            config.trained_betas,
+        )
+        self.alphas_cumprod = make_alphas_cumprod(self.betas)
+        self.num_inference_steps: int | None = None
 
     @classmethod
     def from_diffusers(cls, scheduler: Any) -> Scheduler:

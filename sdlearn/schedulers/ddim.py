@@ -32,8 +32,6 @@ from sdlearn.schedulers.common import (
     check_choice,
     check_model_output,
     check_timesteps,
-    make_alphas_cumprod,
-    make_betas,
     predict_original_and_noise,
 )
 
@@ -111,29 +109,26 @@ class DDIMScheduler(Scheduler):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "leading",
     ) -> None:
-        self.config = DDIMConfig(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=None if trained_betas is None else tuple(trained_betas),
-            clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range,
-            set_alpha_to_one=set_alpha_to_one,
-            steps_offset=steps_offset,
-            prediction_type=prediction_type,
-            timestep_spacing=timestep_spacing,
+        self._init_schedule(
+            DDIMConfig(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=None if trained_betas is None else tuple(trained_betas),
+                clip_sample=clip_sample,
+                clip_sample_range=clip_sample_range,
+                set_alpha_to_one=set_alpha_to_one,
+                steps_offset=steps_offset,
+                prediction_type=prediction_type,
+                timestep_spacing=timestep_spacing,
+            )
         )
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
-        )
-        self.alphas_cumprod = make_alphas_cumprod(self.betas)
         # where the last step lands: the clean data, or the first training timestep
         self.final_alpha_cumprod = (
             torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         )
         self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
     def step(

@@ -26,8 +26,6 @@ from sdlearn.schedulers.common import (
     check_choice,
     check_model_output,
     check_timesteps,
-    make_alphas_cumprod,
-    make_betas,
     predict_original_and_noise,
 )
 
@@ -111,27 +109,24 @@ class DDPMScheduler(Scheduler):
         timestep_spacing: str = "leading",
         steps_offset: int = 1,
     ) -> None:
-        self.config = DDPMConfig(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=None if trained_betas is None else tuple(trained_betas),
-            variance_type=variance_type,
-            clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range,
-            prediction_type=prediction_type,
-            timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
+        self._init_schedule(
+            DDPMConfig(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=None if trained_betas is None else tuple(trained_betas),
+                variance_type=variance_type,
+                clip_sample=clip_sample,
+                clip_sample_range=clip_sample_range,
+                prediction_type=prediction_type,
+                timestep_spacing=timestep_spacing,
+                steps_offset=steps_offset,
+            )
         )
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
-        )
-        self.alphas_cumprod = make_alphas_cumprod(self.betas)
         # Sampling starts from N(0, I); Euler-style schedulers need a larger sigma.
         self.init_noise_sigma = 1.0
         # Until set_timesteps is called, sampling walks every training timestep.
-        self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
     def previous_timestep(self, timestep: int) -> int:

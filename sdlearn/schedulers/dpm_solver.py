@@ -39,8 +39,6 @@ from sdlearn.schedulers.common import (
     SchedulerOutput,
     check_choice,
     check_model_output,
-    make_alphas_cumprod,
-    make_betas,
 )
 from sdlearn.schedulers.sigmas import (
     FINAL_SIGMAS_TYPES,
@@ -235,28 +233,26 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         timestep_spacing: str = "linspace",
         steps_offset: int = 1,
     ) -> None:
-        self.config = DPMSolverMultistepConfig(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=None if trained_betas is None else tuple(trained_betas),
-            solver_order=solver_order,
-            prediction_type=prediction_type,
-            algorithm_type=algorithm_type,
-            solver_type=solver_type,
-            lower_order_final=lower_order_final,
-            euler_at_final=euler_at_final,
-            use_karras_sigmas=bool(use_karras_sigmas),
-            final_sigmas_type=final_sigmas_type,
-            lambda_min_clipped=lambda_min_clipped,
-            timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
+        self._init_schedule(
+            DPMSolverMultistepConfig(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=None if trained_betas is None else tuple(trained_betas),
+                solver_order=solver_order,
+                prediction_type=prediction_type,
+                algorithm_type=algorithm_type,
+                solver_type=solver_type,
+                lower_order_final=lower_order_final,
+                euler_at_final=euler_at_final,
+                use_karras_sigmas=bool(use_karras_sigmas),
+                final_sigmas_type=final_sigmas_type,
+                lambda_min_clipped=lambda_min_clipped,
+                timestep_spacing=timestep_spacing,
+                steps_offset=steps_offset,
+            )
         )
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
-        )
-        self.alphas_cumprod = make_alphas_cumprod(self.betas)
         # lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)) per timestep
         self.lambda_t = torch.log(self.alphas_cumprod**0.5) - torch.log(
             (1 - self.alphas_cumprod) ** 0.5
@@ -264,7 +260,6 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)
         self.timesteps = torch.from_numpy(timesteps[::-1].astype(np.float32).copy())
-        self.num_inference_steps: int | None = None
         self.model_outputs: list[torch.Tensor | None] = [None] * solver_order
         self.lower_order_nums = 0
         self._reset_steps()

@@ -29,8 +29,6 @@ from sdlearn.schedulers.common import (
     SchedulerOutput,
     check_choice,
     check_model_output,
-    make_alphas_cumprod,
-    make_betas,
     spaced_timesteps,
 )
 from sdlearn.schedulers.sigmas import (
@@ -195,30 +193,27 @@ class EulerDiscreteScheduler(SigmaScheduler):
         steps_offset: int = 1,
         final_sigmas_type: str = "zero",
     ) -> None:
-        self.config = EulerDiscreteConfig(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=None if trained_betas is None else tuple(trained_betas),
-            prediction_type=prediction_type,
-            use_karras_sigmas=bool(use_karras_sigmas),
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
-            final_sigmas_type=final_sigmas_type,
+        self._init_schedule(
+            EulerDiscreteConfig(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=None if trained_betas is None else tuple(trained_betas),
+                prediction_type=prediction_type,
+                use_karras_sigmas=bool(use_karras_sigmas),
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                timestep_spacing=timestep_spacing,
+                steps_offset=steps_offset,
+                final_sigmas_type=final_sigmas_type,
+            )
         )
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
-        )
-        self.alphas_cumprod = make_alphas_cumprod(self.betas)
         # until set_timesteps: every training timestep, noisiest first
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).flip(0)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
         timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)
         self.timesteps = torch.from_numpy(timesteps[::-1].copy()).float()
-        self.num_inference_steps: int | None = None
         self._reset_steps()
 
     def set_timesteps(

@@ -31,8 +31,6 @@ from sdlearn.schedulers.common import (
     SchedulerOutput,
     check_choice,
     check_model_output,
-    make_alphas_cumprod,
-    make_betas,
 )
 from sdlearn.schedulers.euler import euler_schedule, euler_step
 from sdlearn.schedulers.sigmas import (
@@ -105,27 +103,24 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         timestep_spacing: str = "linspace",
         steps_offset: int = 1,
     ) -> None:
-        self.config = EulerAncestralDiscreteConfig(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            trained_betas=None if trained_betas is None else tuple(trained_betas),
-            prediction_type=prediction_type,
-            timestep_spacing=timestep_spacing,
-            steps_offset=steps_offset,
+        self._init_schedule(
+            EulerAncestralDiscreteConfig(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+                trained_betas=None if trained_betas is None else tuple(trained_betas),
+                prediction_type=prediction_type,
+                timestep_spacing=timestep_spacing,
+                steps_offset=steps_offset,
+            )
         )
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
-        )
-        self.alphas_cumprod = make_alphas_cumprod(self.betas)
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         self.sigmas = torch.from_numpy(
             np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32)
         )
         timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)
         self.timesteps = torch.from_numpy(timesteps[::-1].copy())
-        self.num_inference_steps: int | None = None
         self._reset_steps()
 
     def set_timesteps(
