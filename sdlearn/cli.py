@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shapes",
         choices=["base", "all"],
-        help="vae: train on the base shapes (default) or also on the new ones",
+        help="vae: train on all shapes, new ones included (default), or the base ones only",
     )
     p.add_argument(
         "--caption-dropout", type=float, help="unet: how often the caption is dropped"

@@ -57,13 +57,15 @@ def test_train_vae_writes_weights_and_a_record(tmp_path, capsys):
     assert main(["train", "vae", *flags, "--bf16", "off", "--resume"]) == 0
     assert main(["train", "vae", *flags, "--lr", "1", "--resume"]) == 1
     assert "resume with the same ones" in capsys.readouterr().err
-    # the new shapes too: recorded in the command that repeats the run
-    all_shapes = tmp_path / "vae_all"
-    argv = ["train", "vae", "--steps", "2", "--batch-size", "2", "--eval-images", "2"]
-    argv += ["--shapes", "all", "--out", str(all_shapes), "--no-progress"]
-    assert main(argv) == 0
-    record = json.loads((all_shapes / "vae.json").read_text())
+    # all shapes by default, the new ones too; or the base ones only: recorded
+    # in the command that repeats the run
     assert "--shapes all" in record["command"] and record["shapes"] == "all"
+    base_shapes = tmp_path / "vae_base"
+    argv = ["train", "vae", "--steps", "2", "--batch-size", "2", "--eval-images", "2"]
+    argv += ["--shapes", "base", "--out", str(base_shapes), "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((base_shapes / "vae.json").read_text())
+    assert "--shapes base" in record["command"] and record["shapes"] == "base"
 
 
 @pytest.fixture(scope="module")
