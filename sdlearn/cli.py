@@ -5,13 +5,15 @@ sdlearn tour [--out PATH] [--rows N] [--cols N] [--seed N]
     dataset with its captions to a PNG.
 sdlearn train vae|clip|unet|all [...]
     train a stage of the tiny Stable Diffusion (`sdlearn train --help`).
-sdlearn train lora [--concept diamond] [--rank R] [--prior-images N] [--base PATH]
-    fine-tune a pipeline's UNet on a new shape through LoRA adapters.
+sdlearn train lora|dreambooth|textual-inversion [--concept diamond] [--token T]
+              [--prior-images N] [--rank R] [--initializer WORD] [--base PATH]
+    teach a pipeline a new shape: LoRA adapters on the UNet, the whole UNet
+    with a rare token, or one new word's embedding.
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--scheduler NAME [--karras]] [--height H --width W]
                  [--num-images N] [--checkpoint PATH]
                  [--image PATH --strength S] [--mask PATH]
-                 [--lora PATH [--lora-scale S]] [--out PATH]
+                 [--lora PATH [--lora-scale S]] [--embedding PATH] [--out PATH]
     draw images and print the paths of the PNGs written.
 sdlearn evaluate [--checkpoint PATH] [--seeds N] [--steps N] [--guidance S ...]
                  [--scheduler NAME [--karras]] [--out PATH]
@@ -23,6 +25,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+# the fine-tuning commands of sdlearn.fine_tuning.METHODS (not imported here:
+# the parser stays light)
+FINE_TUNE_NAMES = ("lora", "dreambooth", "textual-inversion")
 
 # --scheduler's choices -> the scheduler classes' names
 SCHEDULER_NAMES = {
@@ -57,6 +63,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
     return value
 
 
@@ -112,6 +125,7 @@ def train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
             ema_decay=args.ema_decay,
             seed=args.seed,
             checkpoint_every=args.checkpoint_every,
@@ -122,12 +136,18 @@ def train(args: argparse.Namespace) -> int:
         extra = {}
         if args.eval_images is not None:
             extra["eval_images"] = args.eval_images
-        if name == "lora":
+        if name in FINE_TUNES:
             extra["checkpoint"] = args.base
-            for option in ("concept", "rank", "prior_images", "caption_dropout"):
+            options = ["concept", "token", "prior_images", "caption_dropout"]
+            options += {
+                "lora": ["rank", "targets", "initializer"],
+                "dreambooth": ["initializer"],
+                "textual-inversion": ["initializer"],
+            }[name]
+            for option in options:
                 if getattr(args, option) is not None:
                     extra[option] = getattr(args, option)
-            if args.lora_alpha is not None:
+            if name == "lora" and args.lora_alpha is not None:
                 extra["alpha"] = args.lora_alpha
             if args.images is not None:
                 extra["images"] = args.images
@@ -188,6 +208,10 @@ def generate(args: argparse.Namespace) -> int:
         pipe.load_lora(args.lora, scale=args.lora_scale)
     elif args.lora_scale != 1.0:
         raise ValueError("--lora-scale needs --lora: the adapter to scale")
+    if args.embedding is not None:
+        if not Path(args.embedding).is_file():
+            raise FileNotFoundError(f"{args.embedding} does not exist")
+        pipe.load_textual_inversion(args.embedding)
     output = pipe(
         args.prompt,
         negative_prompt=args.negative,
@@ -305,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a stage of the tiny Stable Diffusion")
     p.add_argument(
         "stage",
-        choices=["vae", "clip", "unet", "all", "lora"],
-        help="what to train (lora: fine-tune a pipeline on a new shape)",
+        choices=["vae", "clip", "unet", "all", *FINE_TUNE_NAMES],
+        help="what to train (lora, dreambooth, textual-inversion: teach a "
+        "pipeline a new shape)",
     )
     p.add_argument("--out", help="run folder (default runs/STAGE)")
     p.add_argument("--config", help="JSON file of training settings")
@@ -314,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=_positive)
@@ -323,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shapes",
         choices=["base", "all"],
-        help="vae: train on all shapes, new ones included (default), or the base ones only",
+        help="vae: all shapes, new ones included (default), or the base ones only",
     )
     p.add_argument(
         "--caption-dropout", type=float, help="unet: how often the caption is dropped"
@@ -337,12 +363,34 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BETA_SCHEDULES,
         help="unet: the noise schedule",
     )
-    p.add_argument("--eval-images", type=_positive, help="images to score at the end")
-    p.add_argument("--base", help="lora: the pipeline to fine-tune (default: shipped)")
-    p.add_argument("--concept", help="lora: the new shape to teach (diamond, ring)")
+    p.add_argument(
+        "--eval-images", type=_non_negative, help="images to score at the end (0: none)"
+    )
+    p.add_argument(
+        "--base", help="fine-tunes: the pipeline to teach (default: shipped)"
+    )
+    p.add_argument(
+        "--concept", help="fine-tunes: the new shape to teach (diamond, ring)"
+    )
+    p.add_argument(
+        "--token",
+        help="fine-tunes: its word in captions (default: its name, sks, <name>)",
+    )
+    p.add_argument(
+        "--prior-images",
+        type=_non_negative,
+        help="fine-tunes: base-shape images mixed in",
+    )
     p.add_argument("--rank", type=_positive, help="lora: the adapters' rank")
     p.add_argument("--lora-alpha", type=float, help="lora: scale = alpha / rank")
-    p.add_argument("--prior-images", type=int, help="lora: base-shape images mixed in")
+    p.add_argument(
+        "--targets",
+        choices=["attention", "cross-kv"],
+        help="lora: every attention projection, or the cross-attention's k and v",
+    )
+    p.add_argument(
+        "--initializer", help="fine-tunes: the word a new word (<name>) starts from"
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--ship", action="store_true", help="write weights into sdlearn")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -369,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="a LoRA adapter (.safetensors) for the UNet")
     p.add_argument(
         "--lora-scale", type=float, default=1.0, help="how much of the adapter"
+    )
+    p.add_argument(
+        "--embedding",
+        help="a learned token (.safetensors, textual inversion) to use in the prompt",
     )
     p.add_argument("--out", default="outputs/generated.png", help="PNG to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

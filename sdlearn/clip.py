@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -254,6 +254,29 @@ class CLIPTextModel(nn.Module):
 
         # 3. pre-LN blocks add to x without normalising it: normalise once at the end
         return self.final_layer_norm(x)
+
+    def resize_token_embeddings(self, num_tokens: int) -> nn.Embedding:
+        """Grow (or shrink) the token embedding to `num_tokens` rows, as
+        transformers' method of the same name: for tokens added to the
+        tokenizer. Kept rows are copied; new rows start at the mean row.
+
+        Returns:
+            the new embedding.
+        """
+        old = self.embeddings.token_embedding
+        if num_tokens < 1:
+            raise ValueError(f"expected a positive number of tokens, got {num_tokens}")
+        weight = old.weight.detach()
+        table = weight.mean(0, keepdim=True).repeat(num_tokens, 1)  # (V', D)
+        keep = min(num_tokens, old.num_embeddings)
+        table[:keep] = weight[:keep]
+        new = nn.Embedding(num_tokens, weight.shape[1], device=weight.device)
+        with torch.no_grad():
+            new.weight.copy_(table)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.embeddings["token_embedding"] = new
+        self.config = replace(self.config, vocab_size=num_tokens)
+        return new
 
     def pooled(
         self, input_ids: torch.Tensor, last_hidden_state: torch.Tensor

@@ -350,6 +350,14 @@ def concept_prompts(shape: str = "diamond") -> list[str]:
     return _prompts([(color, shape) for color in COLORS], 5)
 
 
+def reword(text: str, wording: dict[str, str]) -> str:
+    """Replace whole words: reword("a red diamond", {"diamond": "sks"}) ->
+    "a red sks" (the captions and prompts of a fine-tuned concept's token)."""
+    for word, new in wording.items():
+        text = re.sub(rf"\b{re.escape(word)}\b", new, text)
+    return text
+
+
 def summarize(rows: Iterable[dict[str, bool | None]]) -> dict[str, float | None]:
     """Accuracies over many scores, in percent.
 
@@ -527,6 +535,7 @@ def evaluate_pipeline(
     progress: bool = False,
     prompt_sets: dict[str, list[str]] | None = None,
     shapes: tuple[str, ...] = SHAPES,
+    wording: dict[str, str] | None = None,
 ) -> tuple[dict[str, dict], dict[str, list]]:
     """Draw every evaluation prompt with several seeds and score the images.
 
@@ -541,6 +550,9 @@ def evaluate_pipeline(
         prompt_sets: {name: prompts} to draw; `evaluation_prompts()` by default.
         shapes: the shapes the scorer tells apart (see `describe`); pass
             `shapes.ALL_SHAPES` to count a ring drawn for a circle as wrong.
+        wording: words the pipeline is given instead of the prompt's, e.g.
+            {"diamond": "<diamond>"} for a learned token; images are scored
+            against the prompt as written.
 
     Returns:
         summaries: per prompt set (SINGLE, HELD_OUT_COMBOS by default), `summarize`'s
@@ -556,9 +568,10 @@ def evaluate_pipeline(
         sets = evaluation_prompts() if prompt_sets is None else prompt_sets
         for name, prompts in sets.items():
             rows, drawn = [], []
+            drawn_prompts = [reword(p, wording or {}) for p in prompts]
             for seed in range(seeds):
                 output = pipeline(
-                    prompts,
+                    drawn_prompts,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     generator=torch.Generator().manual_seed(seed),

@@ -1,19 +1,31 @@
 """Fine-tuning the shipped model on what it never saw (chapter 09).
 
-`sdlearn train lora` teaches a pipeline's UNet a new shape of
-`shapes.NEW_SHAPES` through LoRA adapters (`sdlearn.lora`), with the training
-loop of chapter 07 (`sdlearn.training.train`) and its diffusion loss, and scores
-the new shape and the base shapes before and after.
+Three ways to teach a trained pipeline a new shape of `shapes.NEW_SHAPES`, each
+with the training loop of chapter 07 (`sdlearn.training.train`) and its
+diffusion loss, each scoring the new shape and the base shapes before and after:
+
+- LoRA (`sdlearn train lora`): low-rank adapters on the UNet's attention
+  projections (`sdlearn.lora`); the base weights stay frozen; a small file.
+- DreamBooth (`sdlearn train dreambooth`, Ruiz et al. 2022): the whole UNet
+  trains, on captions that name the concept by a rare token ("sks"), with
+  pictures of the base shapes mixed in (prior preservation); a whole pipeline.
+- Textual inversion (`sdlearn train textual-inversion`, Gal et al. 2022): one
+  new word ("<diamond>") and its embedding row train, everything else frozen
+  (`sdlearn.textual_inversion`); a file of 64 numbers.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
+from sdlearn.lora import ATTENTION_TARGETS
 from sdlearn.training import (
     DiffusionLoss,
     TrainConfig,
@@ -24,8 +36,77 @@ from sdlearn.training import (
     train,
 )
 
+METHODS: tuple[str, ...] = ("lora", "dreambooth", "textual-inversion")
 
-def train_lora(
+# the word a new shape's captions use, per method: its own (LoRA), a rare token
+# of CLIP's vocabulary that names it (DreamBooth), or a new word (textual inversion)
+DREAMBOOTH_TOKEN = "sks"
+
+# the word of the vocabulary a new word's embedding starts from
+INITIALIZERS: dict[str, str] = {"diamond": "square", "ring": "circle"}
+
+# which projections of the UNet a LoRA adapts
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "attention": ATTENTION_TARGETS,
+    "cross-kv": ("attn2.to_k", "attn2.to_v"),
+}
+
+# where `--ship` puts the records (and the small files) of chapter 09's runs
+FINE_TUNES_DIR = Path(__file__).resolve().parent / "data" / "fine_tunes"
+
+# what each method writes next to its METHOD.json record
+ARTIFACTS: dict[str, str] = {
+    "lora": "lora.safetensors",
+    "dreambooth": "pipeline",  # a diffusers folder: sdlearn generate --checkpoint
+    "textual-inversion": "learned_embeds.safetensors",
+}
+
+
+class Reworded(Dataset):
+    """A dataset whose captions say `wording`'s words instead: {"diamond": "sks"}."""
+
+    def __init__(self, data: Dataset, wording: dict[str, str]) -> None:
+        self.data, self.wording = data, wording
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        from sdlearn.evaluate import reword
+
+        item = dict(self.data[index])
+        item["caption"] = reword(item["caption"], self.wording)
+        return item
+
+
+class TextualInversionLoss(DiffusionLoss):
+    """The diffusion loss with the text encoder in the loop: the captions' token
+    ids go through it every step, so the gradient reaches the new token's row.
+
+    Args:
+        text_encoder: its token embedding a `NewTokenEmbedding`, all else frozen.
+        caption_ids: (N_captions, 77) token ids, row 0 the empty prompt.
+        (the rest as for `DiffusionLoss`)
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        text_encoder: nn.Module,
+        caption_ids: torch.Tensor,
+        scaling_factor: float,
+        caption_dropout: float = 0.1,
+    ) -> None:
+        super().__init__(unet, scheduler, caption_ids, scaling_factor, caption_dropout)
+        self.text_encoder = text_encoder
+
+    def context(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(self.text_tokens.to(rows.device)[rows])
+
+
+def fine_tune(
+    method: str,
     config: TrainConfig,
     out_dir: str | Path,
     resume: bool = False,
@@ -35,63 +116,98 @@ def train_lora(
     eval_images: int = 60,
     checkpoint: str | Path | None = None,
     concept: str = "diamond",
-    rank: int = 8,
-    alpha: float | None = None,
+    token: str | None = None,
     images: int = 2000,
     prior_images: int = 0,
     caption_dropout: float = 0.1,
+    rank: int = 8,
+    targets: str = "attention",
+    alpha: float | None = None,
+    initializer: str | None = None,
 ) -> dict:
-    """Fine-tune a pipeline's UNet on a new shape through LoRA adapters (chapter 09).
+    """Teach a pipeline a new shape by one of `METHODS` (chapter 09).
 
-    The base model stays frozen; adapters on the UNet's attention projections
-    learn from captioned pictures of `concept`, a shape of `shapes.NEW_SHAPES`
-    the base model never saw. With `prior_images`, pictures of the base shapes
-    join the data (DreamBooth's prior preservation), so that the adapters learn
-    the new shape without unlearning the old ones.
+    The pictures of `concept` are captioned with `token` in place of the shape's
+    name; with `prior_images`, pictures of the base shapes join them (DreamBooth's
+    prior preservation), so that the model learns the new shape without
+    unlearning the old ones.
 
     Args:
+        method: "lora", "dreambooth" or "textual-inversion".
         checkpoint: the base pipeline (`StableDiffusionPipeline.from_pretrained`'s
             path); the tiny model shipped in the package by default.
-        concept: the new shape to teach.
-        rank, alpha: the adapters' (see `sdlearn.lora.LoRALinear`).
+        concept: the new shape to teach, one of `shapes.NEW_SHAPES`.
+        token: the word for it in captions and prompts: the shape's own name
+            (LoRA), "sks" (DreamBooth), "<concept>" (textual inversion) by default.
         images: pictures of the new shape to train on.
         prior_images: pictures of the base shapes mixed in.
         caption_dropout: how often the caption becomes the empty prompt.
+        rank, alpha: LoRA's adapters' (see `sdlearn.lora.LoRALinear`).
+        targets: which projections LoRA adapts, a key of `LORA_TARGETS`:
+            "attention" (every attention projection, the usual choice) or
+            "cross-kv" (only the cross-attention's keys and values, where the
+            text enters: Custom Diffusion's choice, Kumari et al. 2022).
+        initializer: textual inversion: the word the new embedding starts from
+            (`INITIALIZERS`' by default).
         eval_images: about how many images per prompt set the end-of-run
             evaluation draws (the concept's prompts, and the base model's before
-            and after, all scored with the new shapes among the shapes); 0 skips
-            it.
-        ship: not for adapters (they are not part of the shipped model).
-        (the rest as for `train_vae`)
+            and after, all scored with the new shapes among the shapes); 0
+            skips it.
+        ship: also write the record, and the adapter, the embedding or (for
+            DreamBooth) the UNet's weights, into the package's `FINE_TUNES_DIR`
+            as METHOD-CONCEPT.json and .safetensors, for chapter 09
+            (`read_fine_tune`).
+        (the rest as for `sdlearn.training.train_vae`)
 
     Returns:
-        the record written to lora.json next to lora.safetensors.
+        the record written to METHOD.json, next to `ARTIFACTS[method]`.
     """
     from torch.utils.data import ConcatDataset
 
-    from sdlearn.lora import add_lora, save_lora, set_lora_scale
+    from sdlearn.lora import add_lora, save_lora
     from sdlearn.pipeline import StableDiffusionPipeline
     from sdlearn.shapes import ALL_SHAPES, NEW_SHAPES, ShapesDataset
+    from sdlearn.textual_inversion import (
+        NewTokenEmbedding,
+        add_token,
+        save_learned_embeds,
+    )
 
-    if ship:
-        raise ValueError("adapters are not shipped; load them with --lora")
+    if method not in METHODS:
+        raise ValueError(f"expected a method of {METHODS}, got {method!r}")
     if concept not in NEW_SHAPES:
         raise ValueError(f"expected a new shape of {NEW_SHAPES}, got {concept!r}")
+    if token is None:
+        defaults = {"lora": concept, "dreambooth": DREAMBOOTH_TOKEN}
+        token = defaults.get(method, f"<{concept}>")
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
 
-    # 1. the frozen base model, and the new shape's pictures through it once
+    # 1. the base model, and the new shape's pictures through it once; a word
+    # the tokenizer does not know as one token is added, and its embedding trains
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
     pipe.progress = False
-    data = ShapesDataset("all", length=images, seed=config.seed, shapes=(concept,))
+    new_word = len(pipe.tokenizer.encode(token)) != 1
+    if method == "textual-inversion" and not new_word:
+        raise ValueError(
+            f"textual inversion learns a new word; {token!r} is one of the "
+            "vocabulary already: choose one like '<diamond>'"
+        )
+    if new_word:
+        initializer = initializer or INITIALIZERS[concept]
+        add_token(pipe.tokenizer, pipe.text_encoder, token, initializer)
+    data: Dataset = ShapesDataset(
+        "all", length=images, seed=config.seed, shapes=(concept,)
+    )
+    data = Reworded(data, {concept: token})
     if prior_images:
         prior = ShapesDataset("train", length=prior_images, seed=config.seed + 1)
         data = ConcatDataset([data, prior])
-    items, text_tokens, _ = encode_shapes(
+    items, text_tokens, captions = encode_shapes(
         pipe.vae, pipe.text_encoder, pipe.tokenizer, data, progress=progress
     )
 
-    # 2. the base shapes' scores before, then train the adapters
+    # 2. the base shapes' scores before
     metrics: dict[str, float] = {}
     sets = {}
     if eval_images:
@@ -101,14 +217,29 @@ def train_lora(
         seeds = max(1, round(eval_images / len(sets["base"])))
         metrics.update(_scores(pipe, {"base before": sets["base"]}, seeds))
         sets[concept] = concept_prompts(concept)
-    adapters = add_lora(pipe.unet, rank=rank, alpha=alpha)
-    loss = DiffusionLoss(
-        pipe.unet,
-        pipe.scheduler,
-        text_tokens,
-        pipe.vae.config.scaling_factor,
-        caption_dropout,
-    )
+
+    # 3. what trains, and the loss
+    pipe.unet.requires_grad_(method == "dreambooth")
+    pipe.text_encoder.requires_grad_(False)
+    if method == "lora":
+        add_lora(pipe.unet, rank=rank, alpha=alpha, targets=LORA_TARGETS[targets])
+    scale = pipe.vae.config.scaling_factor
+    if new_word:
+        embeddings = pipe.text_encoder.embeddings
+        embeddings["token_embedding"] = NewTokenEmbedding(embeddings.token_embedding)
+        loss: DiffusionLoss = TextualInversionLoss(
+            pipe.unet,
+            pipe.scheduler,
+            pipe.text_encoder,
+            pipe.tokenizer(captions),
+            scale,
+            caption_dropout,
+        )
+    else:
+        loss = DiffusionLoss(
+            pipe.unet, pipe.scheduler, text_tokens, scale, caption_dropout
+        )
+    trainable = sum(p.numel() for p in loss.parameters() if p.requires_grad)
     result = train(
         loss,
         items,
@@ -116,57 +247,155 @@ def train_lora(
         out_dir,
         resume=resume,
         progress=progress,
-        description=f"train lora ({concept})",
+        description=f"train {method} ({concept})",
         stop_at=stop_at,
     )
     pipe.unet.cpu().eval()
+    pipe.text_encoder.cpu().eval()
+    if new_word:
+        embeddings["token_embedding"] = embeddings.token_embedding.to_embedding()
 
-    # 3. the adapters' scores: the new shape, and what the base shapes kept
+    # 4. the scores after: the new shape, and what the base shapes kept
     if eval_images:
-        set_lora_scale(pipe.unet, 1.0)
-        metrics.update(
-            _scores(pipe, {concept: sets[concept], "base after": sets["base"]}, seeds)
-        )
+        after = {concept: sets[concept], "base after": sets["base"]}
+        metrics.update(_scores(pipe, after, seeds, wording={concept: token}))
     options = {
         "concept": concept,
-        "rank": rank,
-        "alpha": rank if alpha is None else alpha,
+        "token": token,
         "images": images,
         "prior_images": prior_images,
         "caption_dropout": caption_dropout,
+        **(
+            {
+                "rank": rank,
+                "lora_alpha": rank if alpha is None else alpha,
+                "targets": targets,
+            }
+            if method == "lora"
+            else {}
+        ),
+        **({"initializer": initializer} if new_word else {}),
     }
     log = out_dir / "log.jsonl"
     record = {
+        "method": method,
         "train_config": config.to_dict(),
         **options,
-        "command": _command("lora", config, ship=False, **options),
+        "command": _command(method, config, ship=ship, **options),
         "seconds": round(result.seconds, 1),
         "hardware": result.hardware,
-        "trainable_parameters": sum(
-            p.numel()
-            for a in adapters.values()
-            for p in a.parameters()
-            if p.requires_grad
-        ),
+        "trainable_parameters": trainable,
         "metrics": {**result.metrics, **metrics},
         "shapes_scored": list(ALL_SHAPES),
         "versions": {"torch": torch.__version__},
         "loss_history": loss_history(log) if log.is_file() else {},
     }
     if _is_main_process():
-        path = save_lora(pipe.unet, out_dir / "lora.safetensors")
-        record["adapter_bytes"] = path.stat().st_size
-        (out_dir / "lora.json").write_text(json.dumps(record, indent=2) + "\n")
+        path = out_dir / ARTIFACTS[method]
+        if method == "lora":
+            save_lora(pipe.unet, path)
+        elif method == "dreambooth":
+            pipe.save_pretrained(path)  # the new word too, if there is one
+        if new_word:
+            embedding = out_dir / ARTIFACTS["textual-inversion"]
+            save_learned_embeds(pipe.tokenizer, pipe.text_encoder, token, embedding)
+            record["embedding"] = embedding.name
+        files = [path] if path.is_file() else [p for p in path.rglob("*.safetensors")]
+        record["artifact"] = path.name
+        record["artifact_bytes"] = sum(f.stat().st_size for f in files)
+        text = json.dumps(record, indent=2) + "\n"
+        (out_dir / f"{method}.json").write_text(text)
+        if ship:
+            FINE_TUNES_DIR.mkdir(parents=True, exist_ok=True)
+            name = f"{method}-{concept}"
+            (FINE_TUNES_DIR / f"{name}.json").write_text(text)
+            shipped = FINE_TUNES_DIR / f"{name}.safetensors"
+            if path.is_file():
+                shutil.copyfile(path, shipped)
+            else:  # DreamBooth: the UNet alone (4 MB), not the whole pipeline
+                shutil.copyfile(
+                    path / "unet" / "diffusion_pytorch_model.safetensors", shipped
+                )
+            if new_word and method != "textual-inversion":
+                shutil.copyfile(
+                    embedding, FINE_TUNES_DIR / f"{name}-embedding.safetensors"
+                )
     return record
 
 
-def _scores(pipe, prompt_sets: dict[str, list[str]], seeds: int) -> dict[str, float]:
+def read_fine_tune(method: str, concept: str = "diamond") -> tuple[dict, Path]:
+    """The record of a shipped fine-tune (`sdlearn train METHOD --ship`) and its
+    .safetensors file: the LoRA adapter, the learned embedding, or DreamBooth's
+    UNet weights (diffusers' names, as `UNet.load_state_dict` takes them).
+    """
+    name = f"{method}-{concept}"
+    path = FINE_TUNES_DIR / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: run `sdlearn train {method} --concept {concept} "
+            "--ship` to make it"
+        )
+    artifact = FINE_TUNES_DIR / f"{name}.safetensors"
+    if not artifact.exists():
+        raise FileNotFoundError(f"{artifact} is missing, though {path.name} is there")
+    return json.loads(path.read_text()), artifact
+
+
+def load_fine_tune(method: str, concept: str = "diamond"):
+    """The shipped pipeline with a shipped fine-tune applied (its adapter, UNet
+    or learned word, and the learned word of a LoRA or DreamBooth run that
+    trained one), and the fine-tune's record.
+
+    Returns:
+        (pipeline, record); prompts name the concept by `record["token"]`.
+    """
+    from safetensors.torch import load_file
+
+    from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.weights import load_checked
+
+    record, artifact = read_fine_tune(method, concept)
+    pipe = StableDiffusionPipeline.from_pretrained()
+    if method == "lora":
+        pipe.load_lora(artifact)
+    elif method == "dreambooth":
+        load_checked(pipe.unet, load_file(artifact), str(artifact))
+    if method == "textual-inversion":
+        pipe.load_textual_inversion(artifact)
+    elif "embedding" in record:
+        pipe.load_textual_inversion(
+            artifact.with_name(f"{artifact.stem}-embedding.safetensors")
+        )
+    return pipe, record
+
+
+def train_lora(config: TrainConfig, out_dir: str | Path, **kwargs) -> dict:
+    """`fine_tune("lora", ...)`: adapters on the UNet's attention projections."""
+    return fine_tune("lora", config, out_dir, **kwargs)
+
+
+def train_dreambooth(config: TrainConfig, out_dir: str | Path, **kwargs) -> dict:
+    """`fine_tune("dreambooth", ...)`: the whole UNet, with a rare token."""
+    return fine_tune("dreambooth", config, out_dir, **kwargs)
+
+
+def train_textual_inversion(config: TrainConfig, out_dir: str | Path, **kwargs) -> dict:
+    """`fine_tune("textual-inversion", ...)`: one new word's embedding."""
+    return fine_tune("textual-inversion", config, out_dir, **kwargs)
+
+
+def _scores(
+    pipe,
+    prompt_sets: dict[str, list[str]],
+    seeds: int,
+    wording: dict[str, str] | None = None,
+) -> dict[str, float]:
     """Accuracies of a pipeline on prompt sets, the new shapes among the shapes."""
     from sdlearn.evaluate import evaluate_pipeline
     from sdlearn.shapes import ALL_SHAPES
 
     table, _ = evaluate_pipeline(
-        pipe, seeds=seeds, prompt_sets=prompt_sets, shapes=ALL_SHAPES
+        pipe, seeds=seeds, prompt_sets=prompt_sets, shapes=ALL_SHAPES, wording=wording
     )
     return {
         f"{name} {key}": value
@@ -176,5 +405,9 @@ def _scores(pipe, prompt_sets: dict[str, list[str]], seeds: int) -> dict[str, fl
     }
 
 
-# the fine-tuning commands: `sdlearn train lora`, not part of `sdlearn train all`
-FINE_TUNES: dict[str, Callable[..., dict]] = {"lora": train_lora}
+# the fine-tuning commands (`sdlearn train lora`...), not part of `sdlearn train all`
+FINE_TUNES: dict[str, Callable[..., dict]] = {
+    "lora": train_lora,
+    "dreambooth": train_dreambooth,
+    "textual-inversion": train_textual_inversion,
+}

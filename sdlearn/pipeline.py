@@ -361,6 +361,24 @@ class StableDiffusionPipeline:
 
         load_lora(self.unet, path, prefix="unet", multiplier=scale)
 
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add a learned token (textual inversion) to the tokenizer and the text
+        encoder, as diffusers' method of the same name.
+
+        Args:
+            path: a .safetensors file holding {token: (1, D)}, as
+                `sdlearn train textual-inversion` and diffusers' training
+                script write it, or A1111's {"emb_params": (1, D)}.
+            token: the word to use in prompts; the file's own by default
+                (required for A1111's files).
+
+        Returns:
+            the token, e.g. "<diamond>".
+        """
+        from sdlearn.textual_inversion import load_learned_embeds
+
+        return load_learned_embeds(self.tokenizer, self.text_encoder, path, token)
+
     @property
     def vae_scale_factor(self) -> int:
         """How many image pixels one latent pixel stands for, per side (8 in SD)."""
@@ -869,6 +887,15 @@ def load_diffusers_folder(folder: str | Path) -> StableDiffusionPipeline:
     if not merges.exists():
         raise FileNotFoundError(f"{merges} is missing: the tokenizer's BPE merges")
     tokenizer = CLIPTokenizer(merges)
+    added = folder / "tokenizer" / "added_tokens.json"
+    if added.exists():
+        # textual inversion's tokens, in id order
+        for token, i in sorted(_read_json(added).items(), key=lambda item: item[1]):
+            if tokenizer.add_tokens(token) != [i]:
+                raise ValueError(
+                    f"{added}: expected {token!r} at id {tokenizer.vocab[token]}, "
+                    f"got {i}"
+                )
     scheduler = scheduler_from_config(
         _read_json(folder / "scheduler" / "scheduler_config.json")
     )

@@ -285,20 +285,68 @@ class CLIPTokenizer:
         self.pad_token_id = self.eos_token_id
         # prompts repeat words ("a", "of", "the"), so remember each word's symbols
         self.cache: dict[str, tuple[str, ...]] = {}
+        # tokens added after training (textual inversion's "<diamond>"), kept
+        # whole like the special tokens; ids from 49408 on
+        self.added_tokens: list[str] = []
+        self._unsplit = _SPECIAL_TOKEN
+
+    def add_tokens(self, tokens: str | Sequence[str]) -> list[int]:
+        """Give new words ids of their own after the vocabulary's (as transformers'
+        `add_tokens`): the text encoder needs as many new embedding rows.
+
+        Args:
+            tokens: e.g. "<diamond>", lower case and without spaces; matched
+                in prompts as written, before BPE, and never split.
+
+        Returns:
+            the ids of the tokens, in order.
+        """
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        for token in tokens:
+            if (
+                not isinstance(token, str)
+                or not token
+                or token != clean_text(token)
+                or " " in token
+            ):
+                raise ValueError(
+                    "expected a lower-case token without spaces, e.g. '<diamond>', "
+                    f"got {token!r}"
+                )
+            if token in self.vocab:
+                raise ValueError(
+                    f"{token!r} is already in the vocabulary (id {self.vocab[token]})"
+                )
+        for token in tokens:
+            self.vocab[token] = len(self.id_to_token)
+            self.id_to_token.append(token)
+            self.added_tokens.append(token)
+        specials = [BOS_TOKEN, EOS_TOKEN, *self.added_tokens]
+        self._unsplit = re.compile(f"({'|'.join(map(re.escape, specials))})")
+        return [self.vocab[token] for token in tokens]
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the files transformers' `CLIPTokenizer.from_pretrained` reads.
 
         vocab.json, merges.txt (which this class also reads back),
         tokenizer_config.json and special_tokens_map.json, with SD 1.x's
-        settings: 77 tokens, padded with <|endoftext|>.
+        settings: 77 tokens, padded with <|endoftext|>; added_tokens.json
+        if tokens were added (`from_pretrained` reads them back).
 
         Args:
             directory: the folder to write into; made if missing.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "vocab.json").write_text(json.dumps(self.vocab), "utf-8")
+        base = {
+            token: i
+            for token, i in self.vocab.items()
+            if token not in self.added_tokens
+        }
+        (directory / "vocab.json").write_text(json.dumps(base), "utf-8")
+        if self.added_tokens:
+            added = {token: self.vocab[token] for token in self.added_tokens}
+            (directory / "added_tokens.json").write_text(json.dumps(added), "utf-8")
         merges = "\n".join(f"{left} {right}" for left, right in self.merges)
         (directory / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", "utf-8")
         special = {
@@ -337,7 +385,7 @@ class CLIPTokenizer:
             raise TypeError(f"expected text as a str, got {type(text).__name__}")
         tokens = []
         # re.split with a group keeps the special tokens: odd indices are them
-        for i, part in enumerate(_SPECIAL_TOKEN.split(text)):
+        for i, part in enumerate(self._unsplit.split(text)):
             if i % 2 == 1:
                 tokens.append(part)
                 continue

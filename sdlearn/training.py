@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -454,6 +455,19 @@ STAGE_DEFAULTS: dict[str, TrainConfig] = {
     "lora": TrainConfig(
         steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, bf16="off"
     ),
+    # the whole tiny UNet, from the shipped weights: a smaller learning rate
+    "dreambooth": TrainConfig(
+        steps=800, batch_size=32, lr=2e-4, warmup_steps=50, bf16="off"
+    ),
+    # one embedding row of 64 numbers, no weight decay pulling it to zero
+    "textual-inversion": TrainConfig(
+        steps=800,
+        batch_size=32,
+        lr=5e-3,
+        warmup_steps=50,
+        weight_decay=0.0,
+        bf16="off",
+    ),
 }
 
 
@@ -466,12 +480,15 @@ def _command(stage: str, config: TrainConfig, ship: bool = True, **options) -> s
     """The `sdlearn train` command line that repeats a run with these settings
     (with --ship for the stages whose weights the package ships)."""
     defaults = STAGE_DEFAULTS[stage].to_dict()
-    flags = [
-        f"--{key.replace('_', '-')} {value}"
+    settings = {
+        key: value
         for key, value in config.to_dict().items()
         if value != defaults[key] and key not in _NOT_RESULTS
+    }
+    flags = [
+        f"--{key.replace('_', '-')} {shlex.quote(str(value))}"
+        for key, value in {**settings, **options}.items()
     ]
-    flags += [f"--{key.replace('_', '-')} {value}" for key, value in options.items()]
     return " ".join([f"sdlearn train {stage}", *flags, *(["--ship"] if ship else [])])
 
 
@@ -705,10 +722,15 @@ class DiffusionLoss(nn.Module):
         rows = batch["caption"].clone()
         dropped = torch.rand(B, generator=generator, device=device)
         rows[dropped < self.caption_dropout] = 0
-        context = self.text_tokens.to(device)[rows]  # (B, 77, D)
+        context = self.context(rows)  # (B, 77, D)
         # 4. predict the noise (eq. 14, Ho et al. 2020)
         prediction = self.unet(zt, t, context)
         return F.mse_loss(prediction.float(), noise), {}
+
+    def context(self, rows: torch.Tensor) -> torch.Tensor:
+        """The text tokens (B, 77, D) of the captions in `rows` (B,), looked up
+        in the table (chapter 09's textual inversion runs the text encoder)."""
+        return self.text_tokens.to(rows.device)[rows]
 
 
 @torch.no_grad()

@@ -222,3 +222,28 @@ def test_train_unet_takes_the_noise_schedule(tmp_path, capsys):
     assert record["scheduler_config"]["beta_schedule"] == "linear"
     assert "--beta-schedule linear" in record["command"]
     assert "unet:" in capsys.readouterr().out
+
+
+def test_train_textual_inversion_then_generate_with_the_embedding(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "ti"
+    argv = ["train", "textual-inversion", "--steps", "2", "--batch-size", "2"]
+    argv += ["--images", "4", "--eval-images", "0", "--token", "<dia>"]
+    assert main([*argv, "--initializer", "square", "--out", str(out)]) == 0
+    record = json.loads((out / "textual-inversion.json").read_text())
+    assert record["token"] == "<dia>" and record["trainable_parameters"] == 64
+    # the command that repeats the run quotes the token for the shell
+    assert "--token '<dia>'" in record["command"]
+    assert "wrote" in capsys.readouterr().out
+    embedding = out / "learned_embeds.safetensors"
+    pngs = {}
+    for name, extra in {"base": [], "token": ["--embedding", str(embedding)]}.items():
+        png = tmp_path / f"{name}.png"
+        flags = ["--steps", "2", "--no-progress", "--out", str(png)]
+        assert main(["generate", "a red <dia>", *flags, *extra]) == 0
+        with Image.open(png) as image:
+            pngs[name] = image.tobytes()
+    assert pngs["base"] != pngs["token"]
+    assert main(["generate", "a red <dia>", "--embedding", str(tmp_path / "no")]) == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Tests for sdlearn/fine_tuning.py: `sdlearn train lora` learns, writes an
-adapter that loads, and resumes exactly."""
+"""Tests for sdlearn/fine_tuning.py: each of `sdlearn train lora|dreambooth|
+textual-inversion` learns, writes what it learned in a form that reloads to the
+trained weights, and resumes exactly."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdlearn import training
+from sdlearn.fine_tuning import ARTIFACTS, METHODS
 from sdlearn.training import TrainConfig
 
-LORA_STEPS = TrainConfig(
+STEPS = TrainConfig(
     steps=24,
     batch_size=8,
     lr=5e-3,
@@ -20,90 +23,146 @@ LORA_STEPS = TrainConfig(
     checkpoint_every=8,
     bf16="off",
 )
+# the whole UNet moves with a tenth of the adapters' rate; one 64-number row
+# needs a larger one to show in 24 steps
+LEARNING_RATES = {"lora": 5e-3, "dreambooth": 5e-4, "textual-inversion": 5e-2}
 
 
-def lora_run(out_dir, **kwargs):
-    from sdlearn.fine_tuning import train_lora
+def run(method, out_dir, **kwargs):
+    from sdlearn.fine_tuning import fine_tune
 
-    return train_lora(
-        LORA_STEPS, out_dir, progress=False, eval_images=0, images=64, **kwargs
+    config = STEPS.updated(lr=LEARNING_RATES[method])
+    return fine_tune(
+        method, config, out_dir, progress=False, eval_images=0, images=64, **kwargs
     )
 
 
-def test_lora_fine_tune_learns_and_writes_a_loadable_adapter(tmp_path):
-    from sdlearn.lora import lora_layers
-    from sdlearn.pipeline import StableDiffusionPipeline
-
-    record = lora_run(tmp_path, rank=4, prior_images=16)
-    lines = (tmp_path / "log.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
-    assert len(losses) == 24
-    saved = json.loads((tmp_path / "lora.json").read_text())
-    assert saved == json.loads(json.dumps(record))
-    assert (
-        saved["command"].startswith("sdlearn train lora")
-        and "--ship" not in saved["command"]
-    )
-    # the adapter reloads into the base model and changes what it predicts
-    pipe = StableDiffusionPipeline.from_pretrained()
-    g = torch.Generator().manual_seed(0)
-    sample, text = (
-        torch.randn(1, 4, 8, 8, generator=g),
-        torch.randn(1, 77, 64, generator=g),
-    )
-    with torch.no_grad():
-        before = pipe.unet(sample, 500, text)
-        pipe.load_lora(tmp_path / "lora.safetensors")
-        after = pipe.unet(sample, 500, text)
-    adapters = dict(lora_layers(pipe.unet))
-    assert (
-        sum(
-            p.numel()
-            for a in adapters.values()
-            for p in (a.lora_A.weight, a.lora_B.weight)
-        )
-        == record["trainable_parameters"]
-    )
-    assert (after - before).abs().max() > 1e-4
-    # on its training images, with the same timesteps and noise, the adapter
-    # predicts the noise better than the base model (the batch losses of so
-    # short a run are too noisy to show it)
+def fixed_loss(pipe, token: str) -> float:
+    """The diffusion loss on the run's training images, with the same timesteps
+    and noise every time (the batch losses of so short a run are too noisy)."""
     from torch.utils.data import default_collate
 
-    from sdlearn.lora import set_lora_scale
+    from sdlearn.fine_tuning import Reworded
     from sdlearn.shapes import ShapesDataset
 
-    data = ShapesDataset("all", length=64, seed=LORA_STEPS.seed, shapes=("diamond",))
+    data = ShapesDataset("all", length=64, seed=STEPS.seed, shapes=("diamond",))
     items, tokens, _ = training.encode_shapes(
-        pipe.vae, pipe.text_encoder, pipe.tokenizer, data, progress=False
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.tokenizer,
+        Reworded(data, {"diamond": token}),
+        progress=False,
     )
     loss = training.DiffusionLoss(
         pipe.unet, pipe.scheduler, tokens, pipe.vae.config.scaling_factor, 0.0
     )
-
-    def fixed_loss(scale: float) -> float:
-        set_lora_scale(pipe.unet, scale)
-        with torch.no_grad():
-            return loss(default_collate(items), torch.Generator().manual_seed(0))[0]
-
-    assert fixed_loss(1.0) < 0.95 * fixed_loss(0.0)
+    with torch.no_grad():
+        return loss(default_collate(items), torch.Generator().manual_seed(0))[0]
 
 
-def test_lora_resumes_exactly(tmp_path):
-    from safetensors.torch import load_file
-
-    lora_run(tmp_path / "straight")
-    lora_run(tmp_path / "stopped", stop_at=8)
-    lora_run(tmp_path / "stopped", resume=True)
-    straight = load_file(str(tmp_path / "straight" / "lora.safetensors"))
-    resumed = load_file(str(tmp_path / "stopped" / "lora.safetensors"))
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+# LoRA learns a new word's embedding beside its adapters here (the default, the
+# shape's own name, runs in the resume test); the others take their defaults
+TOKENS = {"lora": "<diamond>", "dreambooth": "sks", "textual-inversion": "<diamond>"}
 
 
-def test_lora_refuses_ship_and_unknown_concepts(tmp_path):
-    with pytest.raises(ValueError, match="adapters are not shipped"):
-        lora_run(tmp_path, ship=True)
+@pytest.mark.parametrize("method", METHODS)
+def test_fine_tune_learns_and_writes_what_reloads(method, tmp_path, monkeypatch):
+    from sdlearn import fine_tuning
+    from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.textual_inversion import add_token
+
+    # --ship: into a stand-in for the package's folder
+    monkeypatch.setattr(fine_tuning, "FINE_TUNES_DIR", tmp_path / "shipped")
+    token = TOKENS[method]
+    options = {"token": token} if method == "lora" else {}
+    record = run(method, tmp_path, prior_images=16, ship=True, **options)
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 24
+    saved = json.loads((tmp_path / f"{method}.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["command"].startswith(f"sdlearn train {method} ")
+    assert saved["command"].endswith(" --ship") and record["token"] == token
+    shipped, artifact = fine_tuning.read_fine_tune(method, "diamond")
+    assert shipped == saved
+    written = tmp_path / ARTIFACTS[method]
+    if method == "dreambooth":  # the UNet alone, not the whole pipeline
+        written = written / "unet" / "diffusion_pytorch_model.safetensors"
+    assert artifact.read_bytes() == written.read_bytes()
+    with pytest.raises(FileNotFoundError, match="--concept ring --ship"):
+        fine_tuning.read_fine_tune(method, "ring")
+
+    # what was shipped holds exactly the weights the run ended with
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    pipe, _ = fine_tuning.load_fine_tune(method, "diamond")
+    pipe.progress = False
+    new_word = token.startswith("<")
+    if new_word:  # the new word's row, in the embedding file
+        assert record["embedding"] == "learned_embeds.safetensors"
+        (token_id,) = pipe.tokenizer.encode(token)
+        row = pipe.text_encoder.embeddings.token_embedding.weight[token_id]
+        trained_row = state["text_encoder.embeddings.token_embedding.new"][0]
+        torch.testing.assert_close(row, trained_row, rtol=0, atol=0)
+    trained = {k: v for k, v in state.items() if k.startswith("unet.")}
+    if method == "lora":  # alpha = rank: B is saved as trained
+        trained = {k: v for k, v in trained.items() if ".lora_" in k}
+    if method != "textual-inversion":
+        ours = pipe.unet.state_dict()
+        assert {f"unet.{k}" for k in ours} >= set(trained)
+        for key, value in trained.items():
+            torch.testing.assert_close(ours[key[5:]], value, rtol=0, atol=0)
+    count = sum(v.numel() for k, v in state.items() if k.endswith("embedding.new"))
+    if method != "textual-inversion":
+        count += sum(v.numel() for v in trained.values())
+    assert record["trainable_parameters"] == count
+
+    # and it predicts the noise of its training images better than before
+    before = StableDiffusionPipeline.from_pretrained()
+    if new_word:
+        add_token(before.tokenizer, before.text_encoder, token, "square")
+    assert fixed_loss(pipe, token) < 0.95 * fixed_loss(before, token)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fine_tune_resumes_exactly(method, tmp_path):
+    run(method, tmp_path / "straight")
+    run(method, tmp_path / "stopped", stop_at=8)
+    run(method, tmp_path / "stopped", resume=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert straight["model"].keys() == resumed["model"].keys()
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
+    # and so do the files written from them (a pipeline folder for DreamBooth)
+    artifact = tmp_path / "straight" / ARTIFACTS[method]
+    files = (
+        [artifact] if artifact.is_file() else sorted(artifact.rglob("*.safetensors"))
+    )
+    for file in files:  # the tensors: safetensors may order a header's metadata
+        again = load_file(
+            tmp_path / "stopped" / file.relative_to(tmp_path / "straight")
+        )
+        expected = load_file(file)
+        assert again.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(again[key], value, rtol=0, atol=0)
+
+
+def test_fine_tune_refuses_unknown_concepts_methods_and_initializers(tmp_path):
+    from sdlearn.fine_tuning import fine_tune
+
     with pytest.raises(ValueError, match="expected a new shape"):
-        lora_run(tmp_path, concept="circle")
+        run("dreambooth", tmp_path, concept="circle")
+    with pytest.raises(ValueError, match="expected a method of"):
+        fine_tune("hypernetwork", STEPS, tmp_path)
+    with pytest.raises(ValueError, match="initializer word that is one token"):
+        run("textual-inversion", tmp_path, initializer="a square")
+    with pytest.raises(ValueError, match="learns a new word"):
+        run("textual-inversion", tmp_path, token="diamond")
+
+
+def test_cli_knows_every_method():
+    from sdlearn.cli import FINE_TUNE_NAMES
+    from sdlearn.fine_tuning import FINE_TUNES
+
+    assert FINE_TUNE_NAMES == METHODS == tuple(FINE_TUNES)
+    assert set(METHODS) <= set(training.STAGE_DEFAULTS)
