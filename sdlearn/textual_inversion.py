@@ -86,11 +86,16 @@ def add_token(tokenizer, text_encoder: nn.Module, token: str, initializer: str) 
             f"expected an initializer word that is one token, got {initializer!r} "
             f"= {len(ids)} tokens {tokenizer.tokenize(initializer)}"
         )
+    start = text_encoder.embeddings.token_embedding.weight[ids[0]].detach().clone()
+    return _add_row(tokenizer, text_encoder, token, start)
+
+
+def _add_row(tokenizer, text_encoder: nn.Module, token: str, vector) -> int:
+    """The tokenizer's new word and the text encoder's new row for it; its id."""
     (token_id,) = tokenizer.add_tokens(token)
     text_encoder.resize_token_embeddings(tokenizer.vocab_size)
     with torch.no_grad():
-        table = text_encoder.embeddings.token_embedding.weight
-        table[token_id] = table[ids[0]]
+        text_encoder.embeddings.token_embedding.weight[token_id] = vector
     return token_id
 
 
@@ -162,8 +167,5 @@ def load_learned_embeds(
             f"{path}: {name!r} has a {vector.shape[0]}-wide embedding, the text "
             f"encoder's tokens are {D} wide"
         )
-    (token_id,) = tokenizer.add_tokens(name)
-    text_encoder.resize_token_embeddings(tokenizer.vocab_size)
-    with torch.no_grad():
-        text_encoder.embeddings.token_embedding.weight[token_id] = vector
+    _add_row(tokenizer, text_encoder, name, vector)
     return name

@@ -166,3 +166,36 @@ def test_cli_knows_every_method():
 
     assert FINE_TUNE_NAMES == METHODS == tuple(FINE_TUNES)
     assert set(METHODS) <= set(training.STAGE_DEFAULTS)
+
+
+def test_lora_targets_name_the_projections():
+    import copy
+
+    from sdlearn.fine_tuning import LORA_TARGETS
+    from sdlearn.lora import add_lora
+    from sdlearn.pipeline import StableDiffusionPipeline
+
+    unet = StableDiffusionPipeline.from_pretrained().unet
+    every = add_lora(copy.deepcopy(unet), rank=2, targets=LORA_TARGETS["attention"])
+    cross = add_lora(copy.deepcopy(unet), rank=2, targets=LORA_TARGETS["cross-kv"])
+    # self- and cross-attention, 4 projections each, against 2 of one
+    assert set(cross) < set(every) and len(every) == 4 * len(cross)
+    assert all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in cross)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shipped_fine_tunes_load_with_their_records(method):
+    from sdlearn.fine_tuning import load_fine_tune
+
+    pipe, record = load_fine_tune(method, "diamond")
+    assert record["method"] == method and record["concept"] == "diamond"
+    assert record["command"].startswith(f"sdlearn train {method} ")
+    metrics = record["metrics"]
+    assert {"diamond all", "base before all", "base after all"} <= set(metrics)
+    assert len(pipe.tokenizer.encode(record["token"])) == 1  # a word it knows
+    if method == "lora":
+        # the chapter's target, as the shipped run measured it: >= 80% of the
+        # new shape's prompts right after at most 5 minutes of training, the
+        # base prompts losing at most 5 points
+        assert metrics["diamond all"] >= 80 and record["seconds"] <= 300
+        assert metrics["base before all"] - metrics["base after all"] <= 5
