@@ -139,6 +139,8 @@ def fine_tune(
         concept: the new shape to teach, one of `shapes.NEW_SHAPES`.
         token: the word for it in captions and prompts: the shape's own name
             (LoRA), "sks" (DreamBooth), "<concept>" (textual inversion) by default.
+            A word the tokenizer does not know as one token, like "<diamond>",
+            is added, and its embedding trains beside the rest (any method).
         images: pictures of the new shape to train on.
         prior_images: pictures of the base shapes mixed in.
         caption_dropout: how often the caption becomes the empty prompt.
@@ -147,7 +149,7 @@ def fine_tune(
             "attention" (every attention projection, the usual choice) or
             "cross-kv" (only the cross-attention's keys and values, where the
             text enters: Custom Diffusion's choice, Kumari et al. 2022).
-        initializer: textual inversion: the word the new embedding starts from
+        initializer: the word a new word's embedding starts from
             (`INITIALIZERS`' by default).
         eval_images: about how many images per prompt set the end-of-run
             evaluation draws (the concept's prompts, and the base model's before
@@ -177,6 +179,8 @@ def fine_tune(
         raise ValueError(f"expected a method of {METHODS}, got {method!r}")
     if concept not in NEW_SHAPES:
         raise ValueError(f"expected a new shape of {NEW_SHAPES}, got {concept!r}")
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"expected targets of {tuple(LORA_TARGETS)}, got {targets!r}")
     if token is None:
         defaults = {"lora": concept, "dreambooth": DREAMBOOTH_TOKEN}
         token = defaults.get(method, f"<{concept}>")

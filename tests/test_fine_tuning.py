@@ -156,6 +156,8 @@ def test_fine_tune_refuses_unknown_concepts_methods_and_initializers(tmp_path):
         fine_tune("hypernetwork", STEPS, tmp_path)
     with pytest.raises(ValueError, match="initializer word that is one token"):
         run("textual-inversion", tmp_path, initializer="a square")
+    with pytest.raises(ValueError, match="expected targets of"):
+        run("lora", tmp_path, targets="everything")
     with pytest.raises(ValueError, match="learns a new word"):
         run("textual-inversion", tmp_path, token="diamond")
 
