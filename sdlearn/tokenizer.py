@@ -317,11 +317,14 @@ class CLIPTokenizer:
                 raise ValueError(
                     f"{token!r} is already in the vocabulary (id {self.vocab[token]})"
                 )
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"expected different tokens, got {tokens}")
         for token in tokens:
             self.vocab[token] = len(self.id_to_token)
             self.id_to_token.append(token)
             self.added_tokens.append(token)
-        specials = [BOS_TOKEN, EOS_TOKEN, *self.added_tokens]
+        # the longest first, so that "<dia>" is not cut out of "<diamond>"
+        specials = sorted([BOS_TOKEN, EOS_TOKEN, *self.added_tokens], key=len)[::-1]
         self._unsplit = re.compile(f"({'|'.join(map(re.escape, specials))})")
         return [self.vocab[token] for token in tokens]
 

@@ -30,8 +30,13 @@ def test_added_tokens_are_kept_whole_and_numbered_after_the_vocabulary():
     assert tokenizer.decode(tokenizer(PROMPT)[0, :5]).endswith("red <diamond>")
     # words that are not the token are tokenized as before
     assert tokenizer.tokenize("a red diamond") == before
+    # overlapping tokens: the longer one wins where it is written
+    assert tokenizer.add_tokens("<dia>") == [49410]
+    assert tokenizer.encode("<diamond> <dia>") == [49408, 49410]
     with pytest.raises(ValueError, match="already in the vocabulary"):
         tokenizer.add_tokens("<diamond>")
+    with pytest.raises(ValueError, match="expected different tokens"):
+        tokenizer.add_tokens(["<x>", "<x>"])
     with pytest.raises(ValueError, match="already in the vocabulary"):
         tokenizer.add_tokens("red</w>")
     for bad in ("<Diamond>", "two words", ""):
