@@ -358,6 +358,18 @@ def reword(text: str, wording: dict[str, str]) -> str:
     return text
 
 
+def flat_metrics(summaries: dict[str, dict]) -> dict[str, float]:
+    """`evaluate_pipeline`'s summaries as one flat dict, as records keep them:
+    {"single-object color": 100.0, ...}, without the counts and the attributes
+    no prompt of a set named."""
+    return {
+        f"{name} {key}": value
+        for name, scores in summaries.items()
+        for key, value in scores.items()
+        if key != "n" and value is not None
+    }
+
+
 def summarize(rows: Iterable[dict[str, bool | None]]) -> dict[str, float | None]:
     """Accuracies over many scores, in percent.
 

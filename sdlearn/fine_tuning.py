@@ -20,12 +20,16 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from sdlearn.lora import ATTENTION_TARGETS
+
+if TYPE_CHECKING:
+    from sdlearn.pipeline import StableDiffusionPipeline
 from sdlearn.training import (
     DiffusionLoss,
     TrainConfig,
@@ -345,7 +349,9 @@ def read_fine_tune(method: str, concept: str = "diamond") -> tuple[dict, Path]:
     return json.loads(path.read_text()), artifact
 
 
-def load_fine_tune(method: str, concept: str = "diamond"):
+def load_fine_tune(
+    method: str, concept: str = "diamond"
+) -> tuple[StableDiffusionPipeline, dict]:
     """The shipped pipeline with a shipped fine-tune applied (its adapter, UNet
     or learned word, and the learned word of a LoRA or DreamBooth run that
     trained one), and the fine-tune's record.
@@ -395,18 +401,13 @@ def _scores(
     wording: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Accuracies of a pipeline on prompt sets, the new shapes among the shapes."""
-    from sdlearn.evaluate import evaluate_pipeline
+    from sdlearn.evaluate import evaluate_pipeline, flat_metrics
     from sdlearn.shapes import ALL_SHAPES
 
     table, _ = evaluate_pipeline(
         pipe, seeds=seeds, prompt_sets=prompt_sets, shapes=ALL_SHAPES, wording=wording
     )
-    return {
-        f"{name} {key}": value
-        for name, scores in table.items()
-        for key, value in scores.items()
-        if key != "n" and value is not None
-    }
+    return flat_metrics(table)
 
 
 # the fine-tuning commands (`sdlearn train lora`...), not part of `sdlearn train all`

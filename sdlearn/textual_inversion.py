@@ -53,6 +53,7 @@ class NewTokenEmbedding(nn.Module):
 
     @property
     def num_embeddings(self) -> int:
+        """V + num_new, as `nn.Embedding.num_embeddings`."""
         return self.frozen.shape[0] + self.new.shape[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -872,17 +872,18 @@ def train_unet(
     # 3. draw and score images for held-out prompts
     metrics = {}
     if eval_images:
-        from sdlearn.evaluate import evaluate_pipeline, evaluation_prompts
+        from sdlearn.evaluate import (
+            evaluate_pipeline,
+            evaluation_prompts,
+            flat_metrics,
+        )
         from sdlearn.pipeline import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(tokenizer, clip.text_model, vae, unet, scheduler)
         prompts = sum(len(p) for p in evaluation_prompts().values())
         seeds = max(1, round(eval_images / prompts))
         table, _ = evaluate_pipeline(pipe, seeds=seeds)
-        for name, scores in table.items():
-            for key, value in scores.items():
-                if key != "n" and value is not None:
-                    metrics[f"{name} {key}"] = value
+        metrics = flat_metrics(table)
     model_config = asdict(unet.config)
     return _finish_stage(
         "unet",

@@ -293,3 +293,16 @@ def test_concept_prompts_cover_every_colour_and_placement():
     )
     with pytest.raises(ValueError, match="new shapes"):
         evaluate.concept_prompts("circle")
+
+
+def test_flat_metrics_keep_the_named_accuracies_only():
+    from sdlearn.evaluate import flat_metrics
+
+    table = {
+        "single-object": {"color": 100.0, "size": None, "n": 30},
+        "held-out combos": {"color": 90.8, "n": 120},
+    }
+    assert flat_metrics(table) == {
+        "single-object color": 100.0,
+        "held-out combos color": 90.8,
+    }
