@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", help="fine-tunes: the pipeline to teach (default: shipped)"
     )
     p.add_argument(
-        "--concept", help="fine-tunes: the new shape to teach (diamond, ring)"
+        "--concept",
+        help="fine-tunes: the new shape or style to teach (diamond, ring, hollow)",
     )
     p.add_argument(
         "--token",

@@ -1,8 +1,9 @@
 """Fine-tuning the shipped model on what it never saw (chapter 09).
 
-Three ways to teach a trained pipeline a new shape of `shapes.NEW_SHAPES`, each
-with the training loop of chapter 07 (`sdlearn.training.train`) and its
-diffusion loss, each scoring the new shape and the base shapes before and after:
+Three ways to teach a trained pipeline a new concept, a shape of
+`shapes.NEW_SHAPES` or a style of `shapes.NEW_STYLES`, each with the training
+loop of chapter 07 (`sdlearn.training.train`) and its diffusion loss, each
+scoring the new concept and the base shapes before and after:
 
 - LoRA (`sdlearn train lora`): low-rank adapters on the UNet's attention
   projections (`sdlearn.lora`); the base weights stay frozen; a small file.
@@ -27,6 +28,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sdlearn.lora import ATTENTION_TARGETS
+from sdlearn.shapes import (
+    ALL_SHAPES,
+    ALL_STYLES,
+    NEW_SHAPES,
+    NEW_STYLES,
+    SHAPES,
+    STYLES,
+)
 
 if TYPE_CHECKING:
     from sdlearn.pipeline import StableDiffusionPipeline
@@ -42,12 +51,16 @@ from sdlearn.training import (
 
 METHODS: tuple[str, ...] = ("lora", "dreambooth", "textual-inversion")
 
+# what a fine-tune can teach: a new shape ("a red diamond") or a new style of the
+# base shapes ("a red hollow square")
+CONCEPTS: tuple[str, ...] = NEW_SHAPES + NEW_STYLES
+
 # the word a new shape's captions use, per method: its own (LoRA), a rare token
 # of CLIP's vocabulary that names it (DreamBooth), or a new word (textual inversion)
 DREAMBOOTH_TOKEN = "sks"
 
 # the word of the vocabulary a new word's embedding starts from
-INITIALIZERS: dict[str, str] = {"diamond": "square", "ring": "circle"}
+INITIALIZERS: dict[str, str] = {"diamond": "square", "ring": "circle", "hollow": "ring"}
 
 # which projections of the UNet a LoRA adapts
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -140,7 +153,9 @@ def fine_tune(
         method: "lora", "dreambooth" or "textual-inversion".
         checkpoint: the base pipeline (`StableDiffusionPipeline.from_pretrained`'s
             path); the tiny model shipped in the package by default.
-        concept: the new shape to teach, one of `shapes.NEW_SHAPES`.
+        concept: what to teach, one of `CONCEPTS`: a new shape (its pictures
+            in every colour), or a new style (the base shapes in it, in the
+            colour-shape pairs the base model trained on).
         token: the word for it in captions and prompts: the shape's own name
             (LoRA), "sks" (DreamBooth), "<concept>" (textual inversion) by default.
             A word the tokenizer does not know as one token, like "<diamond>",
@@ -157,8 +172,8 @@ def fine_tune(
             (`INITIALIZERS`' by default).
         eval_images: about how many images per prompt set the end-of-run
             evaluation draws (the concept's prompts, and the base model's before
-            and after, all scored with the new shapes among the shapes); 0
-            skips it.
+            and after, all scored with the new shapes among the shapes, or for a
+            style with the styles told apart); 0 skips it.
         ship: also write the record, and the adapter, the embedding or (for
             DreamBooth) the UNet's weights, into the package's `FINE_TUNES_DIR`
             as METHOD-CONCEPT.json and .safetensors, for chapter 09
@@ -172,7 +187,7 @@ def fine_tune(
 
     from sdlearn.lora import add_lora, save_lora
     from sdlearn.pipeline import StableDiffusionPipeline
-    from sdlearn.shapes import ALL_SHAPES, NEW_SHAPES, ShapesDataset
+    from sdlearn.shapes import ShapesDataset
     from sdlearn.textual_inversion import (
         NewTokenEmbedding,
         add_token,
@@ -181,8 +196,10 @@ def fine_tune(
 
     if method not in METHODS:
         raise ValueError(f"expected a method of {METHODS}, got {method!r}")
-    if concept not in NEW_SHAPES:
-        raise ValueError(f"expected a new shape of {NEW_SHAPES}, got {concept!r}")
+    if concept not in CONCEPTS:
+        raise ValueError(
+            f"expected a concept of {CONCEPTS} (new shapes and styles), got {concept!r}"
+        )
     if targets not in LORA_TARGETS:
         raise ValueError(f"expected targets of {tuple(LORA_TARGETS)}, got {targets!r}")
     if token is None:
@@ -204,9 +221,12 @@ def fine_tune(
     if new_word:
         initializer = initializer or INITIALIZERS[concept]
         add_token(pipe.tokenizer, pipe.text_encoder, token, initializer)
-    data: Dataset = ShapesDataset(
-        "all", length=images, seed=config.seed, shapes=(concept,)
-    )
+    if concept in NEW_STYLES:
+        data: Dataset = ShapesDataset(
+            "train", length=images, seed=config.seed, styles=(concept,)
+        )
+    else:
+        data = ShapesDataset("all", length=images, seed=config.seed, shapes=(concept,))
     data = Reworded(data, {concept: token})
     if prior_images:
         prior = ShapesDataset("train", length=prior_images, seed=config.seed + 1)
@@ -223,7 +243,7 @@ def fine_tune(
 
         sets = {"base": evaluation_prompts()["single-object"]}
         seeds = max(1, round(eval_images / len(sets["base"])))
-        metrics.update(_scores(pipe, {"base before": sets["base"]}, seeds))
+        metrics.update(_scores(pipe, {"base before": sets["base"]}, seeds, concept))
         sets[concept] = concept_prompts(concept)
 
     # 3. what trains, and the loss
@@ -266,7 +286,7 @@ def fine_tune(
     # 4. the scores after: the new shape, and what the base shapes kept
     if eval_images:
         after = {concept: sets[concept], "base after": sets["base"]}
-        metrics.update(_scores(pipe, after, seeds, wording={concept: token}))
+        metrics.update(_scores(pipe, after, seeds, concept, {concept: token}))
     options = {
         "concept": concept,
         "token": token,
@@ -294,7 +314,8 @@ def fine_tune(
         "hardware": result.hardware,
         "trainable_parameters": trainable,
         "metrics": {**result.metrics, **metrics},
-        "shapes_scored": list(ALL_SHAPES),
+        "shapes_scored": list(_told_apart(concept)[0]),
+        "styles_scored": list(_told_apart(concept)[1]),
         "versions": {"torch": torch.__version__},
         "loss_history": loss_history(log) if log.is_file() else {},
     }
@@ -394,18 +415,33 @@ def train_textual_inversion(config: TrainConfig, out_dir: str | Path, **kwargs) 
     return fine_tune("textual-inversion", config, out_dir, **kwargs)
 
 
+def _told_apart(concept: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The shapes and the styles a concept's evaluation tells apart: for a new
+    shape every shape, for a style the base shapes (a hollow circle is not a
+    ring there) and every style, so a hollow drawing for a base prompt is wrong."""
+    if concept in NEW_STYLES:
+        return SHAPES, ALL_STYLES
+    return ALL_SHAPES, STYLES
+
+
 def _scores(
     pipe,
     prompt_sets: dict[str, list[str]],
     seeds: int,
+    concept: str,
     wording: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Accuracies of a pipeline on prompt sets, the new shapes among the shapes."""
+    """Accuracies of a pipeline on prompt sets, scored as `_told_apart(concept)`."""
     from sdlearn.evaluate import evaluate_pipeline, flat_metrics
-    from sdlearn.shapes import ALL_SHAPES
 
+    shapes, styles = _told_apart(concept)
     table, _ = evaluate_pipeline(
-        pipe, seeds=seeds, prompt_sets=prompt_sets, shapes=ALL_SHAPES, wording=wording
+        pipe,
+        seeds=seeds,
+        prompt_sets=prompt_sets,
+        shapes=shapes,
+        styles=styles,
+        wording=wording,
     )
     return flat_metrics(table)
 

@@ -5,6 +5,9 @@ background, with a caption that says what is drawn. They cost no download, a CPU
 renders thousands a second, and because we know exactly what each picture shows,
 a generated image can be scored against its prompt without a learned judge.
 
+Every shape is drawn filled; chapter 09 also teaches a style the base model
+never sees, "hollow" (`NEW_STYLES`): the shape's band around a white hole.
+
 A training split leaves out a fixed list of colour-shape combinations
 (`HELD_OUT`), so we can ask whether a model composes "green" and "triangle"
 having only ever seen green things and triangles apart.
@@ -31,6 +34,12 @@ ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
 
 # A ring's band is this fraction of its outer radius wide.
 RING_WIDTH = 0.5
+
+# How a shape is filled: solid for the base model; "hollow" (a band around a
+# white hole, a ring's band for every shape) is chapter 09's new style.
+STYLES: tuple[str, ...] = ("filled",)
+NEW_STYLES: tuple[str, ...] = ("hollow",)
+ALL_STYLES: tuple[str, ...] = STYLES + NEW_STYLES
 
 # Far apart in RGB (the closest pair, red and orange, differs by about 100), so a
 # pixel's nearest colour in this table names the colour that was drawn.
@@ -100,6 +109,7 @@ class Scene:
             fractions of the image side, small enough that the position stays
             unambiguous.
         scale: multiplies the size's radius, close to 1.
+        style: one of `ALL_STYLES`; a hollow circle is drawn as a ring.
     """
 
     shape: str
@@ -108,6 +118,7 @@ class Scene:
     position: str
     jitter: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
+    style: str = "filled"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -115,6 +126,7 @@ class Scene:
             ("color", self.color, tuple(COLORS)),
             ("size", self.size, SIZES),
             ("position", self.position, POSITIONS),
+            ("style", self.style, ALL_STYLES),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
@@ -133,19 +145,22 @@ def random_scene(
     rng: np.random.Generator,
     shapes: tuple[str, ...] = SHAPES,
     colors: tuple[str, ...] | None = None,
+    styles: tuple[str, ...] = STYLES,
 ) -> Scene:
-    """Draws a scene uniformly over shapes, colours, sizes and positions.
+    """Draws a scene uniformly over shapes, colours, sizes, positions and styles.
 
     Args:
         rng: the numpy generator to draw from (the dataset seeds one per index).
         shapes: the shapes to choose from.
         colors: the colours to choose from; all of `COLORS` by default.
+        styles: the styles to choose from; with one style nothing is drawn for
+            it, so the base scenes are the same whether styles exist or not.
 
     Returns:
         A `Scene` with a small random jitter and scale.
     """
     colors = tuple(COLORS) if colors is None else colors
-    return Scene(
+    scene = dict(
         shape=shapes[rng.integers(len(shapes))],
         color=colors[rng.integers(len(colors))],
         size=SIZES[rng.integers(len(SIZES))],
@@ -153,10 +168,12 @@ def random_scene(
         jitter=(float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04))),
         scale=float(rng.uniform(0.9, 1.1)),
     )
+    style = styles[rng.integers(len(styles))] if len(styles) > 1 else styles[0]
+    return Scene(**scene, style=style)
 
 
 def render(scene: Scene, size: int = 64) -> np.ndarray:
-    """Draws a scene: one solid shape (a ring: a band) on a plain white background.
+    """Draws a scene: one shape on a plain white background, solid or hollow.
 
     Args:
         scene: what to draw.
@@ -173,32 +190,52 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     cx, cy = (c * size for c in scene.center())
     r = scene.radius() * size
     fill = COLORS[scene.color]
-    if scene.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif scene.shape == "diamond":
-        # a square on its corner, in the circle's box
-        draw.polygon(
-            [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill
-        )
-    elif scene.shape == "ring":
+    if scene.shape == "ring" or (scene.shape == "circle" and scene.style == "hollow"):
         # the circle's outline, RING_WIDTH of the radius wide, white inside
         width = max(2, round(r * RING_WIDTH))
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=width)
-    elif scene.shape == "square":
+        return np.array(image)
+    if scene.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        return np.array(image)
+    points, inradius = _polygon(scene.shape, cx, cy, r)
+    draw.polygon(points, fill=fill)
+    if scene.style == "hollow":
+        # the same polygon shrunk about its centre (its incentre: these polygons
+        # are regular) leaves a band of RING_WIDTH of the inradius, at least 2 px
+        band = max(2.0, RING_WIDTH * inradius)
+        k = max(0.0, 1 - band / inradius)
+        mx, my = np.mean(points, axis=0)
+        draw.polygon(
+            [(mx + k * (x - mx), my + k * (y - my)) for x, y in points], fill=BACKGROUND
+        )
+    return np.array(image)  # a writable copy, so torch.from_numpy is safe
+
+
+def _polygon(
+    shape: str, cx: float, cy: float, r: float
+) -> tuple[list[tuple[float, float]], float]:
+    """The corners of a square, diamond or triangle drawn in the box of a circle
+    of radius r about (cx, cy), in pixels, and the polygon's inradius."""
+    if shape == "square":
         # a square of the circle's area would look smaller; same box reads better
         s = r * 0.9
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-    else:  # an upward equilateral triangle centred on its centroid
-        points = [
-            (cx + r * math.cos(a), cy - r * math.sin(a))
-            for a in (
-                math.pi / 2,
-                math.pi / 2 + 2 * math.pi / 3,
-                math.pi / 2 - 2 * math.pi / 3,
-            )
-        ]
-        draw.polygon([(x, y + r * 0.15) for x, y in points], fill=fill)
-    return np.array(image)  # a writable copy, so torch.from_numpy is safe
+        return [
+            (cx - s, cy - s),
+            (cx + s, cy - s),
+            (cx + s, cy + s),
+            (cx - s, cy + s),
+        ], s
+    if shape == "diamond":
+        # a square on its corner, in the circle's box
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], r / math.sqrt(
+            2
+        )
+    # an upward equilateral triangle of circumradius r, its centroid 0.15 r below
+    # the centre so that it looks centred
+    angles = (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 - 2 * math.pi / 3)
+    points = [(cx + r * math.cos(a), cy - r * math.sin(a) + r * 0.15) for a in angles]
+    return points, r / 2
 
 
 def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
@@ -215,7 +252,8 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
     text = template.format(
         size=scene.size,
         color=scene.color,
-        shape=scene.shape,
+        # "a red hollow square": the style only when it is not the base one
+        shape=scene.shape if scene.style in STYLES else f"{scene.style} {scene.shape}",
         where=_PHRASES[scene.position],
     )
     return with_articles(text)
@@ -247,10 +285,12 @@ class ShapesDataset(Dataset):
             always the fullest one.
         shapes: the shapes to draw from (not for "held_out"); `SHAPES` by
             default, e.g. ("diamond",) for a new concept of `NEW_SHAPES`.
+        styles: the styles to draw from (not for "held_out"); `STYLES` by
+            default, ("hollow",) for the new style of `NEW_STYLES`.
 
     Items are dicts with "pixel_values" (3, H, W) float in [-1, 1], "caption"
-    (str), and the integer labels "shape", "color", "size", "position" (indices
-    into ALL_SHAPES, list(COLORS), SIZES, POSITIONS).
+    (str), and the integer labels "shape", "color", "size", "position", "style"
+    (indices into ALL_SHAPES, list(COLORS), SIZES, POSITIONS, ALL_STYLES).
     """
 
     SPLITS = ("train", "held_out", "all")
@@ -263,6 +303,7 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         random_captions: bool = True,
         shapes: tuple[str, ...] = SHAPES,
+        styles: tuple[str, ...] = STYLES,
     ) -> None:
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {self.SPLITS}")
@@ -277,6 +318,10 @@ class ShapesDataset(Dataset):
         if unknown or not shapes:
             raise ValueError(f"expected shapes among {ALL_SHAPES}, got {shapes}")
         self.shapes = tuple(shapes)
+        unknown = [style for style in styles if style not in ALL_STYLES]
+        if unknown or not styles:
+            raise ValueError(f"expected styles among {ALL_STYLES}, got {styles}")
+        self.styles = tuple(styles)
 
     def __len__(self) -> int:
         return self.length
@@ -289,9 +334,9 @@ class ShapesDataset(Dataset):
         if self.split == "held_out":
             color, shape = HELD_OUT[rng.integers(len(HELD_OUT))]
             return random_scene(rng, shapes=(shape,), colors=(color,))
-        scene = random_scene(rng, shapes=self.shapes)
+        scene = random_scene(rng, shapes=self.shapes, styles=self.styles)
         while self.split == "train" and is_held_out(scene):
-            scene = random_scene(rng, shapes=self.shapes)
+            scene = random_scene(rng, shapes=self.shapes, styles=self.styles)
         return scene
 
     def __getitem__(self, index: int) -> dict:
@@ -308,6 +353,7 @@ class ShapesDataset(Dataset):
             "color": list(COLORS).index(scene.color),
             "size": SIZES.index(scene.size),
             "position": POSITIONS.index(scene.position),
+            "style": ALL_STYLES.index(scene.style),
         }
 
 

@@ -521,15 +521,16 @@ def train_vae(
 
     Args:
         shapes: "all" (the default, and the shipped VAE) trains on the base
-            shapes and on the new ones (`shapes.NEW_SHAPES`), which the UNet
-            stage never shows, so that a later fine-tuning can draw them
-            (Stable Diffusion's VAE, too, has seen far more than any one
-            fine-tuning teaches); "base" on `shapes.SHAPES` only.
+            shapes and on the new ones (`shapes.NEW_SHAPES`), filled and hollow
+            (`shapes.NEW_STYLES`), which the UNet stage never shows, so that a
+            later fine-tuning can draw them (Stable Diffusion's VAE, too, has
+            seen far more than any one fine-tuning teaches); "base" on the
+            filled `shapes.SHAPES` only.
 
     Returns:
         the record written to vae.json.
     """
-    from sdlearn.shapes import ALL_SHAPES, SHAPES, ShapesDataset
+    from sdlearn.shapes import ALL_SHAPES, ALL_STYLES, SHAPES, STYLES, ShapesDataset
     from sdlearn.vae import AutoencoderKL, VAEConfig, VAELoss, psnr
 
     if shapes not in ("base", "all"):
@@ -543,6 +544,7 @@ def train_vae(
         image_size=64,
         seed=config.seed,
         shapes=ALL_SHAPES if shapes == "all" else SHAPES,
+        styles=ALL_STYLES if shapes == "all" else STYLES,
     )
     result = train(
         VAELoss(vae, kl_weight),
@@ -578,22 +580,35 @@ def train_vae(
 @torch.no_grad()
 def _reconstructions_read_right(vae: nn.Module, n: int) -> dict[str, float]:
     """How often the scorer reads a VAE's reconstruction as its caption, in
-    percent, for base shapes and for each new shape: what a UNet on these
-    latents can draw at best."""
+    percent, for base shapes, each new shape and the base shapes in each new
+    style: what a UNet on these latents can draw at best."""
     from sdlearn.evaluate import score
-    from sdlearn.shapes import ALL_SHAPES, NEW_SHAPES, SHAPES, ShapesDataset, to_image
+    from sdlearn.shapes import (
+        ALL_SHAPES,
+        ALL_STYLES,
+        NEW_SHAPES,
+        NEW_STYLES,
+        SHAPES,
+        STYLES,
+        ShapesDataset,
+        to_image,
+    )
 
     n = max(1, n)
     result = {}
-    for name, shapes in (("base", SHAPES), *((s, (s,)) for s in NEW_SHAPES)):
+    concepts = [("base", SHAPES, STYLES), *((s, (s,), STYLES) for s in NEW_SHAPES)]
+    concepts += [(s, SHAPES, (s,)) for s in NEW_STYLES]
+    for name, shapes, styles in concepts:
         data = ShapesDataset(
-            "all", length=n, seed=2, shapes=shapes, random_captions=False
+            "all", length=n, seed=2, shapes=shapes, styles=styles, random_captions=False
         )
         items = [data[i] for i in range(n)]
         pixels = torch.stack([item["pixel_values"] for item in items])
         images = to_image(vae.decode(vae.encode(pixels).mode()))
+        # a hollow circle is read as a ring when rings are told apart
+        told_apart = SHAPES if styles != STYLES else ALL_SHAPES
         right = [
-            score(image, item["caption"], ALL_SHAPES)["all"]
+            score(image, item["caption"], told_apart, ALL_STYLES)["all"]
             for image, item in zip(images, items, strict=True)
         ]
         result[f"{name}_read_right"] = round(100 * sum(right) / n, 1)

@@ -47,10 +47,10 @@ def test_train_vae_writes_weights_and_a_record(tmp_path, capsys):
     assert record["command"].startswith("sdlearn train vae --steps 3 --batch-size 2")
     assert record["model_config"]["scaling_factor"] > 0
     assert {"loss", "mse", "kl", "held_out_psnr_db"} <= set(record["metrics"])
-    # what a UNet on these latents could draw at best, base and new shapes
-    assert {"base_read_right", "diamond_read_right", "ring_read_right"} <= set(
-        record["metrics"]
-    )
+    # what a UNet on these latents could draw at best: base and new shapes, and
+    # the base shapes in the new style
+    read_right = {f"{c}_read_right" for c in ("base", "diamond", "ring", "hollow")}
+    assert read_right <= set(record["metrics"])
     state_dict = load_file(out / "vae.safetensors")
     assert "encoder.conv_in.weight" in state_dict
     # an interrupted run continues from its checkpoint; other settings are refused

@@ -37,7 +37,7 @@ def run(method, out_dir, **kwargs):
     )
 
 
-def fixed_loss(pipe, token: str) -> float:
+def fixed_loss(pipe, token: str, concept: str = "diamond") -> float:
     """The diffusion loss on the run's training images, with the same timesteps
     and noise every time (the batch losses of so short a run are too noisy)."""
     from torch.utils.data import default_collate
@@ -45,12 +45,15 @@ def fixed_loss(pipe, token: str) -> float:
     from sdlearn.fine_tuning import Reworded
     from sdlearn.shapes import ShapesDataset
 
-    data = ShapesDataset("all", length=64, seed=STEPS.seed, shapes=("diamond",))
+    if concept == "hollow":  # the base shapes in the new style
+        data = ShapesDataset("train", length=64, seed=STEPS.seed, styles=("hollow",))
+    else:
+        data = ShapesDataset("all", length=64, seed=STEPS.seed, shapes=(concept,))
     items, tokens, _ = training.encode_shapes(
         pipe.vae,
         pipe.text_encoder,
         pipe.tokenizer,
-        Reworded(data, {"diamond": token}),
+        Reworded(data, {concept: token}),
         progress=False,
     )
     loss = training.DiffusionLoss(
@@ -122,6 +125,24 @@ def test_fine_tune_learns_and_writes_what_reloads(method, tmp_path, monkeypatch)
     assert fixed_loss(pipe, token) < 0.95 * fixed_loss(before, token)
 
 
+def test_a_style_is_taught_like_a_shape(tmp_path):
+    from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.shapes import ALL_STYLES, SHAPES
+
+    record = run("lora", tmp_path, concept="hollow")
+    assert record["concept"] == record["token"] == "hollow"
+    # scored on the base shapes, hollow told from filled
+    assert record["shapes_scored"] == list(SHAPES)
+    assert record["styles_scored"] == list(ALL_STYLES)
+    assert "--concept hollow" in record["command"]
+    before = StableDiffusionPipeline.from_pretrained()
+    after = StableDiffusionPipeline.from_pretrained()
+    after.load_lora(tmp_path / ARTIFACTS["lora"])
+    assert fixed_loss(after, "hollow", "hollow") < 0.95 * fixed_loss(
+        before, "hollow", "hollow"
+    )
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fine_tune_resumes_exactly(method, tmp_path):
     run(method, tmp_path / "straight")
@@ -150,8 +171,10 @@ def test_fine_tune_resumes_exactly(method, tmp_path):
 def test_fine_tune_refuses_unknown_concepts_methods_and_initializers(tmp_path):
     from sdlearn.fine_tuning import fine_tune
 
-    with pytest.raises(ValueError, match="expected a new shape"):
+    with pytest.raises(ValueError, match="expected a concept of"):
         run("dreambooth", tmp_path, concept="circle")
+    with pytest.raises(ValueError, match="expected a concept of"):
+        run("lora", tmp_path, concept="filled")
     with pytest.raises(ValueError, match="expected a method of"):
         fine_tune("hypernetwork", STEPS, tmp_path)
     with pytest.raises(ValueError, match="initializer word that is one token"):

@@ -1,11 +1,21 @@
 """The shapes dataset: deterministic, captions true to the pixels, held-out pairs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from sdlearn import shapes
-from sdlearn.shapes import COLORS, HELD_OUT, Scene, ShapesDataset
+from sdlearn.shapes import (
+    ALL_STYLES,
+    COLORS,
+    HELD_OUT,
+    Scene,
+    ShapesDataset,
+    caption,
+    render,
+)
 
 
 def test_colors_are_well_separated():
@@ -155,3 +165,30 @@ def test_new_shapes_are_drawn_only_when_asked_for():
     assert {item["shape"] for item in items} == {ALL_SHAPES.index("ring")}
     with pytest.raises(ValueError, match="expected shapes among"):
         ShapesDataset("train", shapes=("star",))
+
+
+def test_the_hollow_style_is_drawn_only_when_asked_for():
+    base = ShapesDataset("train", length=200, seed=4)
+    hollow = ShapesDataset("train", length=200, seed=4, styles=("hollow",))
+    assert all(base.scene(i).style == "filled" for i in range(200))
+    # one style draws nothing from the generator: the same scenes, hollow
+    assert all(
+        hollow.scene(i) == dataclasses.replace(base.scene(i), style="hollow")
+        for i in range(200)
+    )
+    item = hollow[0]
+    assert "hollow" in item["caption"] and ALL_STYLES[item["style"]] == "hollow"
+    both = ShapesDataset("all", length=200, seed=4, styles=ALL_STYLES)
+    assert {both.scene(i).style for i in range(200)} == set(ALL_STYLES)
+    # a hollow shape is its filled self with a white hole
+    scene = dataclasses.replace(base.scene(0), style="hollow")
+    drawn = (render(scene) != 255).any(-1)
+    solid = (render(dataclasses.replace(scene, style="filled")) != 255).any(-1)
+    assert not (drawn & ~solid).any() and 0.5 < drawn.sum() / solid.sum() < 0.85
+    assert caption(Scene("square", "orange", "small", "left", style="hollow")) == (
+        "a small orange hollow square on the left"
+    )
+    with pytest.raises(ValueError, match="style"):
+        ShapesDataset(styles=("striped",))
+    with pytest.raises(ValueError, match="style"):
+        Scene("circle", "red", "small", "left", style="striped")
