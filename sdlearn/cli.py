@@ -29,6 +29,8 @@ from pathlib import Path
 # the fine-tuning commands of sdlearn.fine_tuning.METHODS (not imported here:
 # the parser stays light)
 FINE_TUNE_NAMES = ("lora", "dreambooth", "textual-inversion")
+# --targets' choices: the keys of sdlearn.fine_tuning.LORA_TARGETS
+LORA_TARGET_NAMES = ("attention", "cross-kv", "attention+convs")
 
 # --scheduler's choices -> the scheduler classes' names
 SCHEDULER_NAMES = {
@@ -386,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, help="lora: scale = alpha / rank")
     p.add_argument(
         "--targets",
-        choices=["attention", "cross-kv"],
-        help="lora: every attention projection, or the cross-attention's k and v",
+        choices=LORA_TARGET_NAMES,
+        help="lora: every attention projection, the cross-attention's k and v, "
+        "or every attention projection and the ResnetBlocks' convolutions",
     )
     p.add_argument(
         "--initializer", help="fine-tunes: the word a new word (<name>) starts from"

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sdlearn.lora import ATTENTION_TARGETS
+from sdlearn.lora import ATTENTION_TARGETS, RESNET_CONV_TARGETS
 from sdlearn.shapes import (
     ALL_SHAPES,
     ALL_STYLES,
@@ -62,10 +62,11 @@ DREAMBOOTH_TOKEN = "sks"
 # the word of the vocabulary a new word's embedding starts from
 INITIALIZERS: dict[str, str] = {"diamond": "square", "ring": "circle", "hollow": "ring"}
 
-# which projections of the UNet a LoRA adapts
+# which layers of the UNet a LoRA adapts
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "attention": ATTENTION_TARGETS,
     "cross-kv": ("attn2.to_k", "attn2.to_v"),
+    "attention+convs": ATTENTION_TARGETS + RESNET_CONV_TARGETS,
 }
 
 # where `--ship` puts the records (and the small files) of chapter 09's runs
@@ -164,10 +165,12 @@ def fine_tune(
         prior_images: pictures of the base shapes mixed in.
         caption_dropout: how often the caption becomes the empty prompt.
         rank, alpha: LoRA's adapters' (see `sdlearn.lora.LoRALinear`).
-        targets: which projections LoRA adapts, a key of `LORA_TARGETS`:
-            "attention" (every attention projection, the usual choice) or
+        targets: which layers LoRA adapts, a key of `LORA_TARGETS`:
+            "attention" (every attention projection, the usual choice),
             "cross-kv" (only the cross-attention's keys and values, where the
-            text enters: Custom Diffusion's choice, Kumari et al. 2022).
+            text enters: Custom Diffusion's choice, Kumari et al. 2022), or
+            "attention+convs" (and the ResnetBlocks' 3x3 convolutions, as
+            LyCORIS's LoCon does).
         initializer: the word a new word's embedding starts from
             (`INITIALIZERS`' by default).
         eval_images: about how many images per prompt set the end-of-run

@@ -14,10 +14,13 @@ of Stable Diffusion 1.5's 320-wide attention projections at rank 4 that is
 into W (merge): the adapter then costs nothing at inference.
 
 `add_lora` wraps the attention projections of any sdlearn model (the UNet's
-`to_q`, `to_k`, `to_v`, `to_out.0` by default) in `LoRALinear`; `save_lora`
-writes the adapters as a small .safetensors file with the key names diffusers'
-`load_lora_weights` reads ("unet.<module>.lora_A.weight", "...lora_B.weight"),
-and `load_lora` puts them back into a model.
+`to_q`, `to_k`, `to_v`, `to_out.0` by default) in `LoRALinear`, and convolutions
+named in its targets (the ResnetBlocks' `conv1`, `conv2`) in `LoRAConv2d`, whose
+A is a convolution of the base's kernel into r channels and B a 1x1 one (as
+peft and diffusers do it); `save_lora` writes the adapters as a small
+.safetensors file with the key names diffusers' `load_lora_weights` reads
+("unet.<module>.lora_A.weight", "...lora_B.weight"), and `load_lora` puts them
+back into a model.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from torch import nn
 # the UNet's attention projections, by their names in diffusers' UNet
 ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
+# the 3x3 convolutions of the UNet's ResnetBlocks, where shapes are drawn
+RESNET_CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2")
+
 
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable low-rank update (alpha / r) B A.
@@ -47,27 +53,39 @@ class LoRALinear(nn.Module):
     (`--lora-scale`): 0 gives the base model, 1 the trained adapter.
     """
 
+    adapts: type[nn.Module] = nn.Linear  # the kind of layer it wraps
+
     def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoRA adapts nn.Linear layers, got {type(base).__name__}")
-        if not 1 <= rank <= min(base.in_features, base.out_features):
+        if not isinstance(base, self.adapts):
             raise ValueError(
-                f"rank must be between 1 and min(in, out) = "
-                f"{min(base.in_features, base.out_features)}, got {rank}"
+                f"{type(self).__name__} adapts {self.adapts.__name__} layers, "
+                f"got {type(base).__name__}"
+            )
+        n_in, n_out = base.weight.shape[1], base.weight.shape[0]
+        if not 1 <= rank <= min(n_in, n_out):
+            raise ValueError(
+                f"rank must be between 1 and min(in, out) = {min(n_in, n_out)}, "
+                f"got {rank}"
             )
         self.base = base
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.multiplier = 1.0
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
-        # A as nn.Linear's own initialisation, B zero: the update starts at 0
+        self.lora_A, self.lora_B = self.factors(base, rank)
+        # A as the layer's own initialisation, B zero: the update starts at 0
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         base.requires_grad_(False)
         self._unmerged_weight: torch.Tensor | None = None
+
+    @staticmethod
+    def factors(base: nn.Linear, rank: int) -> tuple[nn.Module, nn.Module]:
+        """A (in -> r) and B (r -> out), on the base weight's device and dtype."""
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        A = nn.Linear(base.in_features, rank, bias=False, **factory)
+        B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        return A, B
 
     @property
     def scale(self) -> float:
@@ -80,8 +98,10 @@ class LoRALinear(nn.Module):
         return self._unmerged_weight is not None
 
     def delta_weight(self) -> torch.Tensor:
-        """(out, in) the update scale * B A that merging adds to the weight."""
-        return self.scale * (self.lora_B.weight @ self.lora_A.weight)
+        """The update scale * B A that merging adds to the weight, its shape."""
+        B = self.lora_B.weight.flatten(1)  # (out, r)
+        A = self.lora_A.weight.flatten(1)  # (r, in), or (r, in * k * k) for a conv
+        return self.scale * (B @ A).view_as(self.base.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # (..., out)
@@ -110,20 +130,60 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, multiplier={self.multiplier:g}"
 
 
+class LoRAConv2d(LoRALinear):
+    """A frozen `nn.Conv2d` plus a trainable low-rank update (alpha / r) B A.
+
+    A convolution is a linear map of each (in, k, k) patch, so its LoRA is the
+    same idea: A is a convolution with the base's kernel, stride and padding
+    into r channels, B a 1x1 convolution from r to out channels; merged, B A is
+    an (out, in, k, k) kernel added to the base's. Args as for `LoRALinear`.
+    """
+
+    adapts = nn.Conv2d
+
+    @staticmethod
+    def factors(base: nn.Conv2d, rank: int) -> tuple[nn.Module, nn.Module]:
+        """A (in -> r, the base's kernel) and B (r -> out, 1x1)."""
+        if base.groups != 1:
+            raise ValueError(f"LoRA adapts ungrouped convolutions, got {base}")
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        A = nn.Conv2d(
+            base.in_channels,
+            rank,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            **factory,
+        )
+        B = nn.Conv2d(rank, base.out_channels, 1, bias=False, **factory)
+        return A, B
+
+
+# which adapter wraps which kind of layer
+_ADAPTERS: dict[type[nn.Module], type[LoRALinear]] = {
+    nn.Linear: LoRALinear,
+    nn.Conv2d: LoRAConv2d,
+}
+
+
 def add_lora(
     model: nn.Module,
     rank: int = 4,
     alpha: float | None = None,
     targets: Iterable[str] = ATTENTION_TARGETS,
 ) -> dict[str, LoRALinear]:
-    """Wrap every `nn.Linear` of `model` whose name ends with one of `targets`.
+    """Wrap every `nn.Linear` (in a `LoRALinear`) and `nn.Conv2d` (in a
+    `LoRAConv2d`) of `model` whose name ends with one of `targets`.
 
     Freezes every parameter of `model` first, so that only the adapters train.
 
     Args:
         model: e.g. a `UNet`.
         rank, alpha: as for `LoRALinear`.
-        targets: name endings, e.g. "to_q" or "to_out.0".
+        targets: name endings, e.g. "to_q", "to_out.0" or "conv1".
 
     Returns:
         {module name: adapter}, in the model's order.
@@ -133,16 +193,19 @@ def add_lora(
     names = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if type(module) in _ADAPTERS
         and any(name == t or name.endswith("." + t) for t in targets)
     ]
     if not names:
-        raise ValueError(f"no nn.Linear of the model is named like {targets}")
+        raise ValueError(
+            f"no nn.Linear or nn.Conv2d of the model is named like {targets}"
+        )
     adapters = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = LoRALinear(parent.get_submodule(child), rank, alpha)
+        base = parent.get_submodule(child)
+        adapter = _ADAPTERS[type(base)](base, rank, alpha)
         # setattr also replaces item "0" of a ModuleList such as to_out
         setattr(parent, child, adapter)
         adapters[name] = adapter
@@ -184,7 +247,8 @@ def lora_state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.T
     same update B A.
 
     Returns:
-        {"<prefix>.<module>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}.
+        {"<prefix>.<module>.lora_A.weight": (r, in), "...lora_B.weight": (out, r)};
+        for a convolution (r, in, k, k) and (out, r, 1, 1).
     """
     state = {}
     for name, adapter in lora_layers(model):
@@ -252,21 +316,25 @@ def load_lora(
         raise ValueError(f"{where} has no '{start}<module>.lora_A.weight' keys")
     incomplete = sorted(n for n, p in pairs.items() if len(p) != 2)
     modules = dict(model.named_modules())
-    unknown = sorted(n for n in pairs if not isinstance(modules.get(n), nn.Linear))
+    unknown = sorted(n for n in pairs if type(modules.get(n)) not in _ADAPTERS)
     if incomplete or unknown:
         raise ValueError(
             f"{where} does not fit the model: lora_A or lora_B missing for "
-            f"{incomplete[:5]}, no nn.Linear named {unknown[:5]}"
+            f"{incomplete[:5]}, no nn.Linear or nn.Conv2d named {unknown[:5]}"
         )
     adapters = {}
     for name, pair in pairs.items():
-        A, B = pair["lora_A"], pair["lora_B"]  # (r, in), (out, r)
+        A, B = pair["lora_A"], pair["lora_B"]  # (r, in[, k, k]), (out, r[, 1, 1])
         base = modules[name]
-        if A.shape[1] != base.in_features or B.shape != (base.out_features, A.shape[0]):
+        n_out, n_in, *kernel = base.weight.shape  # kernel: [k, k] for a conv
+        ones = [1] * len(kernel)
+        r = A.shape[0]
+        if A.shape != (r, n_in, *kernel) or B.shape != (n_out, r, *ones):
+            expected_A = ", ".join(map(str, ["r", n_in, *kernel]))
+            expected_B = ", ".join(map(str, [n_out, "r", *ones]))
             raise ValueError(
                 f"{where}: {name} has lora_A {tuple(A.shape)} and lora_B "
-                f"{tuple(B.shape)}, expected (r, {base.in_features}) and "
-                f"({base.out_features}, r)"
+                f"{tuple(B.shape)}, expected ({expected_A}) and ({expected_B})"
             )
         adapters.update(add_lora(model, rank=A.shape[0], targets=[name]))
         adapter = adapters[name]

@@ -582,33 +582,25 @@ def _reconstructions_read_right(vae: nn.Module, n: int) -> dict[str, float]:
     """How often the scorer reads a VAE's reconstruction as its caption, in
     percent, for base shapes, each new shape and the base shapes in each new
     style: what a UNet on these latents can draw at best."""
+    from sdlearn import shapes as S
     from sdlearn.evaluate import score
-    from sdlearn.shapes import (
-        ALL_SHAPES,
-        ALL_STYLES,
-        NEW_SHAPES,
-        NEW_STYLES,
-        SHAPES,
-        STYLES,
-        ShapesDataset,
-        to_image,
-    )
 
     n = max(1, n)
     result = {}
-    concepts = [("base", SHAPES, STYLES), *((s, (s,), STYLES) for s in NEW_SHAPES)]
-    concepts += [(s, SHAPES, (s,)) for s in NEW_STYLES]
+    concepts = [("base", S.SHAPES, S.STYLES)]
+    concepts += [(shape, (shape,), S.STYLES) for shape in S.NEW_SHAPES]
+    concepts += [(style, S.SHAPES, (style,)) for style in S.NEW_STYLES]
     for name, shapes, styles in concepts:
-        data = ShapesDataset(
+        data = S.ShapesDataset(
             "all", length=n, seed=2, shapes=shapes, styles=styles, random_captions=False
         )
         items = [data[i] for i in range(n)]
         pixels = torch.stack([item["pixel_values"] for item in items])
-        images = to_image(vae.decode(vae.encode(pixels).mode()))
+        images = S.to_image(vae.decode(vae.encode(pixels).mode()))
         # a hollow circle is read as a ring when rings are told apart
-        told_apart = SHAPES if styles != STYLES else ALL_SHAPES
+        told_apart = S.SHAPES if styles != S.STYLES else S.ALL_SHAPES
         right = [
-            score(image, item["caption"], told_apart, ALL_STYLES)["all"]
+            score(image, item["caption"], told_apart, S.ALL_STYLES)["all"]
             for image, item in zip(images, items, strict=True)
         ]
         result[f"{name}_read_right"] = round(100 * sum(right) / n, 1)

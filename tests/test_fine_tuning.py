@@ -186,10 +186,11 @@ def test_fine_tune_refuses_unknown_concepts_methods_and_initializers(tmp_path):
 
 
 def test_cli_knows_every_method():
-    from sdlearn.cli import FINE_TUNE_NAMES
-    from sdlearn.fine_tuning import FINE_TUNES
+    from sdlearn.cli import FINE_TUNE_NAMES, LORA_TARGET_NAMES
+    from sdlearn.fine_tuning import FINE_TUNES, LORA_TARGETS
 
     assert FINE_TUNE_NAMES == METHODS == tuple(FINE_TUNES)
+    assert tuple(LORA_TARGETS) == LORA_TARGET_NAMES
     assert set(METHODS) <= set(training.STAGE_DEFAULTS)
 
 
@@ -206,6 +207,16 @@ def test_lora_targets_name_the_projections():
     # self- and cross-attention, 4 projections each, against 2 of one
     assert set(cross) < set(every) and len(every) == 4 * len(cross)
     assert all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in cross)
+    # and two convolutions of every ResnetBlock
+    convs = add_lora(
+        copy.deepcopy(unet), rank=2, targets=LORA_TARGETS["attention+convs"]
+    )
+    blocks = [
+        n for n, _ in unet.named_modules() if n.rpartition(".")[0].endswith("resnets")
+    ]
+    assert set(convs) - set(every) == {
+        f"{b}.{c}" for b in blocks for c in ("conv1", "conv2")
+    }
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from sdlearn.lora import (
+    ATTENTION_TARGETS,
+    RESNET_CONV_TARGETS,
+    LoRAConv2d,
     LoRALinear,
     add_lora,
     load_lora,
@@ -19,6 +22,13 @@ from sdlearn.lora import (
 )
 from sdlearn.unet import UNet
 from tests.helpers import UNET_CONFIG, has, needs_diffusers, randomize_
+
+# the adapted layers: attention projections only, or the ResnetBlocks' 3x3
+# convolutions too
+TARGETS = {
+    "attention": ATTENTION_TARGETS,
+    "attention+convs": ATTENTION_TARGETS + RESNET_CONV_TARGETS,
+}
 
 
 def unet_inputs(seed: int = 0):
@@ -67,9 +77,33 @@ def test_only_the_adapters_train():
 
 
 @torch.no_grad()
-def test_merge_then_unmerge_restores_the_base_weights_exactly():
+def test_a_conv_adapter_is_a_low_rank_kernel():
+    conv = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)
+    layer = LoRAConv2d(conv, rank=2, alpha=4)
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=0)  # B = 0
+    train_adapters_(layer)
+    assert layer.lora_A.weight.shape == (2, 6, 3, 3)
+    assert layer.lora_B.weight.shape == (5, 2, 1, 1)
+    # the update is the convolution with the kernel scale * B A, of rank 2
+    delta = layer.delta_weight()
+    assert delta.shape == conv.weight.shape
+    assert torch.linalg.matrix_rank(delta.flatten(1)) == 2
+    expected = torch.nn.functional.conv2d(
+        x, conv.weight + delta, conv.bias, stride=2, padding=1
+    )
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="LoRAConv2d adapts Conv2d layers"):
+        LoRAConv2d(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="LoRALinear adapts Linear layers"):
+        LoRALinear(conv)
+
+
+@pytest.mark.parametrize("targets", TARGETS)
+@torch.no_grad()
+def test_merge_then_unmerge_restores_the_base_weights_exactly(targets):
     unet = random_unet()
-    add_lora(unet, rank=4, alpha=2)
+    add_lora(unet, rank=4, alpha=2, targets=TARGETS[targets])
     train_adapters_(unet)
     base = {n: p.clone() for n, p in unet.named_parameters() if ".base." in n}
     unmerged = unet(*unet_inputs())
@@ -110,17 +144,22 @@ def test_scale_zero_is_the_base_model_and_scale_is_linear():
     assert (full - base).abs().max() > 1e-4  # the adapters do change the UNet
 
 
+@pytest.mark.parametrize("targets", TARGETS)
 @torch.no_grad()
-def test_save_and_load_give_the_same_outputs(tmp_path):
+def test_save_and_load_give_the_same_outputs(tmp_path, targets):
     unet = random_unet()
-    add_lora(unet, rank=3, alpha=6)  # scale 2, folded into lora_B on saving
+    # scale 2, folded into lora_B on saving
+    add_lora(unet, rank=3, alpha=6, targets=TARGETS[targets])
     train_adapters_(unet)
     expected = unet(*unet_inputs())
     path = save_lora(unet, tmp_path / "adapter.safetensors")
-    assert path.stat().st_size < 100_000
+    # the adapters' numbers in float32 and a header: nothing of the base model
+    numbers = sum(p.numel() for n, p in unet.named_parameters() if ".lora_" in n)
+    assert path.stat().st_size < 4 * numbers + 30_000
     reloaded = random_unet()
     adapters = load_lora(reloaded, path)
     assert {a.rank for a in adapters.values()} == {3}
+    assert len(adapters) == len(list(lora_layers(unet)))
     torch.testing.assert_close(reloaded(*unet_inputs()), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -133,7 +172,7 @@ def test_load_names_the_file_and_the_keys_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match="lora_A or lora_B missing"):
         load_lora(random_unet(), broken)
     renamed = {k.replace("attn1", "attn9"): v for k, v in state.items()}
-    with pytest.raises(ValueError, match="no nn.Linear named"):
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d named"):
         load_lora(random_unet(), renamed)
     path = tmp_path / "empty.safetensors"
     from safetensors.torch import save_file
@@ -149,8 +188,9 @@ def test_load_names_the_file_and_the_keys_that_do_not_fit(tmp_path):
 
 @needs_diffusers
 @pytest.mark.skipif(not has("peft"), reason="diffusers reads LoRA through peft")
+@pytest.mark.parametrize("targets", TARGETS)
 @torch.no_grad()
-def test_diffusers_reads_and_writes_the_same_adapters():
+def test_diffusers_reads_and_writes_the_same_adapters(targets):
     from diffusers import UNet2DConditionModel
     from peft.utils import get_peft_model_state_dict
 
@@ -158,7 +198,7 @@ def test_diffusers_reads_and_writes_the_same_adapters():
     theirs = UNet2DConditionModel(**UNET_CONFIG.to_diffusers())
     theirs.load_state_dict(unet.state_dict())
     theirs.eval()
-    add_lora(unet, rank=4, alpha=2)
+    add_lora(unet, rank=4, alpha=2, targets=TARGETS[targets])
     train_adapters_(unet)
     sample, timesteps, text = unet_inputs()
     expected = unet(sample, timesteps, text)
