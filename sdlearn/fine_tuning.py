@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from sdlearn.lora import ATTENTION_TARGETS, RESNET_CONV_TARGETS
 from sdlearn.shapes import (
@@ -35,6 +35,7 @@ from sdlearn.shapes import (
     NEW_STYLES,
     SHAPES,
     STYLES,
+    ShapesDataset,
 )
 
 if TYPE_CHECKING:
@@ -162,7 +163,8 @@ def fine_tune(
             A word the tokenizer does not know as one token, like "<diamond>",
             is added, and its embedding trains beside the rest (any method).
         images: pictures of the new shape to train on.
-        prior_images: pictures of the base shapes mixed in.
+        prior_images: pictures of the base shapes mixed in; for a style, the
+            first of them are the concept pictures' scenes in the base style.
         caption_dropout: how often the caption becomes the empty prompt.
         rank, alpha: LoRA's adapters' (see `sdlearn.lora.LoRALinear`).
         targets: which layers LoRA adapts, a key of `LORA_TARGETS`:
@@ -186,11 +188,9 @@ def fine_tune(
     Returns:
         the record written to METHOD.json, next to `ARTIFACTS[method]`.
     """
-    from torch.utils.data import ConcatDataset
 
     from sdlearn.lora import add_lora, save_lora
     from sdlearn.pipeline import StableDiffusionPipeline
-    from sdlearn.shapes import ShapesDataset
     from sdlearn.textual_inversion import (
         NewTokenEmbedding,
         add_token,
@@ -224,16 +224,7 @@ def fine_tune(
     if new_word:
         initializer = initializer or INITIALIZERS[concept]
         add_token(pipe.tokenizer, pipe.text_encoder, token, initializer)
-    if concept in NEW_STYLES:
-        data: Dataset = ShapesDataset(
-            "train", length=images, seed=config.seed, styles=(concept,)
-        )
-    else:
-        data = ShapesDataset("all", length=images, seed=config.seed, shapes=(concept,))
-    data = Reworded(data, {concept: token})
-    if prior_images:
-        prior = ShapesDataset("train", length=prior_images, seed=config.seed + 1)
-        data = ConcatDataset([data, prior])
+    data = concept_data(concept, token, images, prior_images, config.seed)
     items, text_tokens, captions = encode_shapes(
         pipe.vae, pipe.text_encoder, pipe.tokenizer, data, progress=progress
     )
@@ -353,6 +344,32 @@ def fine_tune(
                     embedding, FINE_TUNES_DIR / f"{name}-embedding.safetensors"
                 )
     return record
+
+
+def concept_data(
+    concept: str, token: str, images: int, prior_images: int = 0, seed: int = 0
+) -> Dataset:
+    """A fine-tune's training pictures: `images` of the concept, captioned with
+    `token` for its name, then `prior_images` of the base shapes (DreamBooth's
+    prior preservation).
+
+    A new shape is drawn in every colour. A new style is drawn on the base
+    shapes of the training split, and the prior's first pictures are the same
+    scenes in the base style: pairs that differ in nothing but the style and
+    its word.
+    """
+    if concept in NEW_STYLES:
+        data: Dataset = ShapesDataset(
+            "train", length=images, seed=seed, styles=(concept,)
+        )
+    else:
+        data = ShapesDataset("all", length=images, seed=seed, shapes=(concept,))
+    data = Reworded(data, {concept: token})
+    if prior_images:
+        prior_seed = seed if concept in NEW_STYLES else seed + 1
+        prior = ShapesDataset("train", length=prior_images, seed=prior_seed)
+        data = ConcatDataset([data, prior])
+    return data
 
 
 def read_fine_tune(method: str, concept: str = "diamond") -> tuple[dict, Path]:

@@ -42,18 +42,13 @@ def fixed_loss(pipe, token: str, concept: str = "diamond") -> float:
     and noise every time (the batch losses of so short a run are too noisy)."""
     from torch.utils.data import default_collate
 
-    from sdlearn.fine_tuning import Reworded
-    from sdlearn.shapes import ShapesDataset
+    from sdlearn.fine_tuning import concept_data
 
-    if concept == "hollow":  # the base shapes in the new style
-        data = ShapesDataset("train", length=64, seed=STEPS.seed, styles=("hollow",))
-    else:
-        data = ShapesDataset("all", length=64, seed=STEPS.seed, shapes=(concept,))
     items, tokens, _ = training.encode_shapes(
         pipe.vae,
         pipe.text_encoder,
         pipe.tokenizer,
-        Reworded(data, {concept: token}),
+        concept_data(concept, token, 64, seed=STEPS.seed),
         progress=False,
     )
     loss = training.DiffusionLoss(
@@ -141,6 +136,23 @@ def test_a_style_is_taught_like_a_shape(tmp_path):
     assert fixed_loss(after, "hollow", "hollow") < 0.95 * fixed_loss(
         before, "hollow", "hollow"
     )
+
+
+def test_a_style_is_learned_from_pairs_that_differ_only_in_it():
+    from sdlearn.fine_tuning import concept_data
+
+    data = concept_data("hollow", "<hollow>", images=8, prior_images=12, seed=3)
+    assert len(data) == 20
+    for i in range(8):
+        styled, plain = data[i], data[8 + i]
+        # the same scene and caption, but hollow and named so
+        assert styled["caption"].replace("<hollow> ", "") == plain["caption"]
+        assert {k: styled[k] for k in ("shape", "color", "size", "position")} == {
+            k: plain[k] for k in ("shape", "color", "size", "position")
+        }
+        drawn = (styled["pixel_values"] < 1).any(0)
+        filled = (plain["pixel_values"] < 1).any(0)
+        assert (drawn <= filled).all() and drawn.sum() < filled.sum()
 
 
 @pytest.mark.parametrize("method", METHODS)
