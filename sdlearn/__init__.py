@@ -16,7 +16,7 @@ The package grows one module per chapter; later modules import only earlier ones
     evaluate     ch. 07: a non-learned scorer of generated shapes images
     training     ch. 07: the training loop and the stages `sdlearn train` runs
     lora         ch. 09: low-rank adapters, merging, diffusers' LoRA file layout
-    fine_tuning  ch. 09: `sdlearn train lora`, teaching the model a new shape
+    fine_tuning  ch. 09: `sdlearn train lora`, teaching the model a new shape or style
     checks       auto-checks for the chapters' exercises
     cli          the `sdlearn` command
 """

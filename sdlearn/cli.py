@@ -7,7 +7,7 @@ sdlearn train vae|clip|unet|all [...]
     train a stage of the tiny Stable Diffusion (`sdlearn train --help`).
 sdlearn train lora|dreambooth|textual-inversion [--concept diamond] [--token T]
               [--prior-images N] [--rank R] [--initializer WORD] [--base PATH]
-    teach a pipeline a new shape: LoRA adapters on the UNet, the whole UNet
+    teach a pipeline a new shape or style: LoRA adapters on the UNet, the whole UNet
     with a rare token, or one new word's embedding.
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--scheduler NAME [--karras]] [--height H --width W]
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stage",
         choices=["vae", "clip", "unet", "all", *FINE_TUNE_NAMES],
         help="what to train (lora, dreambooth, textual-inversion: teach a "
-        "pipeline a new shape)",
+        "pipeline a new shape or style)",
     )
     p.add_argument("--out", help="run folder (default runs/STAGE)")
     p.add_argument("--config", help="JSON file of training settings")

@@ -144,11 +144,11 @@ def fine_tune(
     alpha: float | None = None,
     initializer: str | None = None,
 ) -> dict:
-    """Teach a pipeline a new shape by one of `METHODS` (chapter 09).
+    """Teach a pipeline a new shape or style by one of `METHODS` (chapter 09).
 
-    The pictures of `concept` are captioned with `token` in place of the shape's
-    name; with `prior_images`, pictures of the base shapes join them (DreamBooth's
-    prior preservation), so that the model learns the new shape without
+    The pictures of `concept` are captioned with `token` in place of its name
+    ("diamond", "hollow"); with `prior_images`, pictures of the base shapes join them (DreamBooth's
+    prior preservation), so that the model learns the new concept without
     unlearning the old ones.
 
     Args:
@@ -162,7 +162,7 @@ def fine_tune(
             (LoRA), "sks" (DreamBooth), "<concept>" (textual inversion) by default.
             A word the tokenizer does not know as one token, like "<diamond>",
             is added, and its embedding trains beside the rest (any method).
-        images: pictures of the new shape to train on.
+        images: pictures of the new concept to train on.
         prior_images: pictures of the base shapes mixed in; for a style, the
             first of them are the concept pictures' scenes in the base style.
         caption_dropout: how often the caption becomes the empty prompt.
@@ -211,7 +211,7 @@ def fine_tune(
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
 
-    # 1. the base model, and the new shape's pictures through it once; a word
+    # 1. the base model, and the new concept's pictures through it once; a word
     # the tokenizer does not know as one token is added, and its embedding trains
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
     pipe.progress = False
@@ -277,7 +277,7 @@ def fine_tune(
     if new_word:
         embeddings["token_embedding"] = embeddings.token_embedding.to_embedding()
 
-    # 4. the scores after: the new shape, and what the base shapes kept
+    # 4. the scores after: the new concept, and what the base shapes kept
     if eval_images:
         after = {concept: sets[concept], "base after": sets["base"]}
         metrics.update(_scores(pipe, after, seeds, concept, {concept: token}))
