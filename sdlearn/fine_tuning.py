@@ -147,9 +147,9 @@ def fine_tune(
     """Teach a pipeline a new shape or style by one of `METHODS` (chapter 09).
 
     The pictures of `concept` are captioned with `token` in place of its name
-    ("diamond", "hollow"); with `prior_images`, pictures of the base shapes join them (DreamBooth's
-    prior preservation), so that the model learns the new concept without
-    unlearning the old ones.
+    ("diamond", "hollow"); with `prior_images`, pictures of the base shapes join
+    them (DreamBooth's prior preservation), so that the model learns the new
+    concept without unlearning the old ones.
 
     Args:
         method: "lora", "dreambooth" or "textual-inversion".
