@@ -7,6 +7,7 @@ sdlearn train vae|clip|unet|all [...]
     train a stage of the tiny Stable Diffusion (`sdlearn train --help`).
 sdlearn train lora|dreambooth|textual-inversion [--concept diamond] [--token T]
               [--prior-images N] [--rank R] [--initializer WORD] [--base PATH]
+              [--train-text-encoder]
     teach a pipeline a new shape or style: LoRA adapters on the UNet, the whole UNet
     with a rare token, or one new word's embedding.
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
@@ -142,8 +143,8 @@ def train(args: argparse.Namespace) -> int:
             extra["checkpoint"] = args.base
             options = ["concept", "token", "prior_images", "caption_dropout"]
             options += {
-                "lora": ["rank", "targets", "initializer"],
-                "dreambooth": ["initializer"],
+                "lora": ["rank", "targets", "initializer", "train_text_encoder"],
+                "dreambooth": ["initializer", "train_text_encoder"],
                 "textual-inversion": ["initializer"],
             }[name]
             for option in options:
@@ -394,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--initializer", help="fine-tunes: the word a new word (<name>) starts from"
+    )
+    p.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        default=None,
+        help="lora, dreambooth: also train the text encoder's blocks",
     )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--ship", action="store_true", help="write weights into sdlearn")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
@@ -73,6 +74,9 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 # where `--ship` puts the records (and the small files) of chapter 09's runs
 FINE_TUNES_DIR = Path(__file__).resolve().parent / "data" / "fine_tunes"
 
+# the text encoder's trained weights, with `train_text_encoder`
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
+
 # what each method writes next to its METHOD.json record
 ARTIFACTS: dict[str, str] = {
     "lora": "lora.safetensors",
@@ -100,10 +104,12 @@ class Reworded(Dataset):
 
 class TextualInversionLoss(DiffusionLoss):
     """The diffusion loss with the text encoder in the loop: the captions' token
-    ids go through it every step, so the gradient reaches the new token's row.
+    ids go through it every step, so the gradient reaches the new token's row
+    (and, with `fine_tune(train_text_encoder=True)`, the encoder's blocks).
 
     Args:
-        text_encoder: its token embedding a `NewTokenEmbedding`, all else frozen.
+        text_encoder: its token embedding a `NewTokenEmbedding` (or frozen),
+            the rest frozen or training.
         caption_ids: (N_captions, 77) token ids, row 0 the empty prompt.
         (the rest as for `DiffusionLoss`)
     """
@@ -143,6 +149,7 @@ def fine_tune(
     targets: str = "attention",
     alpha: float | None = None,
     initializer: str | None = None,
+    train_text_encoder: bool = False,
 ) -> dict:
     """Teach a pipeline a new shape or style by one of `METHODS` (chapter 09).
 
@@ -175,6 +182,11 @@ def fine_tune(
             LyCORIS's LoCon does).
         initializer: the word a new word's embedding starts from
             (`INITIALIZERS`' by default).
+        train_text_encoder: also train the text encoder's blocks (not its
+            token table), as diffusers' DreamBooth script can: the captions'
+            words can then change what the words after them mean ("sks
+            circle"). DreamBooth and LoRA only; the record's "text_encoder" file
+            holds the trained weights.
         eval_images: about how many images per prompt set the end-of-run
             evaluation draws (the concept's prompts, and the base model's before
             and after, all scored with the new shapes among the shapes, or for a
@@ -203,6 +215,11 @@ def fine_tune(
         raise ValueError(
             f"expected a concept of {CONCEPTS} (new shapes and styles), got {concept!r}"
         )
+    if train_text_encoder and method == "textual-inversion":
+        raise ValueError(
+            "train_text_encoder is for lora and dreambooth; textual inversion "
+            "trains one word's embedding and nothing else"
+        )
     if targets not in LORA_TARGETS:
         raise ValueError(f"expected targets of {tuple(LORA_TARGETS)}, got {targets!r}")
     if token is None:
@@ -215,6 +232,7 @@ def fine_tune(
     # the tokenizer does not know as one token is added, and its embedding trains
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
     pipe.progress = False
+    base = base_digest(pipe)
     new_word = len(pipe.tokenizer.encode(token)) != 1
     if method == "textual-inversion" and not new_word:
         raise ValueError(
@@ -242,13 +260,15 @@ def fine_tune(
 
     # 3. what trains, and the loss
     pipe.unet.requires_grad_(method == "dreambooth")
-    pipe.text_encoder.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(train_text_encoder)
+    pipe.text_encoder.embeddings.token_embedding.requires_grad_(False)
     if method == "lora":
         add_lora(pipe.unet, rank=rank, alpha=alpha, targets=LORA_TARGETS[targets])
     scale = pipe.vae.config.scaling_factor
     if new_word:
         embeddings = pipe.text_encoder.embeddings
         embeddings["token_embedding"] = NewTokenEmbedding(embeddings.token_embedding)
+    if new_word or train_text_encoder:
         loss: DiffusionLoss = TextualInversionLoss(
             pipe.unet,
             pipe.scheduler,
@@ -297,6 +317,7 @@ def fine_tune(
             else {}
         ),
         **({"initializer": initializer} if new_word else {}),
+        **({"train_text_encoder": True} if train_text_encoder else {}),
     }
     log = out_dir / "log.jsonl"
     record = {
@@ -304,6 +325,7 @@ def fine_tune(
         "train_config": config.to_dict(),
         **options,
         "command": _command(method, config, ship=ship, **options),
+        "base": base,
         "seconds": round(result.seconds, 1),
         "hardware": result.hardware,
         "trainable_parameters": trainable,
@@ -323,6 +345,10 @@ def fine_tune(
             embedding = out_dir / ARTIFACTS["textual-inversion"]
             save_learned_embeds(pipe.tokenizer, pipe.text_encoder, token, embedding)
             record["embedding"] = embedding.name
+        if train_text_encoder:
+            encoder = out_dir / TEXT_ENCODER_FILE
+            save_file(_trained_text_encoder(pipe.text_encoder), str(encoder))
+            record["text_encoder"] = encoder.name
         files = [path] if path.is_file() else [p for p in path.rglob("*.safetensors")]
         record["artifact"] = path.name
         record["artifact_bytes"] = sum(f.stat().st_size for f in files)
@@ -342,6 +368,10 @@ def fine_tune(
             if new_word and method != "textual-inversion":
                 shutil.copyfile(
                     embedding, FINE_TUNES_DIR / f"{name}-embedding.safetensors"
+                )
+            if train_text_encoder:
+                shutil.copyfile(
+                    encoder, FINE_TUNES_DIR / f"{name}-text-encoder.safetensors"
                 )
     return record
 
@@ -407,6 +437,12 @@ def load_fine_tune(
 
     record, artifact = read_fine_tune(method, concept)
     pipe = StableDiffusionPipeline.from_pretrained()
+    if record.get("base") != (digest := base_digest(pipe)):
+        raise ValueError(
+            f"{artifact.stem} was trained on another base pipeline (weights digest "
+            f"{record.get('base')}, the shipped one's is {digest}): "
+            f"re-make it with `{record['command']}`"
+        )
     if method == "lora":
         pipe.load_lora(artifact)
     elif method == "dreambooth":
@@ -417,7 +453,42 @@ def load_fine_tune(
         pipe.load_textual_inversion(
             artifact.with_name(f"{artifact.stem}-embedding.safetensors")
         )
+    if "text_encoder" in record:
+        path = artifact.with_name(f"{artifact.stem}-text-encoder.safetensors")
+        load_text_encoder_blocks(pipe.text_encoder, path)
     return pipe, record
+
+
+def base_digest(pipe: StableDiffusionPipeline) -> str:
+    """The digest of a pipeline's UNet, VAE and text encoder weights
+    (`sdlearn.weights.weights_digest`): a fine-tune's record keeps its base's."""
+    from sdlearn.weights import weights_digest
+
+    return weights_digest(pipe.unet, pipe.vae, pipe.text_encoder)
+
+
+def _trained_text_encoder(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """What `train_text_encoder` trains: every weight but the token table."""
+    return {
+        key: value.detach().contiguous()
+        for key, value in text_encoder.state_dict().items()
+        if not key.startswith("embeddings.token_embedding")
+    }
+
+
+def load_text_encoder_blocks(text_encoder: nn.Module, path: str | Path) -> nn.Module:
+    """Loads a fine-tune's text-encoder file (every weight but the token table)
+    into `text_encoder`, checking every key and shape against it."""
+    from safetensors.torch import load_file
+
+    from sdlearn.weights import load_checked
+
+    state = text_encoder.state_dict()
+    trained = load_file(str(path))
+    missing = sorted(set(_trained_text_encoder(text_encoder)) - set(trained))
+    if missing:
+        raise ValueError(f"{path} lacks the text encoder's {missing}")
+    return load_checked(text_encoder, {**state, **trained}, str(path))
 
 
 def train_lora(config: TrainConfig, out_dir: str | Path, **kwargs) -> dict:

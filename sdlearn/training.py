@@ -486,7 +486,8 @@ def _command(stage: str, config: TrainConfig, ship: bool = True, **options) -> s
         if value != defaults[key] and key not in _NOT_RESULTS
     }
     flags = [
-        f"--{key.replace('_', '-')} {shlex.quote(str(value))}"
+        f"--{key.replace('_', '-')}"
+        + ("" if value is True else f" {shlex.quote(str(value))}")  # a switch
         for key, value in {**settings, **options}.items()
     ]
     return " ".join([f"sdlearn train {stage}", *flags, *(["--ship"] if ship else [])])

@@ -75,6 +75,22 @@ def _mismatches(
     return parts
 
 
+def weights_digest(*models: nn.Module) -> str:
+    """A short hash of models' weights (every key, dtype, shape and value, in
+    order): equal digests mean identical weights. Fine-tune records keep their
+    base pipeline's, so a fine-tune is never applied to another base.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for model in models:
+        for key, value in model.state_dict().items():
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_checked(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
 ) -> nn.Module:

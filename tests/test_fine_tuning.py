@@ -155,6 +155,59 @@ def test_a_style_is_learned_from_pairs_that_differ_only_in_it():
         assert (drawn <= filled).all() and drawn.sum() < filled.sum()
 
 
+def test_dreambooth_can_train_the_text_encoder_too(tmp_path, monkeypatch):
+    from sdlearn import fine_tuning
+    from sdlearn.pipeline import StableDiffusionPipeline
+
+    monkeypatch.setattr(fine_tuning, "FINE_TUNES_DIR", tmp_path / "shipped")
+    record = run("dreambooth", tmp_path, train_text_encoder=True, ship=True)
+    assert record["train_text_encoder"] is True
+    assert record["text_encoder"] == fine_tuning.TEXT_ENCODER_FILE
+    assert record["command"].endswith(" --train-text-encoder --ship")
+    base = StableDiffusionPipeline.from_pretrained()
+    # the blocks trained, the token table did not (49408 rows, a few dozen used)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    encoder = {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")}
+    assert "embeddings.token_embedding.weight" not in load_file(
+        tmp_path / record["text_encoder"]
+    )
+    torch.testing.assert_close(
+        encoder["embeddings.token_embedding.weight"],
+        base.text_encoder.embeddings.token_embedding.weight,
+        rtol=0,
+        atol=0,
+    )
+    blocks = sum(v.numel() for k, v in encoder.items() if "token_embedding" not in k)
+    unet = sum(v.numel() for k, v in state.items() if k.startswith("unet."))
+    assert record["trainable_parameters"] == unet + blocks
+    # the shipped pipeline: the trained UNet and text encoder, exactly
+    pipe, _ = fine_tuning.load_fine_tune("dreambooth", "diamond")
+    for key, value in pipe.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, encoder[key], rtol=0, atol=0)
+    changed = (
+        encoder["final_layer_norm.weight"]
+        - base.text_encoder.state_dict()["final_layer_norm.weight"]
+    )
+    assert changed.abs().max() > 0
+    with pytest.raises(ValueError, match="train_text_encoder is for lora"):
+        run("textual-inversion", tmp_path, train_text_encoder=True)
+
+
+def test_a_fine_tune_refuses_another_base(tmp_path, monkeypatch):
+    from sdlearn import fine_tuning
+    from sdlearn.pipeline import StableDiffusionPipeline
+
+    monkeypatch.setattr(fine_tuning, "FINE_TUNES_DIR", tmp_path / "shipped")
+    record = run("lora", tmp_path / "run", ship=True)
+    assert record["base"] == fine_tuning.base_digest(
+        StableDiffusionPipeline.from_pretrained()
+    )
+    path = tmp_path / "shipped" / "lora-diamond.json"
+    path.write_text(json.dumps({**record, "base": "0123456789abcdef"}))
+    with pytest.raises(ValueError, match="lora-diamond was trained on another base"):
+        fine_tuning.load_fine_tune("lora", "diamond")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fine_tune_resumes_exactly(method, tmp_path):
     run(method, tmp_path / "straight")
@@ -250,7 +303,8 @@ def test_every_method_is_shipped_for_the_diamond():
 
 @pytest.mark.parametrize("method, concept", shipped_fine_tunes())
 def test_shipped_fine_tunes_load_with_their_records(method, concept):
-    from sdlearn.fine_tuning import load_fine_tune
+    from sdlearn.fine_tuning import base_digest, load_fine_tune
+    from sdlearn.pipeline import StableDiffusionPipeline
 
     pipe, record = load_fine_tune(method, concept)
     assert record["method"] == method and record["concept"] == concept
@@ -259,6 +313,8 @@ def test_shipped_fine_tunes_load_with_their_records(method, concept):
     metrics = record["metrics"]
     assert {f"{concept} all", "base before all", "base after all"} <= set(metrics)
     assert len(pipe.tokenizer.encode(record["token"])) == 1  # a word it knows
+    # made on the shipped base (load_fine_tune refuses any other)
+    assert record["base"] == base_digest(StableDiffusionPipeline.from_pretrained())
 
 
 # the chapter's target, as the shipped runs measured it: >= 80% of the new

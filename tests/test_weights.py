@@ -37,3 +37,21 @@ def test_rename_applies_the_table_in_order():
     state = {"a.q_proj.weight": torch.ones(1), "a.out_proj.bias": torch.ones(1)}
     table = {"q_proj": "to_q", "out_proj": "to_out.0"}
     assert set(rename(state, table)) == {"a.to_q.weight", "a.to_out.0.bias"}
+
+
+def test_weights_digest_tells_weights_apart():
+    from sdlearn.weights import weights_digest
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    assert weights_digest(a) != weights_digest(b)
+    b.load_state_dict(a.state_dict())
+    assert weights_digest(a) == weights_digest(b) and len(weights_digest(a)) == 16
+    with torch.no_grad():
+        b.bias[0] += 1e-7  # one value, barely moved
+    assert weights_digest(a) != weights_digest(b)
+    # the same numbers in another shape are other weights
+    flat, square = nn.Module(), nn.Module()
+    flat.w = nn.Parameter(torch.arange(4.0))
+    square.w = nn.Parameter(torch.arange(4.0).reshape(2, 2))
+    assert weights_digest(flat) != weights_digest(square)
