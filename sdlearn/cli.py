@@ -142,6 +142,7 @@ def train(args: argparse.Namespace) -> int:
         if name in FINE_TUNES:
             extra["checkpoint"] = args.base
             options = ["concept", "token", "prior_images", "caption_dropout"]
+            options += ["timestep_bias"]
             options += {
                 "lora": ["rank", "targets", "initializer", "train_text_encoder"],
                 "dreambooth": ["initializer", "train_text_encoder"],
@@ -401,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="lora, dreambooth: also train the text encoder's blocks",
+    )
+    p.add_argument(
+        "--timestep-bias",
+        type=float,
+        help="fine-tunes: how many times more often the noisier half of the "
+        "timesteps is drawn (default 1: uniform)",
     )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--ship", action="store_true", help="write weights into sdlearn")

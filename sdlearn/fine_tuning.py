@@ -122,8 +122,11 @@ class TextualInversionLoss(DiffusionLoss):
         caption_ids: torch.Tensor,
         scaling_factor: float,
         caption_dropout: float = 0.1,
+        timestep_bias: float = 1.0,
     ) -> None:
-        super().__init__(unet, scheduler, caption_ids, scaling_factor, caption_dropout)
+        super().__init__(
+            unet, scheduler, caption_ids, scaling_factor, caption_dropout, timestep_bias
+        )
         self.text_encoder = text_encoder
 
     def context(self, rows: torch.Tensor) -> torch.Tensor:
@@ -150,6 +153,7 @@ def fine_tune(
     alpha: float | None = None,
     initializer: str | None = None,
     train_text_encoder: bool = False,
+    timestep_bias: float = 1.0,
 ) -> dict:
     """Teach a pipeline a new shape or style by one of `METHODS` (chapter 09).
 
@@ -182,6 +186,8 @@ def fine_tune(
             LyCORIS's LoCon does).
         initializer: the word a new word's embedding starts from
             (`INITIALIZERS`' by default).
+        timestep_bias: how many times more often the noisier half of the
+            timesteps is drawn (`sdlearn.training.DiffusionLoss`).
         train_text_encoder: also train the text encoder's blocks (not its
             token table), as diffusers' DreamBooth script can: the captions'
             words can then change what the words after them mean ("sks
@@ -276,10 +282,16 @@ def fine_tune(
             pipe.tokenizer(captions),
             scale,
             caption_dropout,
+            timestep_bias,
         )
     else:
         loss = DiffusionLoss(
-            pipe.unet, pipe.scheduler, text_tokens, scale, caption_dropout
+            pipe.unet,
+            pipe.scheduler,
+            text_tokens,
+            scale,
+            caption_dropout,
+            timestep_bias,
         )
     trainable = sum(p.numel() for p in loss.parameters() if p.requires_grad)
     result = train(
@@ -318,6 +330,7 @@ def fine_tune(
         ),
         **({"initializer": initializer} if new_word else {}),
         **({"train_text_encoder": True} if train_text_encoder else {}),
+        **({"timestep_bias": timestep_bias} if timestep_bias != 1 else {}),
     }
     log = out_dir / "log.jsonl"
     record = {

@@ -683,6 +683,10 @@ class DiffusionLoss(nn.Module):
             row 0 is the empty prompt.
         scaling_factor: the VAE's, so that latents have about unit variance.
         caption_dropout: how often the caption is dropped.
+        timestep_bias: how many times more often a timestep of the noisier half
+            is drawn than one of the other half (1: uniform, as SD trains; as
+            diffusers' training scripts' "later" timestep bias). Where the noise
+            hides most of the picture, only the caption can tell what to draw.
     """
 
     def __init__(
@@ -692,6 +696,7 @@ class DiffusionLoss(nn.Module):
         text_tokens: torch.Tensor,
         scaling_factor: float,
         caption_dropout: float = 0.1,
+        timestep_bias: float = 1.0,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -700,6 +705,21 @@ class DiffusionLoss(nn.Module):
         self.text_tokens = text_tokens
         self.scaling_factor = scaling_factor
         self.caption_dropout = caption_dropout
+        if timestep_bias <= 0:
+            raise ValueError(f"expected a positive timestep_bias, got {timestep_bias}")
+        self.timestep_bias = timestep_bias
+
+    def timesteps(
+        self, B: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """(B,) training timesteps: uniform, or the noisier half `timestep_bias`
+        times as likely."""
+        T = self.scheduler.config.num_train_timesteps
+        if self.timestep_bias == 1:
+            return torch.randint(0, T, (B,), generator=generator, device=device)
+        weights = torch.ones(T, device=device)
+        weights[T // 2 :] = self.timestep_bias
+        return torch.multinomial(weights, B, replacement=True, generator=generator)
 
     def forward(
         self, batch: dict, generator: torch.Generator | None = None
@@ -722,8 +742,7 @@ class DiffusionLoss(nn.Module):
         # 1. a sample of the posterior, scaled to about unit variance
         z0 = (mean + std * randn(mean.shape)) * self.scaling_factor  # (B, C, h, w)
         # 2. a timestep per image, and the noise to add (eq. 4, Ho et al. 2020)
-        T = self.scheduler.config.num_train_timesteps
-        t = torch.randint(0, T, (B,), generator=generator, device=device)
+        t = self.timesteps(B, generator, device)
         noise = randn(z0.shape)
         zt = self.scheduler.add_noise(z0, noise, t)
         # 3. the caption's tokens, or the empty prompt's

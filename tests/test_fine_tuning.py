@@ -259,6 +259,30 @@ def test_cli_knows_every_method():
     assert set(METHODS) <= set(training.STAGE_DEFAULTS)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_cli_passes_the_fine_tune_options(method, monkeypatch, tmp_path):
+    from sdlearn import fine_tuning
+    from sdlearn.cli import main
+
+    given = {}
+
+    def fake(config, out_dir, **kwargs):
+        given.update(kwargs, config=config)
+        return {"metrics": {}, "seconds": 0.0}
+
+    monkeypatch.setitem(fine_tuning.FINE_TUNES, method, fake)
+    argv = ["train", method, "--out", str(tmp_path), "--concept", "hollow"]
+    argv += ["--timestep-bias", "3", "--prior-images", "5", "--steps", "7"]
+    switch = method != "textual-inversion"
+    assert main(argv + ["--train-text-encoder"] * switch) == 0
+    assert given["concept"] == "hollow" and given["timestep_bias"] == 3.0
+    assert given["prior_images"] == 5 and given["config"].steps == 7
+    assert given.get("train_text_encoder") is (True if switch else None)
+    given.clear()
+    assert main(argv) == 0
+    assert "train_text_encoder" not in given  # the function's default
+
+
 def test_lora_targets_name_the_projections():
     import copy
 

@@ -259,3 +259,28 @@ def test_unet_stage_resumes_exactly(tmp_path):
     resumed = load_file(tmp_path / "stopped" / "unet.safetensors")
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+
+
+def test_timestep_bias_draws_the_noisier_half_more_often():
+    from sdlearn.schedulers.ddpm import DDPMScheduler
+    from sdlearn.training import DiffusionLoss
+
+    scheduler = DDPMScheduler()
+    T = scheduler.config.num_train_timesteps
+    tokens = torch.zeros(1, 77, 8)
+
+    def drawn(bias: float) -> torch.Tensor:
+        loss = DiffusionLoss(nn.Identity(), scheduler, tokens, 1.0, 0.0, bias)
+        return loss.timesteps(20000, torch.Generator().manual_seed(0), "cpu")
+
+    # no bias: the uniform draw SD trains with, the same numbers as before
+    uniform = drawn(1.0)
+    expected = torch.randint(0, T, (20000,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(uniform, expected, rtol=0, atol=0)
+    for bias in (3.0, 9.0):
+        t = drawn(bias)
+        assert t.min() >= 0 and t.max() < T
+        noisier = (t >= T // 2).float().mean().item()
+        assert noisier == pytest.approx(bias / (bias + 1), abs=0.01)
+    with pytest.raises(ValueError, match="positive timestep_bias, got 0"):
+        DiffusionLoss(nn.Identity(), scheduler, tokens, 1.0, 0.0, 0.0)
