@@ -142,10 +142,10 @@ def train(args: argparse.Namespace) -> int:
         if name in FINE_TUNES:
             extra["checkpoint"] = args.base
             options = ["concept", "token", "prior_images", "caption_dropout"]
-            options += ["timestep_bias"]
+            options += ["timestep_bias", "train_text_encoder"]
             options += {
-                "lora": ["rank", "targets", "initializer", "train_text_encoder"],
-                "dreambooth": ["initializer", "train_text_encoder"],
+                "lora": ["rank", "targets", "initializer"],
+                "dreambooth": ["initializer"],
                 "textual-inversion": ["initializer"],
             }[name]
             for option in options:
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-text-encoder",
         action="store_true",
         default=None,
-        help="lora, dreambooth: also train the text encoder's blocks",
+        help="dreambooth: also train the text encoder's blocks",
     )
     p.add_argument(
         "--timestep-bias",

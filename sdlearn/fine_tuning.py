@@ -191,8 +191,8 @@ def fine_tune(
         train_text_encoder: also train the text encoder's blocks (not its
             token table), as diffusers' DreamBooth script can: the captions'
             words can then change what the words after them mean ("sks
-            circle"). DreamBooth and LoRA only; the record's "text_encoder" file
-            holds the trained weights.
+            circle"). DreamBooth only: its pipeline folder holds the text
+            encoder; the record's "text_encoder" file the trained weights.
         eval_images: about how many images per prompt set the end-of-run
             evaluation draws (the concept's prompts, and the base model's before
             and after, all scored with the new shapes among the shapes, or for a
@@ -221,10 +221,10 @@ def fine_tune(
         raise ValueError(
             f"expected a concept of {CONCEPTS} (new shapes and styles), got {concept!r}"
         )
-    if train_text_encoder and method == "textual-inversion":
+    if train_text_encoder and method != "dreambooth":
         raise ValueError(
-            "train_text_encoder is for lora and dreambooth; textual inversion "
-            "trains one word's embedding and nothing else"
+            f"train_text_encoder is for dreambooth, got method {method!r} (a LoRA "
+            "adapter or a learned word is a file for the UNet or the vocabulary)"
         )
     if targets not in LORA_TARGETS:
         raise ValueError(f"expected targets of {tuple(LORA_TARGETS)}, got {targets!r}")

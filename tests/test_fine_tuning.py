@@ -189,8 +189,9 @@ def test_dreambooth_can_train_the_text_encoder_too(tmp_path, monkeypatch):
         - base.text_encoder.state_dict()["final_layer_norm.weight"]
     )
     assert changed.abs().max() > 0
-    with pytest.raises(ValueError, match="train_text_encoder is for lora"):
-        run("textual-inversion", tmp_path, train_text_encoder=True)
+    for method in ("lora", "textual-inversion"):
+        with pytest.raises(ValueError, match="train_text_encoder is for dreambooth"):
+            run(method, tmp_path, train_text_encoder=True)
 
 
 def test_a_fine_tune_refuses_another_base(tmp_path, monkeypatch):
@@ -273,11 +274,11 @@ def test_cli_passes_the_fine_tune_options(method, monkeypatch, tmp_path):
     monkeypatch.setitem(fine_tuning.FINE_TUNES, method, fake)
     argv = ["train", method, "--out", str(tmp_path), "--concept", "hollow"]
     argv += ["--timestep-bias", "3", "--prior-images", "5", "--steps", "7"]
-    switch = method != "textual-inversion"
-    assert main(argv + ["--train-text-encoder"] * switch) == 0
+    # passed to every method: fine_tune refuses it for all but DreamBooth
+    assert main(argv + ["--train-text-encoder"]) == 0
     assert given["concept"] == "hollow" and given["timestep_bias"] == 3.0
     assert given["prior_images"] == 5 and given["config"].steps == 7
-    assert given.get("train_text_encoder") is (True if switch else None)
+    assert given["train_text_encoder"] is True
     given.clear()
     assert main(argv) == 0
     assert "train_text_encoder" not in given  # the function's default
