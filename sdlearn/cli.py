@@ -142,7 +142,7 @@ def train(args: argparse.Namespace) -> int:
         if name in FINE_TUNES:
             extra["checkpoint"] = args.base
             options = ["concept", "token", "prior_images", "caption_dropout"]
-            options += ["timestep_bias", "train_text_encoder"]
+            options += ["timestep_bias", "train_text_encoder", "text_encoder_lr"]
             options += {
                 "lora": ["rank", "targets", "initializer"],
                 "dreambooth": ["initializer"],
@@ -402,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="dreambooth: also train the text encoder's blocks",
+    )
+    p.add_argument(
+        "--text-encoder-lr",
+        type=float,
+        help="fine-tunes: the learning rate of a new word's embedding and of the "
+        "text encoder's blocks (default: --lr)",
     )
     p.add_argument(
         "--timestep-bias",

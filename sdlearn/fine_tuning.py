@@ -111,6 +111,8 @@ class TextualInversionLoss(DiffusionLoss):
         text_encoder: its token embedding a `NewTokenEmbedding` (or frozen),
             the rest frozen or training.
         caption_ids: (N_captions, 77) token ids, row 0 the empty prompt.
+        text_encoder_lr: the learning rate of the text encoder's trainable
+            weights; the UNet's (the run's) when None.
         (the rest as for `DiffusionLoss`)
     """
 
@@ -123,11 +125,25 @@ class TextualInversionLoss(DiffusionLoss):
         scaling_factor: float,
         caption_dropout: float = 0.1,
         timestep_bias: float = 1.0,
+        text_encoder_lr: float | None = None,
     ) -> None:
         super().__init__(
             unet, scheduler, caption_ids, scaling_factor, caption_dropout, timestep_bias
         )
         self.text_encoder = text_encoder
+        self.text_encoder_lr = text_encoder_lr
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimiser's groups: the text encoder's trainable weights at
+        `text_encoder_lr`, the rest (the UNet's, if any train) at `lr`."""
+        text = [p for p in self.text_encoder.parameters() if p.requires_grad]
+        ids = {id(p) for p in text}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [
+            {"params": rest, "lr": lr},
+            {"params": text, "lr": self.text_encoder_lr or lr},
+        ]
+        return [group for group in groups if group["params"]]
 
     def context(self, rows: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(self.text_tokens.to(rows.device)[rows])
@@ -154,6 +170,7 @@ def fine_tune(
     initializer: str | None = None,
     train_text_encoder: bool = False,
     timestep_bias: float = 1.0,
+    text_encoder_lr: float | None = None,
 ) -> dict:
     """Teach a pipeline a new shape or style by one of `METHODS` (chapter 09).
 
@@ -186,6 +203,9 @@ def fine_tune(
             LyCORIS's LoCon does).
         initializer: the word a new word's embedding starts from
             (`INITIALIZERS`' by default).
+        text_encoder_lr: the learning rate of what trains in the text encoder
+            (a new word's embedding, the blocks with `train_text_encoder`); the
+            run's by default. Pivotal tuning gives the new word a larger one.
         timestep_bias: how many times more often the noisier half of the
             timesteps is drawn (`sdlearn.training.DiffusionLoss`).
         train_text_encoder: also train the text encoder's blocks (not its
@@ -283,6 +303,7 @@ def fine_tune(
             scale,
             caption_dropout,
             timestep_bias,
+            text_encoder_lr,
         )
     else:
         loss = DiffusionLoss(
@@ -331,6 +352,7 @@ def fine_tune(
         **({"initializer": initializer} if new_word else {}),
         **({"train_text_encoder": True} if train_text_encoder else {}),
         **({"timestep_bias": timestep_bias} if timestep_bias != 1 else {}),
+        **({"text_encoder_lr": text_encoder_lr} if text_encoder_lr else {}),
     }
     log = out_dir / "log.jsonl"
     record = {

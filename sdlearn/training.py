@@ -292,7 +292,8 @@ def train(
     Args:
         step_module: `forward(batch, generator) -> (loss, metrics)`; parameters
             with requires_grad=False stay frozen. After training it holds the
-            EMA weights when the EMA is on.
+            EMA weights when the EMA is on. One with a `param_groups(lr)`
+            method gives the optimiser its groups (their own learning rates).
         dataset: items that `collate_fn` turns into a batch.
         config: the settings of the run.
         out_dir: where checkpoint.pt, log.jsonl and run.json go.
@@ -317,8 +318,12 @@ def train(
 
     # 1. the optimiser, its schedule, the EMA and the noise generator
     trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = model.param_groups(config.lr) if hasattr(model, "param_groups") else None
     optimizer = torch.optim.AdamW(
-        trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        groups or trainable,
+        lr=config.lr,
+        betas=config.betas,
+        weight_decay=config.weight_decay,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config)

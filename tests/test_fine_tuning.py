@@ -194,6 +194,34 @@ def test_dreambooth_can_train_the_text_encoder_too(tmp_path, monkeypatch):
             run(method, tmp_path, train_text_encoder=True)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_text_side_can_learn_faster(method, tmp_path):
+    # pivotal tuning: a new word's embedding (and the text encoder's blocks,
+    # for DreamBooth) at their own learning rate, the UNet's side at the run's
+    options = {"token": "<hollow>", "concept": "hollow", "text_encoder_lr": 0.02}
+    if method == "dreambooth":
+        options["train_text_encoder"] = True
+    record = run(method, tmp_path, stop_at=1, **options)
+    assert record["text_encoder_lr"] == 0.02
+    assert "--text-encoder-lr 0.02" in record["command"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    text = 1  # the new word's row; for DreamBooth, every other text encoder tensor
+    if method == "dreambooth":
+        text += sum(
+            k.startswith("text_encoder.") and "token_embedding" not in k
+            for k in state["model"]
+        )
+    unet_lr = LEARNING_RATES[method]
+    expected = [(0.02, text)] if method == "textual-inversion" else [None, (0.02, text)]
+    if method != "textual-inversion":
+        unet = sum(k.startswith("unet.") for k in state["model"])
+        if method == "lora":
+            unet = sum(".lora_" in k for k in state["model"])
+        expected[0] = (unet_lr, unet)
+    assert [(g["initial_lr"], len(g["params"])) for g in groups] == expected
+
+
 def test_a_fine_tune_refuses_another_base(tmp_path, monkeypatch):
     from sdlearn import fine_tuning
     from sdlearn.pipeline import StableDiffusionPipeline
