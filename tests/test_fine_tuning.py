@@ -302,11 +302,13 @@ def test_cli_passes_the_fine_tune_options(method, monkeypatch, tmp_path):
     monkeypatch.setitem(fine_tuning.FINE_TUNES, method, fake)
     argv = ["train", method, "--out", str(tmp_path), "--concept", "hollow"]
     argv += ["--timestep-bias", "3", "--prior-images", "5", "--steps", "7"]
+    argv += ["--text-encoder-lr", "0.005"]
     # passed to every method: fine_tune refuses it for all but DreamBooth
     assert main(argv + ["--train-text-encoder"]) == 0
     assert given["concept"] == "hollow" and given["timestep_bias"] == 3.0
     assert given["prior_images"] == 5 and given["config"].steps == 7
     assert given["train_text_encoder"] is True
+    assert given["text_encoder_lr"] == 0.005
     given.clear()
     assert main(argv) == 0
     assert "train_text_encoder" not in given  # the function's default
