@@ -87,7 +87,8 @@ def weights_digest(*models: nn.Module) -> str:
         for key, value in model.state_dict().items():
             value = value.detach().cpu().contiguous()
             digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes())
+            # flat first: a 0-dim tensor cannot be viewed as bytes
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -55,3 +55,10 @@ def test_weights_digest_tells_weights_apart():
     flat.w = nn.Parameter(torch.arange(4.0))
     square.w = nn.Parameter(torch.arange(4.0).reshape(2, 2))
     assert weights_digest(flat) != weights_digest(square)
+    # a scalar weight (CLIP's logit scale is one) counts too
+    scalar = nn.Module()
+    scalar.w = nn.Parameter(torch.tensor(2.0))
+    before = weights_digest(scalar)
+    with torch.no_grad():
+        scalar.w += 1
+    assert weights_digest(scalar) != before
