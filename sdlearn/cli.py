@@ -7,7 +7,7 @@ sdlearn train vae|clip|unet|all [...]
     train a stage of the tiny Stable Diffusion (`sdlearn train --help`).
 sdlearn train lora|dreambooth|textual-inversion [--concept diamond] [--token T]
               [--prior-images N] [--rank R] [--initializer WORD] [--base PATH]
-              [--train-text-encoder]
+              [--train-text-encoder] [--text-encoder-lr LR] [--timestep-bias B]
     teach a pipeline a new shape or style: LoRA adapters on the UNet, the whole UNet
     with a rare token, or one new word's embedding.
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]

@@ -206,6 +206,7 @@ def fine_tune(
         text_encoder_lr: the learning rate of what trains in the text encoder
             (a new word's embedding, the blocks with `train_text_encoder`); the
             run's by default. Pivotal tuning gives the new word a larger one.
+            Refused when nothing of the text encoder trains.
         timestep_bias: how many times more often the noisier half of the
             timesteps is drawn (`sdlearn.training.DiffusionLoss`).
         train_text_encoder: also train the text encoder's blocks (not its
@@ -260,6 +261,15 @@ def fine_tune(
     pipe.progress = False
     base = base_digest(pipe)
     new_word = len(pipe.tokenizer.encode(token)) != 1
+    if text_encoder_lr is not None and not (new_word or train_text_encoder):
+        raise ValueError(
+            f"text_encoder_lr={text_encoder_lr} sets the rate of the text encoder's "
+            f"trainable weights, but with token {token!r} (in the vocabulary) and no "
+            "train_text_encoder none train: give a new word like '<hollow>', or "
+            "train_text_encoder for dreambooth"
+        )
+    if text_encoder_lr is not None and text_encoder_lr <= 0:
+        raise ValueError(f"expected a positive text_encoder_lr, got {text_encoder_lr}")
     if method == "textual-inversion" and not new_word:
         raise ValueError(
             f"textual inversion learns a new word; {token!r} is one of the "

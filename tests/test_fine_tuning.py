@@ -220,6 +220,12 @@ def test_the_text_side_can_learn_faster(method, tmp_path):
             unet = sum(".lora_" in k for k in state["model"])
         expected[0] = (unet_lr, unet)
     assert [(g["initial_lr"], len(g["params"])) for g in groups] == expected
+    # nothing of the text encoder trains: its own rate would be ignored
+    if method != "textual-inversion":
+        with pytest.raises(ValueError, match="text_encoder_lr=0.02 sets the rate"):
+            run(method, tmp_path / "plain", stop_at=1, text_encoder_lr=0.02)
+    with pytest.raises(ValueError, match="positive text_encoder_lr, got 0"):
+        run(method, tmp_path / "zero", stop_at=1, **{**options, "text_encoder_lr": 0})
 
 
 def test_a_fine_tune_refuses_another_base(tmp_path, monkeypatch):
