@@ -102,7 +102,7 @@ class Reworded(Dataset):
         return item
 
 
-class TextualInversionLoss(DiffusionLoss):
+class TextEncoderLoss(DiffusionLoss):
     """The diffusion loss with the text encoder in the loop: the captions' token
     ids go through it every step, so the gradient reaches the new token's row
     (and, with `fine_tune(train_text_encoder=True)`, the encoder's blocks).
@@ -305,7 +305,7 @@ def fine_tune(
         embeddings = pipe.text_encoder.embeddings
         embeddings["token_embedding"] = NewTokenEmbedding(embeddings.token_embedding)
     if new_word or train_text_encoder:
-        loss: DiffusionLoss = TextualInversionLoss(
+        loss: DiffusionLoss = TextEncoderLoss(
             pipe.unet,
             pipe.scheduler,
             pipe.text_encoder,
