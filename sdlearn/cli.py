@@ -128,6 +128,7 @@ def train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             warmup_steps=args.warmup_steps,
+            min_lr_ratio=args.min_lr_ratio,
             weight_decay=args.weight_decay,
             ema_decay=args.ema_decay,
             seed=args.seed,
@@ -343,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", type=int)
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        help="the cosine decay ends at lr times this (1: a constant lr)",
+    )
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--seed", type=int)

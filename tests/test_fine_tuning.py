@@ -320,6 +320,33 @@ def test_cli_passes_the_fine_tune_options(method, monkeypatch, tmp_path):
     assert "train_text_encoder" not in given  # the function's default
 
 
+def test_a_records_command_repeats_its_settings(monkeypatch, tmp_path):
+    """The command a record keeps reads back, through the CLI, to the run's
+    training settings and options: every setting it prints has a flag."""
+    import shlex
+
+    from sdlearn import fine_tuning
+    from sdlearn.cli import main
+
+    given = {}
+
+    def fake(config, out_dir, **kwargs):
+        given.update(kwargs, config=config)
+        return {"metrics": {}, "seconds": 0.0}
+
+    monkeypatch.setitem(fine_tuning.FINE_TUNES, "dreambooth", fake)
+    config = training.STAGE_DEFAULTS["dreambooth"].updated(
+        steps=2000, lr=3e-4, warmup_steps=20, min_lr_ratio=1.0, weight_decay=0.0
+    )
+    config = config.updated(ema_decay=0.995, seed=3, batch_size=16)
+    options = dict(concept="hollow", prior_images=2000, train_text_encoder=True)
+    command = training._command("dreambooth", config, ship=False, **options)
+    argv = shlex.split(command)[1:] + ["--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert given["config"] == config
+    assert {k: given[k] for k in options} == options
+
+
 def test_lora_targets_name_the_projections():
     import copy
 

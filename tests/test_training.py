@@ -151,6 +151,8 @@ def test_bad_settings_are_refused():
         TrainConfig.from_dict({"lr_max": 1})
     with pytest.raises(ValueError, match="bf16 must be"):
         TrainConfig(bf16="yes")
+    with pytest.raises(ValueError, match=r"min_lr_ratio must be in \[0, 1\], got 2"):
+        TrainConfig(min_lr_ratio=2)
 
 
 WORKER = Path(__file__).resolve().parent / "fixtures" / "ddp_worker.py"
