@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from sdlearn import evaluate, shapes
 from sdlearn.evaluate import describe, evaluation_prompts, parse_prompt, score
@@ -347,6 +347,27 @@ def test_a_hollow_shape_is_not_a_filled_one():
     assert np.array_equal(ring, hollow_circle)
     assert score(ring, "a small red hollow circle on the left")["all"] is True
     assert describe(ring, shapes.ALL_SHAPES)["style"] == "filled"
+
+
+def test_an_outline_one_pixel_wide_is_one_drawing():
+    """A triangle's sides one pixel wide run diagonally, their pixels touching
+    at the corners only: still one drawing, walling its hole off, as a model
+    that draws thin bands draws them."""
+    scene = Scene("triangle", "purple", "large", "left", style="hollow")
+    image = Image.new("RGB", (64, 64), shapes.BACKGROUND)
+    cx, cy = (c * 64 for c in scene.center())
+    points, _ = shapes._polygon("triangle", cx, cy, scene.radius() * 64)
+    ImageDraw.Draw(image).polygon(points, outline=COLORS["purple"], width=1)
+    image = np.array(image)
+    drawn = (image != 255).any(axis=-1).sum()
+    read = describe(image)
+    assert read["area"] * 64 * 64 == drawn  # every pixel of the outline
+    assert (read["shape"], read["size"], read["style"]) == (
+        "triangle",
+        "large",
+        "hollow",
+    )
+    assert score(image, shapes.caption(scene), styles=shapes.ALL_STYLES)["all"]
 
 
 def test_style_prompts_cover_every_seen_pair():
