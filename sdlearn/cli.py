@@ -8,8 +8,9 @@ sdlearn train vae|clip|unet|all [...]
 sdlearn train lora|dreambooth|textual-inversion [--concept diamond] [--token T]
               [--prior-images N] [--rank R] [--initializer WORD] [--base PATH]
               [--train-text-encoder] [--text-encoder-lr LR] [--timestep-bias B]
+              [--eval-every N]
     teach a pipeline a new shape or style: LoRA adapters on the UNet, the whole UNet
-    with a rare token, or one new word's embedding.
+    with a rare token, or one new word's embedding; score it every N steps.
 sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--scheduler NAME [--karras]] [--height H --width W]
                  [--num-images N] [--checkpoint PATH]
@@ -144,6 +145,7 @@ def train(args: argparse.Namespace) -> int:
             extra["checkpoint"] = args.base
             options = ["concept", "token", "prior_images", "caption_dropout"]
             options += ["timestep_bias", "train_text_encoder", "text_encoder_lr"]
+            options += ["eval_every"]
             options += {
                 "lora": ["rank", "targets", "initializer"],
                 "dreambooth": ["initializer"],
@@ -375,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-images", type=_non_negative, help="images to score at the end (0: none)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_non_negative,
+        help="fine-tunes: also score every N steps (the record's scores_by_step)",
     )
     p.add_argument(
         "--base", help="fine-tunes: the pipeline to teach (default: shipped)"

@@ -42,11 +42,14 @@ from sdlearn.shapes import (
 if TYPE_CHECKING:
     from sdlearn.pipeline import StableDiffusionPipeline
 from sdlearn.training import (
+    CHECKPOINT,
     DiffusionLoss,
     TrainConfig,
+    TrainResult,
     _command,
     _is_main_process,
     encode_shapes,
+    load_checkpoint,
     loss_history,
     train,
 )
@@ -76,6 +79,9 @@ FINE_TUNES_DIR = Path(__file__).resolve().parent / "data" / "fine_tunes"
 
 # the text encoder's trained weights, with `train_text_encoder`
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
+
+# the scores along a run (`eval_every`), a line per evaluation
+SCORES_LOG = "scores.jsonl"
 
 # what each method writes next to its METHOD.json record
 ARTIFACTS: dict[str, str] = {
@@ -171,6 +177,7 @@ def fine_tune(
     train_text_encoder: bool = False,
     timestep_bias: float = 1.0,
     text_encoder_lr: float | None = None,
+    eval_every: int = 0,
 ) -> dict:
     """Teach a pipeline a new shape or style by one of `METHODS` (chapter 09).
 
@@ -218,6 +225,11 @@ def fine_tune(
             evaluation draws (the concept's prompts, and the base model's before
             and after, all scored with the new shapes among the shapes, or for a
             style with the styles told apart); 0 skips it.
+        eval_every: also score the concept and the base prompts every this
+            many steps (with the EMA on, its weights), as at the end: the
+            record's "scores_by_step" shows when the concept was learnt. The
+            run stops at each and resumes exactly, so the weights are those of
+            a run without it. 0 (the default): only at the end.
         ship: also write the record, and the adapter, the embedding or (for
             DreamBooth) the UNet's weights, into the package's `FINE_TUNES_DIR`
             as METHOD-CONCEPT.json and .safetensors, for chapter 09
@@ -268,6 +280,12 @@ def fine_tune(
             "train_text_encoder none train: give a new word like '<hollow>', or "
             "train_text_encoder for dreambooth"
         )
+    if eval_every < 0 or (eval_every and not eval_images):
+        raise ValueError(
+            f"eval_every={eval_every} scores the run every so many steps with "
+            f"eval_images images; expected eval_every >= 0, and eval_images > 0 "
+            f"when it is not 0 (got {eval_images})"
+        )
     if text_encoder_lr is not None and text_encoder_lr <= 0:
         raise ValueError(f"expected a positive text_encoder_lr, got {text_encoder_lr}")
     if method == "textual-inversion" and not new_word:
@@ -285,7 +303,7 @@ def fine_tune(
 
     # 2. the base shapes' scores before
     metrics: dict[str, float] = {}
-    sets = {}
+    sets, seeds = {}, 0
     if eval_images:
         from sdlearn.evaluate import concept_prompts, evaluation_prompts
 
@@ -325,11 +343,14 @@ def fine_tune(
             timestep_bias,
         )
     trainable = sum(p.numel() for p in loss.parameters() if p.requires_grad)
-    result = train(
+    sets_along = {concept: sets.get(concept), "base": sets.get("base")}
+    result = _train_scored(
         loss,
         items,
         config,
         out_dir,
+        lambda: _scores(pipe, sets_along, seeds, concept, {concept: token}),
+        eval_every,
         resume=resume,
         progress=progress,
         description=f"train {method} ({concept})",
@@ -363,8 +384,10 @@ def fine_tune(
         **({"train_text_encoder": True} if train_text_encoder else {}),
         **({"timestep_bias": timestep_bias} if timestep_bias != 1 else {}),
         **({"text_encoder_lr": text_encoder_lr} if text_encoder_lr else {}),
+        **({"eval_every": eval_every} if eval_every else {}),
     }
     log = out_dir / "log.jsonl"
+    scored = out_dir / SCORES_LOG
     record = {
         "method": method,
         "train_config": config.to_dict(),
@@ -379,6 +402,7 @@ def fine_tune(
         "styles_scored": list(_told_apart(concept)[1]),
         "versions": {"torch": torch.__version__},
         "loss_history": loss_history(log) if log.is_file() else {},
+        **({"scores_by_step": _scores_by_step(scored)} if eval_every else {}),
     }
     if _is_main_process():
         path = out_dir / ARTIFACTS[method]
@@ -519,6 +543,54 @@ def _trained_text_encoder(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in text_encoder.state_dict().items()
         if not key.startswith("embeddings.token_embedding")
     }
+
+
+def _train_scored(
+    loss: nn.Module,
+    items,
+    config: TrainConfig,
+    out_dir: Path,
+    score: Callable[[], dict[str, float]],
+    every: int,
+    resume: bool = False,
+    stop_at: int | None = None,
+    **kwargs,
+) -> TrainResult:
+    """`sdlearn.training.train`, stopped every `every` steps (0: never) to
+    `score()` the model, with the EMA's weights when the EMA is on, a line of
+    out_dir/SCORES_LOG each; every stop writes a checkpoint and the run resumes
+    from it exactly, so the weights are an unstopped run's."""
+    log, checkpoint = out_dir / SCORES_LOG, out_dir / CHECKPOINT
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    done = 0
+    if resume and checkpoint.exists():
+        done = int(load_checkpoint(checkpoint)["step"])
+    elif _is_main_process():
+        log.unlink(missing_ok=True)
+    for mark in range(every, end, every) if every else ():
+        if mark <= done:
+            continue
+        train(loss, items, config, out_dir, resume=resume, stop_at=mark, **kwargs)
+        resume = True
+        ema = load_checkpoint(checkpoint)["ema"]
+        live = {k: v.clone() for k, v in loss.state_dict().items()} if ema else None
+        if ema:
+            loss.load_state_dict(ema["shadow"])
+        loss.eval()
+        metrics = score()
+        if live is not None:
+            loss.load_state_dict(live)
+        if _is_main_process():
+            with open(log, "a") as f:
+                f.write(json.dumps({"step": mark, **metrics}) + "\n")
+    return train(loss, items, config, out_dir, resume=resume, stop_at=stop_at, **kwargs)
+
+
+def _scores_by_step(log: Path) -> dict[str, list]:
+    """SCORES_LOG as {"step": [...], "<set> <attribute>": [...]}, rounded."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line]
+    keys = list(rows[0]) if rows else ["step"]
+    return {k: [round(r[k], 1) if k != "step" else r[k] for r in rows] for k in keys}
 
 
 def load_text_encoder_blocks(text_encoder: nn.Module, path: str | Path) -> nn.Module:

@@ -25,6 +25,7 @@ STEPS = TrainConfig(
 )
 # the whole UNet moves with a tenth of the adapters' rate; one 64-number row
 # needs a larger one to show in 24 steps
+UNET_FILE = "diffusion_pytorch_model.safetensors"
 LEARNING_RATES = {"lora": 5e-3, "dreambooth": 5e-4, "textual-inversion": 5e-2}
 
 
@@ -268,6 +269,53 @@ def test_fine_tune_resumes_exactly(method, tmp_path):
             torch.testing.assert_close(again[key], value, rtol=0, atol=0)
 
 
+def test_eval_every_scores_the_ema_along_the_run_and_keeps_the_weights(
+    tmp_path, monkeypatch
+):
+    """--eval-every stops the run to score it (the EMA's weights when the EMA is
+    on) and resumes exactly: the weights are an unstopped run's, also when the
+    run itself is interrupted and resumed between two scorings."""
+    from sdlearn import fine_tuning
+
+    scored = []
+
+    def fake_scores(pipe, prompt_sets, seeds, concept, wording=None):
+        checkpoint = tmp_path / "scored" / "checkpoint.pt"
+        if wording and checkpoint.exists():  # along the run, not before it
+            shadow = torch.load(checkpoint, weights_only=True)["ema"]["shadow"]
+            step = torch.load(checkpoint, weights_only=True)["step"]
+            for key, value in pipe.unet.state_dict().items():
+                torch.testing.assert_close(value, shadow[f"unet.{key}"], rtol=0, atol=0)
+            scored.append(step)
+        return {f"{name} all": float(len(scored)) for name in prompt_sets}
+
+    monkeypatch.setattr(fine_tuning, "_scores", fake_scores)
+    config = STEPS.updated(lr=LEARNING_RATES["dreambooth"], ema_decay=0.9)
+    options = dict(progress=False, eval_images=30, images=64)
+    fine_tuning.fine_tune("dreambooth", config, tmp_path / "plain", **options)
+    out = tmp_path / "scored"
+    fine_tuning.fine_tune(
+        "dreambooth", config, out, stop_at=12, eval_every=8, **options
+    )
+    record = fine_tuning.fine_tune(
+        "dreambooth", config, out, resume=True, eval_every=8, **options
+    )
+    # scored at 8 and 16, and at the ends of both parts (12, 24) as always
+    assert scored == [8, 12, 16, 24]
+    assert record["scores_by_step"] == {
+        "step": [8, 16],
+        "diamond all": [1.0, 3.0],
+        "base all": [1.0, 3.0],
+    }
+    assert "--eval-every 8" in record["command"]
+    plain = load_file(tmp_path / "plain" / "pipeline" / "unet" / UNET_FILE)
+    again = load_file(out / "pipeline" / "unet" / UNET_FILE)
+    for key, value in plain.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eval_every=8 scores the run"):
+        fine_tuning.fine_tune("dreambooth", config, out, eval_every=8, eval_images=0)
+
+
 def test_fine_tune_refuses_unknown_concepts_methods_and_initializers(tmp_path):
     from sdlearn.fine_tuning import fine_tune
 
@@ -308,13 +356,13 @@ def test_cli_passes_the_fine_tune_options(method, monkeypatch, tmp_path):
     monkeypatch.setitem(fine_tuning.FINE_TUNES, method, fake)
     argv = ["train", method, "--out", str(tmp_path), "--concept", "hollow"]
     argv += ["--timestep-bias", "3", "--prior-images", "5", "--steps", "7"]
-    argv += ["--text-encoder-lr", "0.005"]
+    argv += ["--text-encoder-lr", "0.005", "--eval-every", "200"]
     # passed to every method: fine_tune refuses it for all but DreamBooth
     assert main(argv + ["--train-text-encoder"]) == 0
     assert given["concept"] == "hollow" and given["timestep_bias"] == 3.0
     assert given["prior_images"] == 5 and given["config"].steps == 7
     assert given["train_text_encoder"] is True
-    assert given["text_encoder_lr"] == 0.005
+    assert given["text_encoder_lr"] == 0.005 and given["eval_every"] == 200
     given.clear()
     assert main(argv) == 0
     assert "train_text_encoder" not in given  # the function's default
@@ -340,6 +388,7 @@ def test_a_records_command_repeats_its_settings(monkeypatch, tmp_path):
     )
     config = config.updated(ema_decay=0.995, seed=3, batch_size=16)
     options = dict(concept="hollow", prior_images=2000, train_text_encoder=True)
+    options.update(eval_every=200)
     command = training._command("dreambooth", config, ship=False, **options)
     argv = shlex.split(command)[1:] + ["--out", str(tmp_path)]
     assert main(argv) == 0
