@@ -588,7 +588,8 @@ def _train_scored(
 
 def _scores_by_step(log: Path) -> dict[str, list]:
     """SCORES_LOG as {"step": [...], "<set> <attribute>": [...]}, rounded."""
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line]
+    lines = log.read_text().splitlines() if log.is_file() else []  # none: too short
+    rows = [json.loads(line) for line in lines if line]
     keys = list(rows[0]) if rows else ["step"]
     return {k: [round(r[k], 1) if k != "step" else r[k] for r in rows] for k in keys}
 

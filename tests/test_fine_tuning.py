@@ -312,6 +312,11 @@ def test_eval_every_scores_the_ema_along_the_run_and_keeps_the_weights(
     again = load_file(out / "pipeline" / "unet" / UNET_FILE)
     for key, value in plain.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0)
+    # a run shorter than eval_every has nothing to show along the way
+    short = fine_tuning.fine_tune(
+        "dreambooth", config, tmp_path / "short", eval_every=100, **options
+    )
+    assert short["scores_by_step"] == {"step": []}
     with pytest.raises(ValueError, match="eval_every=8 scores the run"):
         fine_tuning.fine_tune("dreambooth", config, out, eval_every=8, eval_images=0)
 
