@@ -557,9 +557,10 @@ def _train_scored(
     **kwargs,
 ) -> TrainResult:
     """`sdlearn.training.train`, stopped every `every` steps (0: never) to
-    `score()` the model, with the EMA's weights when the EMA is on, a line of
-    out_dir/SCORES_LOG each; every stop writes a checkpoint and the run resumes
-    from it exactly, so the weights are an unstopped run's."""
+    `score()` the model, a line of out_dir/SCORES_LOG each. A stopped `train`
+    leaves the EMA's weights in the model when the EMA is on, and its
+    checkpoint the live ones, from which the run resumes exactly: the weights
+    are an unstopped run's."""
     log, checkpoint = out_dir / SCORES_LOG, out_dir / CHECKPOINT
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     done = 0
@@ -572,14 +573,7 @@ def _train_scored(
             continue
         train(loss, items, config, out_dir, resume=resume, stop_at=mark, **kwargs)
         resume = True
-        ema = load_checkpoint(checkpoint)["ema"]
-        live = {k: v.clone() for k, v in loss.state_dict().items()} if ema else None
-        if ema:
-            loss.load_state_dict(ema["shadow"])
-        loss.eval()
         metrics = score()
-        if live is not None:
-            loss.load_state_dict(live)
         if _is_main_process():
             with open(log, "a") as f:
                 f.write(json.dumps({"step": mark, **metrics}) + "\n")

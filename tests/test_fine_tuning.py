@@ -23,9 +23,9 @@ STEPS = TrainConfig(
     checkpoint_every=8,
     bf16="off",
 )
+UNET_FILE = "diffusion_pytorch_model.safetensors"  # of a diffusers folder's unet/
 # the whole UNet moves with a tenth of the adapters' rate; one 64-number row
 # needs a larger one to show in 24 steps
-UNET_FILE = "diffusion_pytorch_model.safetensors"
 LEARNING_RATES = {"lora": 5e-3, "dreambooth": 5e-4, "textual-inversion": 5e-2}
 
 
@@ -282,11 +282,11 @@ def test_eval_every_scores_the_ema_along_the_run_and_keeps_the_weights(
     def fake_scores(pipe, prompt_sets, seeds, concept, wording=None):
         checkpoint = tmp_path / "scored" / "checkpoint.pt"
         if wording and checkpoint.exists():  # along the run, not before it
-            shadow = torch.load(checkpoint, weights_only=True)["ema"]["shadow"]
-            step = torch.load(checkpoint, weights_only=True)["step"]
+            saved = torch.load(checkpoint, weights_only=True)
+            shadow = saved["ema"]["shadow"]
             for key, value in pipe.unet.state_dict().items():
                 torch.testing.assert_close(value, shadow[f"unet.{key}"], rtol=0, atol=0)
-            scored.append(step)
+            scored.append(saved["step"])
         return {f"{name} all": float(len(scored)) for name in prompt_sets}
 
     monkeypatch.setattr(fine_tuning, "_scores", fake_scores)
