@@ -10,18 +10,20 @@ NBVAL := --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 # two workers with two threads each would fight over a 2-core machine.
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider -n 2
 
-.PHONY: setup demo test test-fast test-notebooks test-slow check format \
-        notebooks execute reference book lab bench clean
+.PHONY: setup demo test test-fast test-notebooks test-laptop test-slow check \
+        format notebooks execute reference latest book lab bench clean
 
 setup: $(STAMP)
 
 # torch first, the CPU build, so nothing later pulls a newer or a CUDA one;
 # the rest must keep it (sdlearn asks for a range 2.13.0 satisfies).
-$(STAMP): pyproject.toml
+# constraints.txt holds the versions the reference tensors and the stored
+# outputs were made with, so every machine tests the same libraries.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
@@ -39,6 +41,11 @@ test-fast: setup
 test-notebooks: setup
 	$(PYTEST) --dist loadfile --nbval $(NBVAL) solutions
 	$(PYTEST) --dist loadfile --nbval-lax --nbval-current-env chapters
+
+# A learner's laptop: no AVX-512 and no AMX, one process, one thread.
+LAPTOP := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1
+test-laptop: setup
+	$(LAPTOP) $(PY) -m pytest -p no:cacheprovider --nbval $(NBVAL) solutions
 
 test-slow: setup
 	$(PY) -m pytest tests -m slow
@@ -64,6 +71,22 @@ execute: setup
 reference: setup
 	$(PY) tools/make_reference.py
 
+# The project against the newest versions its ranges allow, in .venv-latest
+# (torch stays the CPU build): what moved in the reference tensors, then the
+# unit tests and the notebooks. `make reference` and `make execute` in .venv
+# bring the repository along once constraints.txt is updated.
+LATEST := .venv-latest
+latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	echo "torch==2.13.0" > $(LATEST)/torch.txt
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet torch==2.13.0
+	$(LATEST)/bin/python -m pip install --quiet --upgrade -c $(LATEST)/torch.txt -e '.[dev]'
+	$(LATEST)/bin/python tools/check_latest.py
+	OMP_NUM_THREADS=1 $(LATEST)/bin/python -m pytest -p no:cacheprovider -n 2 tests
+	OMP_NUM_THREADS=1 $(LATEST)/bin/python -m pytest -p no:cacheprovider -n 2 \
+		--dist loadfile --nbval $(NBVAL) solutions
+
 book: setup
 	$(PY) tools/build_book.py
 
@@ -74,4 +97,4 @@ bench: setup
 	$(PY) tools/bench_unet.py
 
 clean:
-	rm -rf book/_build book/solutions outputs .pytest_cache
+	rm -rf book/_build book/solutions outputs .pytest_cache $(LATEST)

@@ -35,6 +35,7 @@ CHAPTERS: dict[str, int] = {
     "schedulers.common": 5,  # what every noise scheduler shares
     "schedulers.ddpm": 5,  # DDPM
     "checks.ddpm": 5,
+    "devices": 6,  # where a model runs and in which precision
     "pipeline": 6,  # text to image, img2img, inpainting
     "original_checkpoint": 6,  # SD 1.x's original single-file layout
     "single_file": 6,  # reading and writing such files

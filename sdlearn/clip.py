@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 
 from sdlearn.attention import Attention
 from sdlearn.shapes import COLORS, SHAPES, ShapesDataset, with_articles
-from sdlearn.weights import config_from_json, load_checked, read_shipped
+from sdlearn.weights import SHIPPED_DIR, config_from_json, load_checked, read_shipped
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -580,12 +581,13 @@ def _config_from_record(values: dict) -> ContrastiveCLIPConfig:
     return ContrastiveCLIPConfig(**{**config_from_json(values), "text_config": text})
 
 
-def pretrained_tiny_clip() -> ContrastiveCLIP:
+def pretrained_tiny_clip(folder: Path = SHIPPED_DIR) -> ContrastiveCLIP:
     """The course's tiny contrastive CLIP, trained on the shapes dataset and
-    shipped in the package (`sdlearn train clip --ship`; see clip.json).
+    shipped in the package (`sdlearn train clip --ship`; see clip.json), or
+    the one a `sdlearn train clip` run wrote to `folder`.
 
     Its `text_model` is the text encoder the tiny Stable Diffusion conditions on.
     """
-    state_dict, record = read_shipped("clip")
+    state_dict, record = read_shipped("clip", folder=folder)
     model = ContrastiveCLIP(_config_from_record(record["model_config"]))
-    return load_checked(model, state_dict, "the shipped tiny CLIP").eval()
+    return load_checked(model, state_dict, str(folder / "clip.safetensors")).eval()

@@ -48,6 +48,7 @@ from sdlearn.training import (
     TrainResult,
     _command,
     _is_main_process,
+    check_can_ship,
     encode_shapes,
     load_checkpoint,
     loss_history,
@@ -424,6 +425,7 @@ def fine_tune(
         text = json.dumps(record, indent=2) + "\n"
         (out_dir / f"{method}.json").write_text(text)
         if ship:
+            check_can_ship(shipped_fine_tune_files(method, concept))
             FINE_TUNES_DIR.mkdir(parents=True, exist_ok=True)
             name = f"{method}-{concept}"
             (FINE_TUNES_DIR / f"{name}.json").write_text(text)
@@ -443,6 +445,13 @@ def fine_tune(
                     encoder, FINE_TUNES_DIR / f"{name}-text-encoder.safetensors"
                 )
     return record
+
+
+def shipped_fine_tune_files(method: str, concept: str) -> list[Path]:
+    """The files of the package that `sdlearn train METHOD --concept CONCEPT
+    --ship` writes (and overwrites where they exist)."""
+    name = f"{method}-{concept}"
+    return [FINE_TUNES_DIR / f"{name}.safetensors", FINE_TUNES_DIR / f"{name}.json"]
 
 
 def concept_data(
@@ -499,17 +508,87 @@ def load_fine_tune(
     Returns:
         (pipeline, record); prompts name the concept by `record["token"]`.
     """
-    from safetensors.torch import load_file
-
     from sdlearn.pipeline import StableDiffusionPipeline
-    from sdlearn.weights import load_checked
 
     record, artifact = read_fine_tune(method, concept)
+    files = {
+        "artifact": artifact,
+        "embedding": artifact.with_name(f"{artifact.stem}-embedding.safetensors"),
+        "text_encoder": artifact.with_name(f"{artifact.stem}-text-encoder.safetensors"),
+    }
     pipe = StableDiffusionPipeline.from_pretrained()
+    _apply_fine_tune(pipe, record, files, artifact.stem)
+    return pipe, record
+
+
+def shipped_fine_tunes() -> dict[str, tuple[str, str]]:
+    """The fine-tunes shipped in the package by name ("lora-diamond",
+    "dreambooth-ring"...): {name: (method, concept)}."""
+    found = {}
+    for path in sorted(FINE_TUNES_DIR.glob("*.json")):
+        record = json.loads(path.read_text())
+        found[path.stem] = (record["method"], path.stem[len(record["method"]) + 1 :])
+    return found
+
+
+def fine_tune_run_method(folder: str | Path) -> str | None:
+    """The method of a `sdlearn train lora|dreambooth|textual-inversion` run
+    folder (the one whose METHOD.json record it holds), or None."""
+    found = [m for m in METHODS if (Path(folder) / f"{m}.json").is_file()]
+    return found[0] if found else None
+
+
+def load_fine_tune_run(
+    folder: str | Path, base: str | Path | None = None
+) -> tuple[StableDiffusionPipeline, dict]:
+    """A pipeline with the fine-tune a run folder holds, and the run's record.
+
+    Args:
+        folder: what `sdlearn train lora|dreambooth|textual-inversion --out`
+            wrote.
+        base: the pipeline the run fine-tuned (its `--base`); the shipped one
+            by default. Its weights must be the ones the record names.
+    """
+    from sdlearn.pipeline import StableDiffusionPipeline
+
+    folder = Path(folder)
+    method = fine_tune_run_method(folder)
+    if method is None:
+        raise FileNotFoundError(
+            f"{folder} holds no fine-tune record (one of "
+            f"{', '.join(f'{m}.json' for m in METHODS)})"
+        )
+    record = json.loads((folder / f"{method}.json").read_text())
+    files = {
+        "artifact": folder / ARTIFACTS[method],
+        "embedding": folder / record.get("embedding", ARTIFACTS["textual-inversion"]),
+        "text_encoder": folder / record.get("text_encoder", TEXT_ENCODER_FILE),
+    }
+    if method == "dreambooth":  # the run saved its whole pipeline
+        pipe = StableDiffusionPipeline.from_pretrained(files["artifact"])
+        if "text_encoder" in record:
+            load_text_encoder_blocks(pipe.text_encoder, files["text_encoder"])
+        return pipe, record
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    _apply_fine_tune(pipe, record, files, str(folder))
+    return pipe, record
+
+
+def _apply_fine_tune(
+    pipe: StableDiffusionPipeline, record: dict, files: dict[str, Path], name: str
+) -> None:
+    """Apply a fine-tune's files to the base pipeline it was trained on:
+    {"artifact": the adapter, UNet or embedding; "embedding": a new word's
+    embedding; "text_encoder": the text encoder's trained blocks}."""
+    from safetensors.torch import load_file
+
+    from sdlearn.weights import load_checked
+
+    method, artifact = record["method"], files["artifact"]
     if record.get("base") != (digest := base_digest(pipe)):
         raise ValueError(
-            f"{artifact.stem} was trained on another base pipeline (weights digest "
-            f"{record.get('base')}, the shipped one's is {digest}): "
+            f"{name} was trained on another base pipeline (weights digest "
+            f"{record.get('base')}, this one's is {digest}): "
             f"re-make it with `{record['command']}`"
         )
     if method == "lora":
@@ -519,13 +598,9 @@ def load_fine_tune(
     if method == "textual-inversion":
         pipe.load_textual_inversion(artifact)
     elif "embedding" in record:
-        pipe.load_textual_inversion(
-            artifact.with_name(f"{artifact.stem}-embedding.safetensors")
-        )
+        pipe.load_textual_inversion(files["embedding"])
     if "text_encoder" in record:
-        path = artifact.with_name(f"{artifact.stem}-text-encoder.safetensors")
-        load_text_encoder_blocks(pipe.text_encoder, path)
-    return pipe, record
+        load_text_encoder_blocks(pipe.text_encoder, files["text_encoder"])
 
 
 def base_digest(pipe: StableDiffusionPipeline) -> str:

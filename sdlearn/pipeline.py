@@ -35,11 +35,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel
+from sdlearn.devices import pick_device, pick_dtype
 from sdlearn.schedulers import Scheduler
 from sdlearn.tokenizer import CLIPTokenizer
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL, VAEConfig
-from sdlearn.weights import config_from_json
+from sdlearn.weights import SHIPPED_DIR, config_from_json
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 ImageInput = Image.Image | np.ndarray | torch.Tensor
@@ -314,6 +315,7 @@ class StableDiffusionPipeline:
         self.unet = unet.eval()
         self.scheduler = scheduler
         self.progress = True  # show a progress bar while sampling
+        self.sources: dict[str, str] = {}  # where load_tiny took each part from
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> StableDiffusionPipeline:
@@ -321,7 +323,8 @@ class StableDiffusionPipeline:
 
         Args:
             path: a diffusers-format folder (model_index.json and one subfolder
-                per part), or an original single-file SD 1.x checkpoint
+                per part), a run folder of `sdlearn train vae|clip|unet|all`
+                (see `load_tiny`), or an original single-file SD 1.x checkpoint
                 (.safetensors, or .ckpt read with `torch.load(weights_only=True)`
                 only); None loads the course's tiny shapes model shipped in the
                 package.
@@ -334,6 +337,9 @@ class StableDiffusionPipeline:
         if path is None:
             return load_tiny()
         path = Path(path)
+        is_run = path.is_dir() and not (path / "model_index.json").exists()
+        if is_run and any(_run_part(path, name) for name in TINY_PARTS):
+            return load_tiny(path)
         if path.is_dir():
             return load_diffusers_folder(path)
         if path.is_file():
@@ -389,10 +395,24 @@ class StableDiffusionPipeline:
         """Where the UNet's weights are, and so where sampling runs."""
         return next(self.unet.parameters()).device
 
-    def to(self, device: torch.device | str) -> StableDiffusionPipeline:
-        """Move the three models to `device`; returns self."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's weights' dtype: what the models compute in. The latents
+        and the scheduler's arithmetic stay in float32 whatever it is."""
+        return next(self.unet.parameters()).dtype
+
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> StableDiffusionPipeline:
+        """Move the three models to `device` and/or cast their weights to
+        `dtype` (float32, bfloat16 or float16); returns self."""
+        device = self.device if device is None else pick_device(device)
+        if dtype is not None:
+            dtype = pick_dtype(dtype, device)
         for model in (self.text_encoder, self.vae, self.unet):
-            model.to(device)
+            model.to(device=device, dtype=dtype)
         return self
 
     @torch.no_grad()
@@ -549,7 +569,8 @@ class StableDiffusionPipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents, scaled as the UNet sees them, to images (B, 3, H, W) in about
         [-1, 1]: undo the scaling factor, then decode."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor)
+        latents = latents / self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.dtype)).float()
 
     @torch.no_grad()
     def predict_noise(
@@ -571,9 +592,11 @@ class StableDiffusionPipeline:
         Returns:
             (B, C, h, w) the (guided) prediction.
         """
+        # the models compute in self.dtype, the sampler in float32
+        model_input, text = model_input.to(self.dtype), text.to(self.dtype)
         if guidance_scale <= 1:
-            return self.unet(model_input, timestep, text)
-        noise_pred = self.unet(torch.cat([model_input] * 2), timestep, text)
+            return self.unet(model_input, timestep, text).float()
+        noise_pred = self.unet(torch.cat([model_input] * 2), timestep, text).float()
         noise_uncond, noise_text = noise_pred.chunk(2)
         return classifier_free_guidance(noise_uncond, noise_text, guidance_scale)
 
@@ -647,8 +670,9 @@ class StableDiffusionPipeline:
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] to scaled latents: a sample of the
         VAE's posterior times the scaling factor, as diffusers' img2img does."""
-        posterior = self.vae.encode(pixels.to(self.device))
-        return posterior.sample(generator) * self.vae.config.scaling_factor
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype))
+        latents = posterior.sample(generator).float()
+        return latents * self.vae.config.scaling_factor
 
     # the steps of __call__, each small ------------------------------------------
 
@@ -1027,18 +1051,79 @@ def save_single_file(pipeline: StableDiffusionPipeline, path: str | Path) -> Pat
     return path
 
 
-def load_tiny() -> StableDiffusionPipeline:
-    """The course's tiny text-to-image model, shipped in the package: the VAE of
-    chapter 02, the text encoder of chapter 03's CLIP, the UNet of chapter 07,
-    with the noise schedule the UNet was trained with (see data/tiny/*.json)."""
+# the parts of the tiny model, as `sdlearn train` names its stages and files
+TINY_PARTS = ("vae", "clip", "unet")
+
+
+def _run_part(folder: Path, name: str) -> Path | None:
+    """Where a run folder keeps part NAME: the folder itself, or its NAME
+    subfolder (`sdlearn train all`); None when it has no such part."""
+    for candidate in (folder, folder / name):
+        if (candidate / f"{name}.safetensors").is_file():
+            return candidate
+    return None
+
+
+def tiny_part_folders(run: str | Path | None = None) -> dict[str, Path]:
+    """Where each part of the tiny model comes from, for a run folder.
+
+    The parts the run trained come from the run; a UNet's VAE and CLIP come
+    from where it was trained on them (its record's `parts_dir`, relative to
+    the UNet's folder), else from the package, as `sdlearn train unet` takes
+    them by default.
+    """
+    folders = dict.fromkeys(TINY_PARTS, SHIPPED_DIR)
+    if run is None:
+        return folders
+    run = Path(run)
+    unet_folder = _run_part(run, "unet")
+    if unet_folder is not None:
+        folders["unet"] = unet_folder
+        record = json.loads((unet_folder / "unet.json").read_text())
+        if record.get("parts_dir") is not None:
+            parts = unet_folder / record["parts_dir"]
+            for name in ("vae", "clip"):
+                found = _run_part(parts, name)
+                if found is None:
+                    raise FileNotFoundError(
+                        f"the UNet of {unet_folder} was trained on the {name} in "
+                        f"{parts}, which has no {name}.safetensors any more"
+                    )
+                folders[name] = found
+    for name in ("vae", "clip"):
+        found = _run_part(run, name)
+        if found is not None:
+            folders[name] = found
+    return folders
+
+
+def load_tiny(run: str | Path | None = None) -> StableDiffusionPipeline:
+    """The course's tiny text-to-image model: the VAE of chapter 02, the text
+    encoder of chapter 03's CLIP, the UNet of chapter 07, with the noise
+    schedule the UNet was trained with (see data/tiny/*.json).
+
+    Args:
+        run: a folder `sdlearn train` wrote (a stage's, or `train all`'s with a
+            subfolder per stage): its parts replace the shipped ones (see
+            `tiny_part_folders`); None: the model shipped in the package.
+
+    Returns:
+        the pipeline; `pipeline.sources` says which folder each part came from.
+    """
     from sdlearn.clip import pretrained_tiny_clip
     from sdlearn.schedulers import scheduler_from_config
     from sdlearn.weights import load_checked, read_shipped
 
-    state_dict, record = read_shipped("unet")
+    folders = tiny_part_folders(run)
+    state_dict, record = read_shipped("unet", folder=folders["unet"])
     unet = UNet(UNetConfig(**config_from_json(record["model_config"])))
-    load_checked(unet, state_dict, "the shipped tiny UNet")
+    load_checked(unet, state_dict, str(folders["unet"] / "unet.safetensors"))
     scheduler = scheduler_from_config(record.get("scheduler_config", {}))
-    text_encoder = pretrained_tiny_clip().text_model
-    vae = AutoencoderKL.pretrained_tiny()
-    return StableDiffusionPipeline(CLIPTokenizer(), text_encoder, vae, unet, scheduler)
+    text_encoder = pretrained_tiny_clip(folders["clip"]).text_model
+    vae = AutoencoderKL.pretrained_tiny(folders["vae"])
+    pipe = StableDiffusionPipeline(CLIPTokenizer(), text_encoder, vae, unet, scheduler)
+    pipe.sources = {
+        name: "shipped" if folder == SHIPPED_DIR else str(folder)
+        for name, folder in folders.items()
+    }
+    return pipe

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from sdlearn.devices import pick_device
+
 CHECKPOINT = "checkpoint.pt"
 
 # settings that do not change the numbers a run computes, free to change on resume
@@ -114,17 +116,6 @@ class TrainConfig:
     def updated(self, **changes) -> TrainConfig:
         """A copy with the given fields changed; None values are ignored."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """cuda if there is a GPU, else mps on Apple silicon, else cpu; or `name`."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def bf16_enabled(setting: str, device: torch.device) -> bool:
@@ -476,6 +467,32 @@ STAGE_DEFAULTS: dict[str, TrainConfig] = {
         bf16="off",
     ),
 }
+
+
+def source_checkout() -> Path | None:
+    """The repository's root when sdlearn runs from a source checkout (a git
+    clone installed with `pip install -e .`), else None."""
+    root = Path(__file__).resolve().parents[1]
+    is_checkout = (root / "pyproject.toml").is_file() and (root / ".git").exists()
+    return root if is_checkout else None
+
+
+def check_can_ship(files: list[Path]) -> None:
+    """Refuses `ship` where the package is not a source checkout: the shipped
+    weights every chapter loads live inside the installed package, and only a
+    maintainer replaces them, in a checkout, where git shows and undoes it.
+
+    Raises:
+        ValueError: not a source checkout; names the files it would overwrite.
+    """
+    if source_checkout() is None:
+        names = ", ".join(str(f) for f in files)
+        raise ValueError(
+            f"--ship replaces the weights shipped inside the sdlearn package "
+            f"({names}), which only a maintainer does, in a source checkout; "
+            "this sdlearn is an installed package: train into a run folder "
+            "(--out) and load it with --checkpoint instead"
+        )
 
 
 def _is_main_process() -> bool:
@@ -931,7 +948,14 @@ def train_unet(
         images=images,
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
-        extra_record={"scheduler_config": scheduler_to_config(scheduler)},
+        extra_record={
+            "scheduler_config": scheduler_to_config(scheduler),
+            # where its VAE and CLIP came from, relative to this run's folder
+            # (None: the package's), so that loading the run finds them
+            "parts_dir": None
+            if parts_dir is None
+            else os.path.relpath(Path(parts_dir).resolve(), out_dir.resolve()),
+        },
     )
 
 
@@ -990,8 +1014,16 @@ def _finish_stage(
     if _is_main_process():
         write_shipped(stage, model.state_dict(), record, folder=result.out_dir)
         if ship:
+            check_can_ship(shipped_files(stage))
             write_shipped(stage, model.state_dict(), record, folder=SHIPPED_DIR)
     return record
+
+
+def shipped_files(stage: str) -> list[Path]:
+    """The files of the package that `sdlearn train STAGE --ship` overwrites."""
+    from sdlearn.weights import SHIPPED_DIR
+
+    return [SHIPPED_DIR / f"{stage}.safetensors", SHIPPED_DIR / f"{stage}.json"]
 
 
 STAGES: dict[str, Callable[..., dict]] = {

