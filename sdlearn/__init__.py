@@ -36,24 +36,32 @@ CHAPTERS: dict[str, int] = {
     "schedulers.ddpm": 5,  # DDPM
     "checks.ddpm": 5,
     "devices": 6,  # where a model runs and in which precision
+    "images": 6,  # images in and out of the pipeline
+    "attention_maps": 6,  # where each prompt token's attention falls
     "pipeline": 6,  # text to image, img2img, inpainting
     "original_checkpoint": 6,  # SD 1.x's original single-file layout
     "single_file": 6,  # reading and writing such files
     "checks.pipeline": 6,
     "image_measures": 7,  # what the scorer measures in a picture, in numpy
     "evaluate": 7,  # a non-learned scorer of generated shapes images
-    "training": 7,  # the training loop and the stages `sdlearn train` runs
+    "diffusion_loss": 7,  # how a diffusion model learns: DiffusionLoss
+    "training": 7,  # the training loop every stage uses
+    "stages": 7,  # the stages `sdlearn train` runs: VAE, CLIP, UNet
     "checks.training": 7,
     "schedulers": 8,  # every sampler, and choosing one by name or config
-    "schedulers.ddim": 8,  # DDIM and its inversion
+    "schedulers.ddim": 8,  # DDIM and its inverse scheduler
     "schedulers.sigmas": 8,  # the sigma view of the samplers below
     "schedulers.euler": 8,  # Euler
     "schedulers.euler_ancestral": 8,  # Euler ancestral
     "schedulers.dpm_solver": 8,  # DPM-Solver++
+    "pipeline_io": 8,  # loading and saving pipelines (any sampler a config names)
+    "inversion": 8,  # DDIM inversion: from an image back to its noise
     "checks.samplers": 8,
     "lora": 9,  # low-rank adapters
     "textual_inversion": 9,  # new words for the text encoder
+    "fine_tune_io": 9,  # shipped fine-tunes and run folders, applied to a pipeline
     "fine_tuning": 9,  # `sdlearn train lora`: a new shape or style
     "checks.fine_tuning": 9,
+    "cli_parser": 9,  # the `sdlearn` command's arguments and their defaults
     "cli": 9,  # the `sdlearn` command, which runs every chapter's parts
 }

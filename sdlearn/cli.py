@@ -30,20 +30,13 @@ import argparse
 import sys
 from pathlib import Path
 
-# the fine-tuning commands of sdlearn.fine_tuning.METHODS (not imported here:
-# the parser stays light)
-FINE_TUNE_NAMES = ("lora", "dreambooth", "textual-inversion")
-# --targets' choices: the keys of sdlearn.fine_tuning.LORA_TARGETS
-LORA_TARGET_NAMES = ("attention", "cross-kv", "attention+convs")
+from sdlearn.cli_parser import (
+    FINE_TUNE_NAMES,
+    SCHEDULER_NAMES,
+    build_parser,
+    stage_default,
+)
 
-# --scheduler's choices -> the scheduler classes' names
-SCHEDULER_NAMES = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-}
 # the samplers that take --karras
 KARRAS = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
 
@@ -63,20 +56,6 @@ def _choose_scheduler(pipe, args: argparse.Namespace) -> None:
             f"--karras needs a sampler with Karras sigmas (euler, dpmpp_2m), got {name}"
         )
     pipe.scheduler = with_sampler(pipe.scheduler, name, **settings)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
 
 
 def tour(args: argparse.Namespace) -> int:
@@ -159,7 +138,8 @@ def _train_config(name: str, args: argparse.Namespace):
     """The stage's default TrainConfig, then --config's file, then the flags."""
     import json
 
-    from sdlearn.training import STAGE_DEFAULTS, TrainConfig
+    from sdlearn.stages import STAGE_DEFAULTS
+    from sdlearn.training import TrainConfig
 
     config = STAGE_DEFAULTS[name]
     if args.config:
@@ -182,8 +162,9 @@ def _train_config(name: str, args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> int:
-    from sdlearn.fine_tuning import FINE_TUNES, shipped_fine_tune_files
-    from sdlearn.training import STAGES, check_can_ship, shipped_files
+    from sdlearn.fine_tune_io import shipped_fine_tune_files
+    from sdlearn.fine_tuning import FINE_TUNES
+    from sdlearn.stages import STAGES, check_can_ship, shipped_files
 
     commands = {**STAGES, **FINE_TUNES}
     names = list(STAGES) if args.stage == "all" else [args.stage]
@@ -191,7 +172,7 @@ def train(args: argparse.Namespace) -> int:
         files = []
         for name in names:
             if name in FINE_TUNES:
-                concept = args.concept or _default("fine_tune", "concept")
+                concept = args.concept or stage_default("fine_tune", "concept")
                 files += shipped_fine_tune_files(name, concept)
             else:
                 files += shipped_files(name)
@@ -236,23 +217,23 @@ def load_pipeline(checkpoint: str | None, device: str = "auto", dtype: str = "fl
             ("dreambooth-ring", "lora-diamond"...).
     """
     from sdlearn.devices import pick_device, pick_dtype
-    from sdlearn.fine_tuning import (
+    from sdlearn.fine_tune_io import (
         fine_tune_run_method,
         load_fine_tune,
         load_fine_tune_run,
         shipped_fine_tunes,
     )
-    from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.pipeline_io import from_pretrained
 
     where = pick_device(device)
     precision = pick_dtype(dtype, where)
     if checkpoint is None:
-        pipe = StableDiffusionPipeline.from_pretrained()
+        pipe = from_pretrained()
     elif Path(checkpoint).exists():
         if Path(checkpoint).is_dir() and fine_tune_run_method(checkpoint):
             pipe, _ = load_fine_tune_run(checkpoint)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
+            pipe = from_pretrained(checkpoint)
     elif checkpoint in shipped_fine_tunes():
         pipe, _ = load_fine_tune(*shipped_fine_tunes()[checkpoint])
     else:
@@ -265,7 +246,7 @@ def load_pipeline(checkpoint: str | None, device: str = "auto", dtype: str = "fl
 
 def _shipped_file(value: str, method: str) -> str:
     """--lora and --embedding take a file or a shipped fine-tune's concept."""
-    from sdlearn.fine_tuning import read_fine_tune, shipped_fine_tunes
+    from sdlearn.fine_tune_io import read_fine_tune, shipped_fine_tunes
 
     if Path(value).is_file():
         return value
@@ -281,6 +262,9 @@ def _shipped_file(value: str, method: str) -> str:
 def generate(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
+
+    from sdlearn.lora import load_lora
+    from sdlearn.textual_inversion import load_learned_embeds
 
     def read_image(path: str | None) -> Image.Image | None:
         if path is None:
@@ -302,12 +286,14 @@ def generate(args: argparse.Namespace) -> int:
         print(f"sdlearn generate: {where}", file=sys.stderr)
     _choose_scheduler(pipe, args)
     if args.lora is not None:
-        pipe.load_lora(_shipped_file(args.lora, "lora"), scale=args.lora_scale)
+        adapter = _shipped_file(args.lora, "lora")
+        load_lora(pipe.unet, adapter, prefix="unet", multiplier=args.lora_scale)
         pipe.to(dtype=pipe.dtype)  # the adapters' new weights too
     elif args.lora_scale != 1.0:
         raise ValueError("--lora-scale needs --lora: the adapter to scale")
     if args.embedding is not None:
-        pipe.load_textual_inversion(_shipped_file(args.embedding, "textual-inversion"))
+        embedding = _shipped_file(args.embedding, "textual-inversion")
+        load_learned_embeds(pipe.tokenizer, pipe.text_encoder, embedding)
         pipe.to(dtype=pipe.dtype)
     output = pipe(
         args.prompt,
@@ -388,360 +374,13 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scheduler_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--scheduler",
-        choices=list(SCHEDULER_NAMES),
-        help="sampler (default: the checkpoint's own)",
-    )
-    p.add_argument(
-        "--karras",
-        action="store_true",
-        help="Karras et al.'s noise levels (euler, dpmpp_2m)",
-    )
-
-
-def _guidance(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a guidance scale >= 0, got {value}")
-    return value
-
-
-STAGE_SUMMARIES = {
-    "vae": "the VAE: images <-> latents (chapter 02)",
-    "clip": "a contrastive CLIP, whose text encoder conditions the UNet (chapter 03)",
-    "unet": "the UNet on the VAE's latents and CLIP's text (chapter 07)",
-    "all": "vae, clip and unet in order, each in a subfolder of --out",
-    "lora": "fine-tune: low-rank adapters on the UNet's attention (chapter 09)",
-    "dreambooth": "fine-tune: the whole UNet, with a rare token (chapter 09)",
-    "textual-inversion": "fine-tune: one new word's embedding (chapter 09)",
-}
-
-
-def _stage_function(stage: str):
-    from sdlearn.fine_tuning import fine_tune
-    from sdlearn.training import STAGES
-
-    return STAGES.get(stage, fine_tune)
-
-
-def _default(function, name: str):
-    """The default of a stage function's argument: what a run uses unflagged."""
-    import inspect
-
-    if isinstance(function, str):
-        function = _stage_function(function)
-    return inspect.signature(function).parameters[name].default
-
-
-def _stage_help(stage: str) -> dict:
-    """The stage's help: for a fine-tune, the commands that made the shipped
-    ones (whose settings differ from the defaults)."""
-    import json
-
-    from sdlearn.fine_tuning import FINE_TUNES_DIR
-
-    summary = STAGE_SUMMARIES[stage]
-    help_text = {"description": f"sdlearn train {stage}: {summary}."}
-    if stage in FINE_TUNE_NAMES:
-        lines = []
-        for path in sorted(FINE_TUNES_DIR.glob(f"{stage}-*.json")):
-            record = json.loads(path.read_text())
-            command = record["command"].replace(" --ship", "")
-            lines.append(f"  {path.stem}:\n    {command}")
-        if lines:
-            help_text["epilog"] = (
-                "The shipped fine-tunes were made with (`--checkpoint NAME` "
-                "or `--lora CONCEPT` uses them):\n" + "\n".join(lines)
-            )
-        help_text["formatter_class"] = argparse.RawDescriptionHelpFormatter
-    return help_text
-
-
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `sdlearn train STAGE`: the training settings every stage
-    takes, then the stage's own, each with its default."""
-    from sdlearn.schedulers.common import BETA_SCHEDULES
-    from sdlearn.training import STAGE_DEFAULTS, STAGES
-
-    stage = p.prog.split()[-1]
-    parts = list(STAGES) if stage == "all" else [stage]
-
-    def default(name: str) -> str:
-        values = {str(getattr(STAGE_DEFAULTS[s], name)) for s in parts}
-        if len(values) == 1:
-            return f" (default: {values.pop()})"
-        return (
-            " (default: "
-            + ", ".join(f"{s} {getattr(STAGE_DEFAULTS[s], name)}" for s in parts)
-            + ")"
-        )
-
-    def own(name: str, parameter: str | None = None, part: str = stage) -> str:
-        return f" (default: {_default(part, parameter or name)})"
-
-    p.add_argument("--out", help=f"run folder (default: runs/{stage})")
-    p.add_argument("--config", help="JSON file of training settings")
-    p.add_argument("--steps", type=_positive, help="optimizer steps" + default("steps"))
-    p.add_argument(
-        "--batch-size", type=_positive, help="images" + default("batch_size")
-    )
-    p.add_argument("--lr", type=float, help="peak learning rate" + default("lr"))
-    p.add_argument(
-        "--warmup-steps", type=int, help="linear warm-up" + default("warmup_steps")
-    )
-    p.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        help="the cosine decay ends at lr times this (1: a constant lr)"
-        + default("min_lr_ratio"),
-    )
-    p.add_argument(
-        "--weight-decay", type=float, help="AdamW's" + default("weight_decay")
-    )
-    p.add_argument(
-        "--ema-decay",
-        type=float,
-        help="average of the weights (0: none)" + default("ema_decay"),
-    )
-    p.add_argument(
-        "--seed", type=int, help="data and initial weights" + default("seed")
-    )
-    p.add_argument(
-        "--checkpoint-every", type=_positive, help="steps" + default("checkpoint_every")
-    )
-    p.add_argument(
-        "--bf16",
-        choices=["auto", "on", "off"],
-        help="bfloat16 autocast" + default("bf16"),
-    )
-    p.add_argument("--device", help="cpu, cuda, mps" + default("device"))
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        help="float32, or bfloat16 autocast (the same as --bf16 on)",
-    )
-    p.add_argument(
-        "--eval-images",
-        type=_non_negative,
-        help="images to score at the end (0: none)"
-        + ("" if stage == "all" else own("eval_images")),
-    )
-    if stage in ("vae", "all"):
-        p.add_argument(
-            "--kl-weight",
-            type=float,
-            help="weight of the KL term" + own("kl_weight", part="vae"),
-        )
-        p.add_argument(
-            "--shapes",
-            choices=["base", "all"],
-            help="all shapes, new ones included, or the base ones"
-            + own("shapes", part="vae"),
-        )
-    if stage in ("unet", "all", *FINE_TUNE_NAMES):
-        part = "unet" if stage == "all" else stage
-        p.add_argument(
-            "--caption-dropout",
-            type=float,
-            help="how often the caption is dropped" + own("caption_dropout", part=part),
-        )
-        p.add_argument(
-            "--images",
-            type=_positive,
-            help="training images" + own("images", part=part),
-        )
-    if stage in ("unet", "all"):
-        p.add_argument(
-            "--num-train-timesteps",
-            type=_positive,
-            help="diffusion steps T" + own("num_train_timesteps", part="unet"),
-        )
-        p.add_argument(
-            "--beta-schedule",
-            choices=BETA_SCHEDULES,
-            help="the noise schedule" + own("beta_schedule", part="unet"),
-        )
-    if stage in FINE_TUNE_NAMES:
-        p.add_argument(
-            "--base", help="the pipeline to teach (default: the shipped one)"
-        )
-        p.add_argument(
-            "--concept",
-            help="the new shape or style to teach: diamond, ring, hollow"
-            + own("concept"),
-        )
-        p.add_argument(
-            "--token",
-            help="its word in captions (default: the concept's name for lora, "
-            "sks for dreambooth, <concept> for textual-inversion)",
-        )
-        p.add_argument(
-            "--prior-images",
-            type=_non_negative,
-            help="base-shape images mixed in" + own("prior_images"),
-        )
-        p.add_argument(
-            "--initializer",
-            help="the word a new word (<name>) starts from (default: the "
-            "concept's nearest base word)",
-        )
-        p.add_argument(
-            "--train-text-encoder",
-            action="store_true",
-            default=None,
-            help="also train the text encoder's blocks (dreambooth)",
-        )
-        p.add_argument(
-            "--text-encoder-lr",
-            type=float,
-            help="learning rate of a new word's embedding and of the text "
-            "encoder's blocks (default: --lr)",
-        )
-        p.add_argument(
-            "--timestep-bias",
-            type=float,
-            help="how many times more often the noisier half of the timesteps "
-            "is drawn (1: uniform)" + own("timestep_bias"),
-        )
-        p.add_argument(
-            "--eval-every",
-            type=_non_negative,
-            help="also score every N steps, the record's scores_by_step (0: never)"
-            + own("eval_every"),
-        )
-    if stage == "lora":
-        p.add_argument(
-            "--rank", type=_positive, help="the adapters' rank" + own("rank")
-        )
-        p.add_argument(
-            "--lora-alpha", type=float, help="scale = alpha / rank (default: rank)"
-        )
-        p.add_argument(
-            "--targets",
-            choices=LORA_TARGET_NAMES,
-            help="every attention projection, the cross-attention's k and v, "
-            "or every attention projection and the ResnetBlocks' convolutions"
-            + own("targets"),
-        )
-    p.add_argument("--resume", action="store_true", help="continue from --out")
-    p.add_argument(
-        "--ship",
-        action="store_true",
-        help="maintainers, in a source checkout: also replace the weights "
-        "shipped in the package",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=train)
-
-
-def _device_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda or mps (default: auto, the best there is)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="the models' precision (default: float32; bfloat16 on a CPU, "
-        "float16 on a GPU)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdlearn", description="Stable Diffusion from scratch in PyTorch."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("tour", help="the four parts, and a grid of the dataset")
-    p.add_argument("--out", default="outputs/shapes_grid.png", help="PNG to write")
-    p.add_argument("--rows", type=_positive, default=4)
-    p.add_argument("--cols", type=_positive, default=6)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=tour)
-
-    p = commands.add_parser(
-        "train",
-        help="train a stage of the tiny Stable Diffusion, or fine-tune it",
-        description="Train a stage of the tiny Stable Diffusion (vae, clip, "
-        "unet, or all three in order), or teach it a new shape or style "
-        "(lora, dreambooth, textual-inversion). `sdlearn train STAGE --help` "
-        "lists a stage's options and defaults.",
-    )
-    stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage, summary in STAGE_SUMMARIES.items():
-        _train_arguments(stages.add_parser(stage, help=summary, **_stage_help(stage)))
-
-    p = commands.add_parser("generate", help="draw images for a prompt")
-    p.add_argument("prompt", help="what to draw")
-    p.add_argument("--negative", help="what to steer away from")
-    p.add_argument("--steps", type=_positive, default=50, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
-    _scheduler_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=_positive, help="pixels, a multiple of 8")
-    p.add_argument("--width", type=_positive, help="pixels, a multiple of 8")
-    p.add_argument("--num-images", type=_positive, default=1)
-    p.add_argument(
-        "--checkpoint",
-        help="a diffusers folder, a single-file SD 1.x checkpoint, a run folder "
-        "of `sdlearn train`, or a shipped fine-tune's name (dreambooth-ring) "
-        "(default: the tiny shapes model shipped with sdlearn)",
-    )
-    _device_arguments(p)
-    p.add_argument("--image", help="img2img: the picture to start from")
-    p.add_argument("--strength", type=float, help="img2img: how far to noise it")
-    p.add_argument("--mask", help="inpainting: white where to repaint")
-    p.add_argument(
-        "--lora",
-        help="a LoRA adapter (.safetensors) for the UNet, or a shipped one's "
-        "concept (diamond)",
-    )
-    p.add_argument(
-        "--lora-scale", type=float, default=1.0, help="how much of the adapter"
-    )
-    p.add_argument(
-        "--embedding",
-        help="a learned token (.safetensors, textual inversion) to use in the "
-        "prompt, or a shipped one's concept (diamond: the word <diamond>)",
-    )
-    p.add_argument("--out", default="outputs/generated.png", help="PNG to write")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=generate)
-
-    p = commands.add_parser(
-        "evaluate", help="score a model on held-out prompts (the shapes model)"
-    )
-    p.add_argument(
-        "--checkpoint",
-        help="as generate's (default: the tiny model shipped with sdlearn)",
-    )
-    _device_arguments(p)
-    p.add_argument("--seeds", type=_positive, default=4, help="images per prompt")
-    p.add_argument("--steps", type=_positive, default=50, help="denoising steps")
-    p.add_argument(
-        "--guidance",
-        type=_guidance,
-        nargs="+",
-        default=[7.5, 1.0],
-        help="guidance scales to compare",
-    )
-    _scheduler_arguments(p)
-    p.add_argument("--out", default="outputs/evaluation.png", help="grid PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=evaluate)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train" and args.out is None:
         args.out = "runs" if args.stage == "all" else f"runs/{args.stage}"
+    run = {"tour": tour, "train": train, "generate": generate, "evaluate": evaluate}
     try:
-        return args.run(args)
+        return run[args.command](args)
     except (ValueError, OSError) as error:
         print(f"sdlearn {args.command}: error: {error}", file=sys.stderr)
         return 1

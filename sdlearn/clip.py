@@ -19,10 +19,9 @@ is most similar to.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,20 +107,6 @@ class CLIPTextConfig:
             num_hidden_layers=3,
             num_attention_heads=4,
         )
-
-    # until pipeline.py's loading moves out (issue 22): the names it still calls
-    @classmethod
-    def from_transformers(cls, config: object) -> CLIPTextConfig:
-        """Moved to `sdlearn.interop.clip.text_config_from_transformers`."""
-        from sdlearn.interop.clip import text_config_from_transformers
-
-        return text_config_from_transformers(config)
-
-    def to_transformers(self) -> dict[str, Any]:
-        """Moved to `sdlearn.interop.clip.text_config_to_transformers`."""
-        from sdlearn.interop.clip import text_config_to_transformers
-
-        return text_config_to_transformers(self)
 
 
 class CLIPMLP(nn.Module):
@@ -311,15 +296,6 @@ class CLIPTextModel(nn.Module):
                 f"expected attention_mask of shape (B, T) = {(B, T)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-
-    # until pipeline.py's loading moves out (issue 22): the name it still calls
-    def load_transformers_state_dict(
-        self, state_dict: Mapping[str, torch.Tensor], source: str
-    ) -> CLIPTextModel:
-        """Moved to `sdlearn.interop.clip.load_transformers_weights`."""
-        from sdlearn.interop.clip import load_transformers_weights
-
-        return load_transformers_weights(self, state_dict, source)
 
 
 # --- the tiny contrastive CLIP ----------------------------------------------
@@ -575,7 +551,7 @@ def zero_shot_accuracy(
     return sum(right) / n
 
 
-def _config_from_record(values: dict) -> ContrastiveCLIPConfig:
+def contrastive_config_from_record(values: dict) -> ContrastiveCLIPConfig:
     """ContrastiveCLIPConfig from its JSON form (lists back to tuples)."""
     text = CLIPTextConfig(**values["text_config"])
     return ContrastiveCLIPConfig(**{**config_from_json(values), "text_config": text})
@@ -589,5 +565,5 @@ def pretrained_tiny_clip(folder: Path = SHIPPED_DIR) -> ContrastiveCLIP:
     Its `text_model` is the text encoder the tiny Stable Diffusion conditions on.
     """
     state_dict, record = read_shipped("clip", folder=folder)
-    model = ContrastiveCLIP(_config_from_record(record["model_config"]))
+    model = ContrastiveCLIP(contrastive_config_from_record(record["model_config"]))
     return load_checked(model, state_dict, str(folder / "clip.safetensors")).eval()

@@ -37,7 +37,11 @@ from sdlearn.weights import (
 
 
 def save_original(
-    path: str | Path, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel
+    path: str | Path,
+    unet: UNet,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Writes the three models as one original-layout `.safetensors` file.
 
@@ -47,15 +51,18 @@ def save_original(
     Args:
         path: where to write; must end in `.safetensors`.
         unet, vae, text_encoder: as for `combine_original`.
+        metadata: strings to keep in the file's header (sdlearn keeps its
+            configs there; other tools ignore them).
 
     Returns:
         the path written.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"save_original writes .safetensors files only, got {path}")
+        raise ValueError(f"expected a path ending in .safetensors, got {path}")
     state_dict = combine_original(unet, vae, text_encoder)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, path, metadata=metadata)
     return path
 
 

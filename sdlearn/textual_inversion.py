@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from sdlearn.diffusion_loss import DiffusionLoss
 from sdlearn.weights import read_checkpoint_file
 
 
@@ -169,3 +170,51 @@ def load_learned_embeds(
         )
     _add_row(tokenizer, text_encoder, name, vector)
     return name
+
+
+class TextEncoderLoss(DiffusionLoss):
+    """The diffusion loss with the text encoder in the loop: the captions' token
+    ids go through it every step, so the gradient reaches the new token's row
+    (and, with `sdlearn.fine_tuning.fine_tune(train_text_encoder=True)`, the
+    encoder's blocks).
+
+    Args:
+        text_encoder: its token embedding a `NewTokenEmbedding` (or frozen),
+            the rest frozen or training.
+        caption_ids: (N_captions, 77) token ids, row 0 the empty prompt.
+        text_encoder_lr: the learning rate of the text encoder's trainable
+            weights; the UNet's (the run's) when None.
+        (the rest as for `DiffusionLoss`)
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        text_encoder: nn.Module,
+        caption_ids: torch.Tensor,
+        scaling_factor: float,
+        caption_dropout: float = 0.1,
+        timestep_bias: float = 1.0,
+        text_encoder_lr: float | None = None,
+    ) -> None:
+        super().__init__(
+            unet, scheduler, caption_ids, scaling_factor, caption_dropout, timestep_bias
+        )
+        self.text_encoder = text_encoder
+        self.text_encoder_lr = text_encoder_lr
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimiser's groups: the text encoder's trainable weights at
+        `text_encoder_lr`, the rest (the UNet's, if any train) at `lr`."""
+        text = [p for p in self.text_encoder.parameters() if p.requires_grad]
+        ids = {id(p) for p in text}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [
+            {"params": rest, "lr": lr},
+            {"params": text, "lr": self.text_encoder_lr or lr},
+        ]
+        return [group for group in groups if group["params"]]
+
+    def context(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(self.text_tokens.to(rows.device)[rows])

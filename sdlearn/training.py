@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,16 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
+from tqdm.auto import tqdm
 
 from sdlearn.devices import pick_device
 
 CHECKPOINT = "checkpoint.pt"
 
 # settings that do not change the numbers a run computes, free to change on resume
-_NOT_RESULTS = ("checkpoint_every", "log_every", "device")
+NOT_RESULTS = ("checkpoint_every", "log_every", "device")
 
 
 @dataclass(frozen=True)
@@ -269,6 +268,17 @@ def _batches(
         yield step, collate([dataset[i] for i in idx])
 
 
+@dataclass(frozen=True)
+class EvalHook:
+    """Something to measure along a run: `fn(step)` every `every` steps (not at
+    the end), on the weights the run keeps (the EMA's when it is on). Training
+    then goes on exactly as if it had not been measured: the live weights and
+    the random state come back, and its time is not counted."""
+
+    every: int
+    fn: Callable[[int], None]
+
+
 def train(
     step_module: nn.Module,
     dataset: Dataset,
@@ -279,6 +289,7 @@ def train(
     progress: bool = True,
     description: str = "train",
     stop_at: int | None = None,
+    evaluate: EvalHook | None = None,
 ) -> TrainResult:
     """Trains `step_module`, whose forward returns the loss of one batch.
 
@@ -292,24 +303,71 @@ def train(
         out_dir: where checkpoint.pt, log.jsonl and run.json go.
         resume: continue from out_dir/checkpoint.pt exactly where it stopped.
         collate_fn: list of items -> batch; torch's default_collate by default.
-        progress: show a progress bar (on the first process only).
-        description: the progress bar's label.
-        stop_at: stop after this step, as an interruption would, with a
-            checkpoint to resume from (the learning-rate schedule still follows
-            `config.steps`).
+        progress, description: show a progress bar with this label (on the
+            first process only).
+        stop_at: stop after this step as an interruption would, with a checkpoint
+            (the learning-rate schedule still follows `config.steps`).
+        evaluate: a measurement to take along the run (see `EvalHook`).
 
     Returns:
         A `TrainResult` with the metrics of the last step.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    collate_fn = collate_fn or default_collate
     rank, world = _distributed()
     device = pick_device(config.device)
     autocast = bf16_enabled(config.bf16, device)
-    model = step_module.to(device)
+    hardware = {"device": str(device), "threads": torch.get_num_threads()}
+    hardware |= {"world_size": world, "bf16": autocast}
 
     # 1. the optimiser, its schedule, the EMA and the noise generator
+    state = _run_state(step_module.to(device), config, rank, device)
+    model, ema = state["model"], state["ema"]
+
+    # 2. resume from the last checkpoint, or start afresh
+    start, elapsed = _resume(state, out_dir / CHECKPOINT, config, resume, rank)
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    # 3. the loop
+    hide = not progress or rank
+    bar = tqdm(total=config.steps, initial=start, desc=description, disable=hide)
+    metrics: dict[str, float] = {}
+    began = time.perf_counter() - elapsed
+    model.train()
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    collate_fn = collate_fn or default_collate
+    for step, batch in _batches(dataset, config, start, end, rank, world, collate_fn):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, metrics = wrapped(batch, state["generator"])
+        _update(state, loss, config)
+        metrics = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        done = step + 1
+        if rank == 0:  # the log and the checkpoint
+            _write_step(state, out_dir, config, (done, end), metrics, began)
+        if evaluate and done % evaluate.every == 0 and done < end:
+            began += _measure(evaluate, done, model, ema)
+    bar.close()
+
+    # 4. the EMA weights are the ones to keep
+    if ema is not None:
+        model.load_state_dict(ema.shadow)
+    model.eval()
+    result = TrainResult(metrics, time.perf_counter() - began, out_dir, hardware)
+    if rank == 0:
+        _write_run(result, config)
+    return result
+
+
+def _run_state(
+    model: nn.Module, config: TrainConfig, rank: int, device: torch.device
+) -> dict:
+    """What a run updates and checkpoints: the model, AdamW over its trainable
+    parameters (or its `param_groups`) with the warm-up and cosine schedule of
+    `lr_factor`, the EMA, and the noise generator, seeded per process (and
+    torch's global RNG, for dropout and other layers)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = model.param_groups(config.lr) if hasattr(model, "param_groups") else None
     optimizer = torch.optim.AdamW(
@@ -323,711 +381,134 @@ def train(
     )
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     generator = torch.Generator(device).manual_seed(config.seed * 1000 + rank)
-    torch.manual_seed(config.seed * 1000 + rank)  # dropout and other layers
+    torch.manual_seed(config.seed * 1000 + rank)
+    return {
+        "model": model,
+        "trainable": trainable,
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "ema": ema,
+        "generator": generator,
+    }
 
-    # 2. resume from the last checkpoint
-    start, elapsed = 0, 0.0
-    checkpoint_path = out_dir / CHECKPOINT
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        saved = json.loads(state["config"])
-        current = json.loads(json.dumps(config.to_dict()))
-        differ = sorted(
-            k for k in current if k not in _NOT_RESULTS and saved.get(k) != current[k]
-        )
-        if differ:
-            raise ValueError(
-                f"{checkpoint_path} was written with other settings ("
-                + ", ".join(f"{k}: {saved.get(k)} now {current[k]}" for k in differ)
-                + "); resume with the same ones to continue exactly"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start, elapsed = int(state["step"]), float(state["seconds"])
-    elif not resume and rank == 0:
-        (out_dir / "log.jsonl").unlink(missing_ok=True)
 
-    wrapped = model
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model)
+def _update(state: dict, loss: torch.Tensor, config: TrainConfig) -> None:
+    """One optimiser step on `loss`: backward, clip the gradients, AdamW,
+    the learning-rate schedule, then the EMA."""
+    state["optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        nn.utils.clip_grad_norm_(state["trainable"], config.grad_clip)
+    state["optimizer"].step()
+    state["schedule"].step()
+    if state["ema"] is not None:
+        state["ema"].update(state["model"])
 
-    # 3. the loop
-    from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=config.steps,
-        initial=start,
-        desc=description,
-        disable=not progress or rank,
+def _write_step(
+    state: dict,
+    out_dir: Path,
+    config: TrainConfig,
+    steps: tuple[int, int],
+    metrics: dict[str, float],
+    began: float,
+) -> None:
+    """After step `done` of a run that stops at `end` (`steps`): a line of
+    log.jsonl every `log_every` steps and at the last, a checkpoint every
+    `checkpoint_every` steps and where the run stops."""
+    done, end = steps
+    if done % config.log_every == 0 or done == config.steps:
+        seconds = round(time.perf_counter() - began, 3)
+        lr = state["schedule"].get_last_lr()[0]
+        _log(out_dir, {"step": done, "lr": lr, **metrics, "seconds": seconds})
+    if done % config.checkpoint_every == 0 or done == end:
+        seconds = time.perf_counter() - began
+        save_atomic(_checkpoint(state, done, seconds, config), out_dir / CHECKPOINT)
+
+
+def _write_run(result: TrainResult, config: TrainConfig) -> None:
+    """run.json: the config, wall time, final metrics and where it ran."""
+    run = {"config": config.to_dict(), "seconds": round(result.seconds, 1)}
+    run["metrics"] = result.metrics
+    run |= {k: result.hardware[k] for k in ("world_size", "bf16", "device")}
+    (result.out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+
+
+def _log(out_dir: Path, record: dict) -> None:
+    """One line of out_dir/log.jsonl."""
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _checkpoint(state: dict, done: int, seconds: float, config: TrainConfig) -> dict:
+    """What checkpoint.pt holds: everything a resumed run needs to go on exactly."""
+    ema = state["ema"]
+    return {
+        "model": state["model"].state_dict(),
+        "optimizer": state["optimizer"].state_dict(),
+        "schedule": state["schedule"].state_dict(),
+        "ema": ema.state_dict() if ema is not None else {},
+        "generator": state["generator"].get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "step": done,
+        "seconds": seconds,
+        "config": json.dumps(config.to_dict()),
+    }
+
+
+def _resume(
+    state: dict, path: Path, config: TrainConfig, resume: bool, rank: int
+) -> tuple[int, float]:
+    """With `resume` and a checkpoint at `path`, loads it into the run's `state`
+    (model, optimizer, schedule, ema, generator) and the torch RNG; returns
+    (step, seconds) to go on from, (0, 0.0) for a fresh run (whose old log the
+    first process deletes).
+
+    Raises:
+        ValueError: the checkpoint was written with other settings.
+    """
+    if not (resume and path.exists()):
+        if not resume and rank == 0:
+            (path.parent / "log.jsonl").unlink(missing_ok=True)
+        return 0, 0.0
+    saved_state = load_checkpoint(path)
+    saved = json.loads(saved_state["config"])
+    current = json.loads(json.dumps(config.to_dict()))
+    differ = sorted(
+        k for k in current if k not in NOT_RESULTS and saved.get(k) != current[k]
     )
-    metrics: dict[str, float] = {}
-    began = time.perf_counter() - elapsed
-    model.train()
-    end = config.steps if stop_at is None else min(stop_at, config.steps)
-    for step, batch in _batches(dataset, config, start, end, rank, world, collate_fn):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, metrics = wrapped(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        schedule.step()
-        if ema is not None:
-            ema.update(model)
-        metrics = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        done = step + 1
-        if rank == 0 and (done % config.log_every == 0 or done == config.steps):
-            record = {"step": done, "lr": schedule.get_last_lr()[0], **metrics}
-            record["seconds"] = round(time.perf_counter() - began, 3)
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if rank == 0 and (done % config.checkpoint_every == 0 or done == end):
-            save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {},
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "step": done,
-                    "seconds": time.perf_counter() - began,
-                    "config": json.dumps(config.to_dict()),
-                },
-                checkpoint_path,
-            )
-    bar.close()
-    seconds = time.perf_counter() - began
+    if differ:
+        raise ValueError(
+            f"{path} was written with other settings ("
+            + ", ".join(f"{k}: {saved.get(k)} now {current[k]}" for k in differ)
+            + "); resume with the same ones to continue exactly"
+        )
+    for name in ("model", "optimizer", "schedule"):
+        state[name].load_state_dict(saved_state[name])
+    if state["ema"] is not None:
+        state["ema"].load_state_dict(saved_state["ema"])
+    state["generator"].set_state(saved_state["generator"])
+    torch.set_rng_state(saved_state["torch_rng"])
+    return int(saved_state["step"]), float(saved_state["seconds"])
 
-    # 4. the EMA weights are the ones to keep
+
+def _measure(evaluate: EvalHook, done: int, model: nn.Module, ema: EMA | None) -> float:
+    """Runs `evaluate.fn(done)` on the weights the run keeps, then puts the
+    live weights, the training mode and the random state back; returns the
+    seconds it took, which the run does not count."""
+    began = time.perf_counter()
+    rng = torch.get_rng_state()
+    live = {k: v.clone() for k, v in model.state_dict().items()}
     if ema is not None:
         model.load_state_dict(ema.shadow)
     model.eval()
-    if rank == 0:
-        run = {
-            "config": config.to_dict(),
-            "seconds": round(seconds, 1),
-            "metrics": metrics,
-        }
-        run["world_size"] = world
-        run["bf16"] = autocast
-        run["device"] = str(device)
-        (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    hardware = {
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "world_size": world,
-        "bf16": autocast,
-    }
-    return TrainResult(metrics, seconds, out_dir, hardware)
+    evaluate.fn(done)
+    model.load_state_dict(live)
+    model.train()
+    torch.set_rng_state(rng)
+    return time.perf_counter() - began
 
 
-# --- the stages: what `sdlearn train STAGE` trains ----------------------------
-
-STAGE_DEFAULTS: dict[str, TrainConfig] = {
-    "vae": TrainConfig(
-        steps=2000, batch_size=16, lr=2e-3, warmup_steps=100, ema_decay=0.999
-    ),
-    "clip": TrainConfig(steps=800, batch_size=64, lr=1e-3, warmup_steps=50),
-    # bfloat16 autocast makes the tiny UNet's step slower on a CPU (0.27 s
-    # against 0.19 s at batch 64: its matmuls are too small to pay for the
-    # casts); the VAE and the text encoder run as fast either way
-    "unet": TrainConfig(
-        steps=6000,
-        batch_size=64,
-        lr=2e-3,
-        warmup_steps=200,
-        ema_decay=0.999,
-        bf16="off",
-    ),
-    # fine-tuning the shipped UNet through rank-8 adapters: a few minutes
-    "lora": TrainConfig(
-        steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, bf16="off"
-    ),
-    # the whole tiny UNet, from the shipped weights: a smaller learning rate
-    "dreambooth": TrainConfig(
-        steps=800, batch_size=32, lr=2e-4, warmup_steps=50, bf16="off"
-    ),
-    # one embedding row of 64 numbers, no weight decay pulling it to zero
-    "textual-inversion": TrainConfig(
-        steps=800,
-        batch_size=32,
-        lr=5e-3,
-        warmup_steps=50,
-        weight_decay=0.0,
-        bf16="off",
-    ),
-}
-
-
-def source_checkout() -> Path | None:
-    """The repository's root when sdlearn runs from a source checkout (a git
-    clone installed with `pip install -e .`), else None."""
-    root = Path(__file__).resolve().parents[1]
-    is_checkout = (root / "pyproject.toml").is_file() and (root / ".git").exists()
-    return root if is_checkout else None
-
-
-def check_can_ship(files: list[Path]) -> None:
-    """Refuses `ship` where the package is not a source checkout: the shipped
-    weights every chapter loads live inside the installed package, and only a
-    maintainer replaces them, in a checkout, where git shows and undoes it.
-
-    Raises:
-        ValueError: not a source checkout; names the files it would overwrite.
-    """
-    if source_checkout() is None:
-        names = ", ".join(str(f) for f in files)
-        raise ValueError(
-            f"--ship replaces the weights shipped inside the sdlearn package "
-            f"({names}), which only a maintainer does, in a source checkout; "
-            "this sdlearn is an installed package: train into a run folder "
-            "(--out) and load it with --checkpoint instead"
-        )
-
-
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Only the first of several torchrun processes writes the results."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _command(stage: str, config: TrainConfig, ship: bool = True, **options) -> str:
-    """The `sdlearn train` command line that repeats a run with these settings
-    (with --ship for the stages whose weights the package ships)."""
-    defaults = STAGE_DEFAULTS[stage].to_dict()
-    settings = {
-        key: value
-        for key, value in config.to_dict().items()
-        if value != defaults[key] and key not in _NOT_RESULTS
-    }
-    flags = [
-        f"--{key.replace('_', '-')}"
-        + ("" if value is True else f" {shlex.quote(str(value))}")  # a switch
-        for key, value in {**settings, **options}.items()
-    ]
-    return " ".join([f"sdlearn train {stage}", *flags, *(["--ship"] if ship else [])])
-
-
-def _channels_last(items: list[dict]) -> dict:
-    batch = default_collate(items)
-    batch["pixel_values"] = batch["pixel_values"].contiguous(
-        memory_format=torch.channels_last
-    )
-    return batch
-
-
-def train_vae(
-    config: TrainConfig,
-    out_dir: str | Path,
-    kl_weight: float = 1e-6,
-    resume: bool = False,
-    ship: bool = False,
-    progress: bool = True,
-    stop_at: int | None = None,
-    eval_images: int = 256,
-    shapes: str = "all",
-) -> dict:
-    """Stage 1: the tiny VAE on 64x64 shapes images.
-
-    After training, sets the latent scaling factor to 1 / std of the latents of
-    training images (SD's 0.18215 was chosen the same way), measures the PSNR of
-    reconstructions of held-out images and how often the scorer reads the
-    reconstructions of base and of new shapes right, and writes vae.safetensors
-    and vae.json to `out_dir` (and into the package with `ship=True`).
-
-    Args:
-        shapes: "all" (the default, and the shipped VAE) trains on the base
-            shapes and on the new ones (`shapes.NEW_SHAPES`), filled and hollow
-            (`shapes.NEW_STYLES`), which the UNet stage never shows, so that a
-            later fine-tuning can draw them (Stable Diffusion's VAE, too, has
-            seen far more than any one fine-tuning teaches); "base" on the
-            filled `shapes.SHAPES` only.
-
-    Returns:
-        the record written to vae.json.
-    """
-    from sdlearn.shapes import ALL_SHAPES, ALL_STYLES, SHAPES, STYLES, ShapesDataset
-    from sdlearn.vae import AutoencoderKL, VAEConfig, VAELoss, psnr
-
-    if shapes not in ("base", "all"):
-        raise ValueError(f"expected shapes 'base' or 'all', got {shapes!r}")
-    out_dir = Path(out_dir)
-    torch.manual_seed(config.seed)
-    vae = AutoencoderKL(VAEConfig.tiny()).to(memory_format=torch.channels_last)
-    data = ShapesDataset(
-        "train",
-        length=100_000,
-        image_size=64,
-        seed=config.seed,
-        shapes=ALL_SHAPES if shapes == "all" else SHAPES,
-        styles=ALL_STYLES if shapes == "all" else STYLES,
-    )
-    result = train(
-        VAELoss(vae, kl_weight),
-        data,
-        config,
-        out_dir,
-        resume=resume,
-        collate_fn=_channels_last,
-        progress=progress,
-        description="train vae",
-        stop_at=stop_at,
-    )
-    vae = vae.cpu().eval()
-    with torch.no_grad():
-        n = eval_images
-        train_images = _channels_last([data[i] for i in range(n)])["pixel_values"]
-        latents = vae.encode(train_images).mode()
-        scaling_factor = round(1.0 / latents.std().item(), 5)
-        held_out = ShapesDataset("held_out", length=n, image_size=64, seed=1)
-        images = _channels_last([held_out[i] for i in range(n)])["pixel_values"]
-        scores = psnr(vae.decode(vae.encode(images).mode()), images)
-    model_config = {**asdict(vae.config), "scaling_factor": scaling_factor}
-    metrics = {
-        "held_out_psnr_db": round(scores.mean().item(), 2),
-        **_reconstructions_read_right(vae, n),
-    }
-    options = {"kl_weight": kl_weight, "shapes": shapes}
-    return _finish_stage(
-        "vae", vae, model_config, config, result, metrics, ship, **options
-    )
-
-
-@torch.no_grad()
-def _reconstructions_read_right(vae: nn.Module, n: int) -> dict[str, float]:
-    """How often the scorer reads a VAE's reconstruction as its caption, in
-    percent, for base shapes, each new shape and the base shapes in each new
-    style: what a UNet on these latents can draw at best."""
-    from sdlearn import shapes as S
-    from sdlearn.evaluate import score
-
-    n = max(1, n)
-    result = {}
-    concepts = [("base", S.SHAPES, S.STYLES)]
-    concepts += [(shape, (shape,), S.STYLES) for shape in S.NEW_SHAPES]
-    concepts += [(style, S.SHAPES, (style,)) for style in S.NEW_STYLES]
-    for name, shapes, styles in concepts:
-        data = S.ShapesDataset(
-            "all", length=n, seed=2, shapes=shapes, styles=styles, random_captions=False
-        )
-        items = [data[i] for i in range(n)]
-        pixels = torch.stack([item["pixel_values"] for item in items])
-        images = S.to_image(vae.decode(vae.encode(pixels).mode()))
-        # a hollow circle is read as a ring when rings are told apart
-        told_apart = S.SHAPES if styles != S.STYLES else S.ALL_SHAPES
-        right = [
-            score(image, item["caption"], told_apart, S.ALL_STYLES)["all"]
-            for image, item in zip(images, items, strict=True)
-        ]
-        result[f"{name}_read_right"] = round(100 * sum(right) / n, 1)
-    return result
-
-
-def train_clip(
-    config: TrainConfig,
-    out_dir: str | Path,
-    resume: bool = False,
-    ship: bool = False,
-    progress: bool = True,
-    stop_at: int | None = None,
-    eval_images: int = 256,
-) -> dict:
-    """Stage 2: the tiny contrastive CLIP on captioned 64x64 shapes images.
-
-    Its text encoder is what the tiny Stable Diffusion conditions on. After
-    training, measures zero-shot accuracy (colour and shape both right, among
-    all 18 "a {color} {shape}" prompts) on held-out and on training
-    combinations, and writes clip.safetensors and clip.json.
-
-    Returns:
-        the record written to clip.json.
-    """
-    from sdlearn.clip import (
-        ContrastiveCLIP,
-        ContrastiveCLIPConfig,
-        ContrastiveLoss,
-        zero_shot_accuracy,
-    )
-    from sdlearn.shapes import ShapesDataset
-    from sdlearn.tokenizer import CLIPTokenizer
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(config.seed)
-    model_config = ContrastiveCLIPConfig.tiny()
-    model = ContrastiveCLIP(model_config)
-    tokenizer = CLIPTokenizer()
-    data = ShapesDataset("train", length=100_000, image_size=64, seed=config.seed)
-    result = train(
-        ContrastiveLoss(model, tokenizer),
-        data,
-        config,
-        out_dir,
-        resume=resume,
-        progress=progress,
-        description="train clip",
-        stop_at=stop_at,
-    )
-    model = model.cpu().eval()
-    held_out = zero_shot_accuracy(model, tokenizer, "held_out", eval_images)
-    seen = zero_shot_accuracy(model, tokenizer, "train", eval_images)
-    metrics = {
-        "zero_shot_held_out": round(held_out, 4),
-        "zero_shot_train": round(seen, 4),
-    }
-    return _finish_stage(
-        "clip", model, asdict(model_config), config, result, metrics, ship
-    )
-
-
-class DiffusionLoss(nn.Module):
-    """The loss Stable Diffusion trains its UNet with (Rombach et al. 2022, eq. 2):
-    noise the latents of a captioned image to a random timestep, ask the UNet
-    for the noise, and score it with the mean squared error.
-
-    The frozen VAE and text encoder ran once, before training (see
-    `encode_shapes`): each item carries its latent distribution and the index of
-    its caption in a table of text tokens. The caption is replaced by the empty
-    prompt with probability `caption_dropout`, so that one model learns both
-    the conditional and the unconditional prediction classifier-free guidance
-    needs (Ho & Salimans 2022).
-
-    Args:
-        unet: the model being trained.
-        scheduler: the noise schedule (`add_noise`, `num_train_timesteps`).
-        text_tokens: (N_captions, 77, D) the text encoder's output per caption;
-            row 0 is the empty prompt.
-        scaling_factor: the VAE's, so that latents have about unit variance.
-        caption_dropout: how often the caption is dropped.
-        timestep_bias: how many times more often a timestep of the noisier half
-            is drawn than one of the other half (1: uniform, as SD trains; as
-            diffusers' training scripts' "later" timestep bias). Where the noise
-            hides most of the picture, only the caption can tell what to draw.
-    """
-
-    def __init__(
-        self,
-        unet: nn.Module,
-        scheduler,
-        text_tokens: torch.Tensor,
-        scaling_factor: float,
-        caption_dropout: float = 0.1,
-        timestep_bias: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.unet = unet
-        self.scheduler = scheduler
-        # a plain attribute, not a buffer: not trained, not in checkpoints
-        self.text_tokens = text_tokens
-        self.scaling_factor = scaling_factor
-        self.caption_dropout = caption_dropout
-        if timestep_bias <= 0:
-            raise ValueError(f"expected a positive timestep_bias, got {timestep_bias}")
-        self.timestep_bias = timestep_bias
-
-    def timesteps(
-        self, B: int, generator: torch.Generator | None, device: torch.device
-    ) -> torch.Tensor:
-        """(B,) training timesteps: uniform, or the noisier half `timestep_bias`
-        times as likely."""
-        T = self.scheduler.config.num_train_timesteps
-        if self.timestep_bias == 1:
-            return torch.randint(0, T, (B,), generator=generator, device=device)
-        weights = torch.ones(T, device=device)
-        weights[T // 2 :] = self.timestep_bias
-        return torch.multinomial(weights, B, replacement=True, generator=generator)
-
-    def forward(
-        self, batch: dict, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """
-        Args:
-            batch: "mean" and "std" (B, C, h, w) of the VAE's posterior for each
-                image, "caption" (B,) rows of `text_tokens`.
-            generator: every random draw of the step.
-
-        Returns:
-            (loss, {}).
-        """
-        mean, std = batch["mean"], batch["std"]
-        B, device = mean.shape[0], mean.device
-
-        def randn(shape: tuple[int, ...]) -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device=device)
-
-        # 1. a sample of the posterior, scaled to about unit variance
-        z0 = (mean + std * randn(mean.shape)) * self.scaling_factor  # (B, C, h, w)
-        # 2. a timestep per image, and the noise to add (eq. 4, Ho et al. 2020)
-        t = self.timesteps(B, generator, device)
-        noise = randn(z0.shape)
-        zt = self.scheduler.add_noise(z0, noise, t)
-        # 3. the caption's tokens, or the empty prompt's
-        rows = batch["caption"].clone()
-        dropped = torch.rand(B, generator=generator, device=device)
-        rows[dropped < self.caption_dropout] = 0
-        context = self.context(rows)  # (B, 77, D)
-        # 4. predict the noise (eq. 14, Ho et al. 2020)
-        prediction = self.unet(zt, t, context)
-        return F.mse_loss(prediction.float(), noise), {}
-
-    def context(self, rows: torch.Tensor) -> torch.Tensor:
-        """The text tokens (B, 77, D) of the captions in `rows` (B,), looked up
-        in the table (chapter 09's textual inversion runs the text encoder)."""
-        return self.text_tokens.to(rows.device)[rows]
-
-
-@torch.no_grad()
-def encode_shapes(
-    vae: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer,
-    dataset: Dataset,
-    batch_size: int = 256,
-    progress: bool = True,
-) -> tuple[list[dict], torch.Tensor, list[str]]:
-    """Runs the frozen VAE and text encoder over a dataset once.
-
-    Returns:
-        items: per image, the posterior's "mean" and "std" (C, h, w) and the
-            row of its "caption" in `text_tokens`;
-        text_tokens: (N_captions, 77, D), row 0 the empty prompt;
-        captions: the N_captions texts, "" first.
-    """
-    from tqdm.auto import tqdm
-
-    captions = [""]
-    row_of = {"": 0}
-    items = []
-    starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc="encode images", disable=not progress):
-        batch = default_collate(
-            [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        )
-        posterior = vae.encode(batch["pixel_values"])
-        for i, caption in enumerate(batch["caption"]):
-            if caption not in row_of:
-                row_of[caption] = len(captions)
-                captions.append(caption)
-            items.append(
-                {
-                    "mean": posterior.mean[i].clone(),
-                    "std": posterior.std[i].clone(),
-                    "caption": row_of[caption],
-                }
-            )
-    text_tokens = torch.cat(
-        [
-            text_encoder(tokenizer(captions[i : i + 256]))
-            for i in range(0, len(captions), 256)
-        ]
-    )  # (N_captions, 77, D)
-    return items, text_tokens, captions
-
-
-def train_unet(
-    config: TrainConfig,
-    out_dir: str | Path,
-    resume: bool = False,
-    ship: bool = False,
-    progress: bool = True,
-    stop_at: int | None = None,
-    eval_images: int = 256,
-    parts_dir: str | Path | None = None,
-    caption_dropout: float = 0.1,
-    images: int = 40_000,
-    num_train_timesteps: int = 1000,
-    beta_schedule: str = "scaled_linear",
-) -> dict:
-    """Stage 3: the tiny UNet, on the latents of the frozen tiny VAE, conditioned
-    on the frozen tiny CLIP's text tokens (chapter 07).
-
-    Args:
-        parts_dir: where vae.safetensors and clip.safetensors are (with their
-            .json records); the ones shipped in the package by default.
-        caption_dropout: how often the caption becomes the empty prompt.
-        images: how many training images to encode once and sample batches from.
-        num_train_timesteps: the diffusion's number of noise levels T.
-        beta_schedule: the noise schedule, one of DDPMScheduler's (SD 1.x's
-            "scaled_linear" by default); the record keeps the scheduler's config.
-        eval_images: about how many images the end-of-run evaluation draws, a
-            few seeds of every evaluation prompt (see `sdlearn.evaluate`); 0
-            skips it.
-        (the rest as for `train_vae`)
-
-    Returns:
-        the record written to unet.json.
-    """
-    from sdlearn.clip import ContrastiveCLIP, _config_from_record
-    from sdlearn.schedulers import DDPMScheduler, scheduler_to_config
-    from sdlearn.shapes import ShapesDataset
-    from sdlearn.tokenizer import CLIPTokenizer
-    from sdlearn.unet import UNet, UNetConfig
-    from sdlearn.vae import AutoencoderKL, VAEConfig
-    from sdlearn.weights import (
-        SHIPPED_DIR,
-        config_from_json,
-        load_checked,
-        read_shipped,
-    )
-
-    out_dir = Path(out_dir)
-    parts = SHIPPED_DIR if parts_dir is None else Path(parts_dir)
-    torch.manual_seed(config.seed)
-
-    # 1. the frozen parts, and the dataset through them once
-    def folder(name: str) -> Path:
-        # `sdlearn train all` leaves each stage in its own subfolder
-        inside = parts / name
-        return inside if (inside / f"{name}.safetensors").exists() else parts
-
-    state, record = read_shipped("vae", folder=folder("vae"))
-    vae = AutoencoderKL(VAEConfig(**config_from_json(record["model_config"])))
-    load_checked(vae, state, str(folder("vae") / "vae.safetensors")).eval()
-    state, record = read_shipped("clip", folder=folder("clip"))
-    clip = ContrastiveCLIP(_config_from_record(record["model_config"]))
-    load_checked(clip, state, str(folder("clip") / "clip.safetensors")).eval()
-    tokenizer = CLIPTokenizer()
-    data = ShapesDataset("train", length=images, image_size=64, seed=config.seed)
-    items, text_tokens, _ = encode_shapes(
-        vae, clip.text_model, tokenizer, data, progress=progress
-    )
-
-    # 2. train the UNet to predict the noise
-    unet = UNet(UNetConfig.tiny(cross_attention_dim=clip.text_model.config.hidden_size))
-    scheduler = DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule
-    )
-    loss = DiffusionLoss(
-        unet, scheduler, text_tokens, vae.config.scaling_factor, caption_dropout
-    )
-    result = train(
-        loss,
-        items,
-        config,
-        out_dir,
-        resume=resume,
-        progress=progress,
-        description="train unet",
-        stop_at=stop_at,
-    )
-    unet = unet.cpu().eval()
-
-    # 3. draw and score images for held-out prompts
-    metrics = {}
-    if eval_images:
-        from sdlearn.evaluate import (
-            evaluate_pipeline,
-            evaluation_prompts,
-            flat_metrics,
-        )
-        from sdlearn.pipeline import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(tokenizer, clip.text_model, vae, unet, scheduler)
-        prompts = sum(len(p) for p in evaluation_prompts().values())
-        seeds = max(1, round(eval_images / prompts))
-        table, _ = evaluate_pipeline(pipe, seeds=seeds)
-        metrics = flat_metrics(table)
-    model_config = asdict(unet.config)
-    return _finish_stage(
-        "unet",
-        unet,
-        model_config,
-        config,
-        result,
-        metrics,
-        ship,
-        caption_dropout=caption_dropout,
-        images=images,
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule,
-        extra_record={
-            "scheduler_config": scheduler_to_config(scheduler),
-            # where its VAE and CLIP came from, relative to this run's folder
-            # (None: the package's), so that loading the run finds them
-            "parts_dir": None
-            if parts_dir is None
-            else os.path.relpath(Path(parts_dir).resolve(), out_dir.resolve()),
-        },
-    )
-
-
-def loss_history(log: Path, points: int = 100) -> dict[str, list]:
-    """The run's loss curve from log.jsonl, averaged down to about `points` points.
-
-    Returns:
-        {"step": [...], "loss": [...]}: each loss is the mean of the logged
-        losses in one window, at the window's last step. Small enough to keep
-        in the shipped record, so a learner can plot the full run.
-    """
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line]
-    window = max(1, math.ceil(len(rows) / points))
-    steps, losses = [], []
-    for start in range(0, len(rows), window):
-        chunk = rows[start : start + window]
-        steps.append(chunk[-1]["step"])
-        losses.append(round(sum(r["loss"] for r in chunk) / len(chunk), 6))
-    return {"step": steps, "loss": losses}
-
-
-def _finish_stage(
-    stage: str,
-    model: nn.Module,
-    model_config: dict,
-    config: TrainConfig,
-    result: TrainResult,
-    metrics: dict[str, float],
-    ship: bool,
-    extra_record: dict | None = None,
-    **options,
-) -> dict:
-    """Writes STAGE.safetensors and STAGE.json (into the package too with `ship`).
-
-    Returns:
-        the record: model and training configs, stage options, the command that
-        repeats the run, wall time, hardware, and the training and evaluation
-        metrics.
-    """
-    from sdlearn.weights import SHIPPED_DIR, write_shipped
-
-    log = result.out_dir / "log.jsonl"
-    history = loss_history(log) if log.is_file() else {}
-    record = {
-        "model_config": model_config,
-        "train_config": config.to_dict(),
-        **options,
-        "command": _command(stage, config, **options),
-        "seconds": round(result.seconds, 1),
-        "hardware": result.hardware,
-        "metrics": {**result.metrics, **metrics},
-        "versions": {"torch": torch.__version__},
-        **(extra_record or {}),
-        "loss_history": history,
-    }
-    if _is_main_process():
-        write_shipped(stage, model.state_dict(), record, folder=result.out_dir)
-        if ship:
-            check_can_ship(shipped_files(stage))
-            write_shipped(stage, model.state_dict(), record, folder=SHIPPED_DIR)
-    return record
-
-
-def shipped_files(stage: str) -> list[Path]:
-    """The files of the package that `sdlearn train STAGE --ship` overwrites."""
-    from sdlearn.weights import SHIPPED_DIR
-
-    return [SHIPPED_DIR / f"{stage}.safetensors", SHIPPED_DIR / f"{stage}.json"]
-
-
-STAGES: dict[str, Callable[..., dict]] = {
-    "vae": train_vae,
-    "clip": train_clip,
-    "unet": train_unet,
-}

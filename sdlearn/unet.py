@@ -22,9 +22,7 @@ Module names follow diffusers' `UNet2DConditionModel` (`conv_in`,
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -191,20 +189,6 @@ class UNetConfig:
     def downsampling_factor(self) -> int:
         """How many times smaller the coarsest level is than the input."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    # until pipeline.py's loading moves out (issue 22): the names it still calls
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
-        """Moved to `sdlearn.interop.unet.unet_config_from_diffusers`."""
-        from sdlearn.interop.unet import unet_config_from_diffusers
-
-        return unet_config_from_diffusers(config)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """Moved to `sdlearn.interop.unet.unet_config_to_diffusers`."""
-        from sdlearn.interop.unet import unet_config_to_diffusers
-
-        return unet_config_to_diffusers(self)
 
 
 class TimestepEmbedding(nn.Module):

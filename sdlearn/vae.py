@@ -13,10 +13,9 @@ so diffusers' `AutoencoderKL` state dict loads one-to-one (`sdlearn.interop.vae`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -141,20 +140,6 @@ class VAEConfig:
             scaling_factor=1.0,
             sample_size=64,
         )
-
-    # until pipeline.py's loading moves out (issue 22): the names it still calls
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
-        """Moved to `sdlearn.interop.vae.vae_config_from_diffusers`."""
-        from sdlearn.interop.vae import vae_config_from_diffusers
-
-        return vae_config_from_diffusers(config)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """Moved to `sdlearn.interop.vae.vae_config_to_diffusers`."""
-        from sdlearn.interop.vae import vae_config_to_diffusers
-
-        return vae_config_to_diffusers(self)
 
 
 def _check_images(x: torch.Tensor, config: VAEConfig) -> None:

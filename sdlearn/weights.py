@@ -281,29 +281,3 @@ def _refusal(error: Exception) -> str:
     if found:
         return found.group(1).strip()
     return "torch.load(weights_only=True) refused it"
-
-
-# --- until pipeline.py's loading moves out (issue 22): the names it still calls
-
-
-def clip_text_to_transformers(
-    state_dict: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Moved to `sdlearn.interop.clip.clip_text_to_transformers`."""
-    from sdlearn.interop.clip import clip_text_to_transformers as moved
-
-    return moved(state_dict)
-
-
-def combine_original(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict:
-    """Moved to `sdlearn.original_checkpoint.combine_original`."""
-    from sdlearn.original_checkpoint import combine_original as moved
-
-    return moved(unet, vae, text_encoder)
-
-
-def load_original_into(path: str | Path, **models_and_state_dict: object) -> None:
-    """Moved to `sdlearn.single_file.load_original_into`."""
-    from sdlearn.single_file import load_original_into as moved
-
-    moved(path, **models_and_state_dict)

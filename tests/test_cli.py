@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdlearn.cli import main
+from sdlearn.pipeline_io import from_pretrained, save_pretrained
 from tests.helpers import random_pipeline
 
 
@@ -73,7 +74,7 @@ def test_train_vae_writes_weights_and_a_record(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A small random pipeline saved as a diffusers folder."""
-    return random_pipeline().save_pretrained(tmp_path_factory.mktemp("pipe") / "sd")
+    return save_pretrained(random_pipeline(), tmp_path_factory.mktemp("pipe") / "sd")
 
 
 def test_generate_writes_pngs_and_prints_their_paths(checkpoint, tmp_path, capsys):
@@ -144,7 +145,6 @@ def test_generate_with_each_sampler(checkpoint, tmp_path, capsys, sampler, setti
     """The CLI's image is the pipeline's with that sampler on the same schedule."""
     import torch
 
-    from sdlearn.pipeline import StableDiffusionPipeline
     from sdlearn.schedulers import with_sampler
 
     out = tmp_path / "out.png"
@@ -152,7 +152,7 @@ def test_generate_with_each_sampler(checkpoint, tmp_path, capsys, sampler, setti
     argv = ["generate", "a red circle", *flags, "--scheduler", *sampler]
     assert main([*argv, "--out", str(out)]) == 0
     assert capsys.readouterr().out.split() == [str(out)]
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
+    pipe = from_pretrained(checkpoint)
     pipe.progress = False
     settings = dict(settings)
     pipe.scheduler = with_sampler(
@@ -252,7 +252,6 @@ def test_train_textual_inversion_then_generate_with_the_embedding(tmp_path, caps
 
 
 def test_train_unet_then_generate_from_its_run_folder(tmp_path, capsys):
-    from sdlearn.pipeline import StableDiffusionPipeline
 
     run = tmp_path / "runs" / "t"
     flags = ["--steps", "2", "--batch-size", "4", "--images", "8", "--eval-images", "0"]
@@ -264,7 +263,7 @@ def test_train_unet_then_generate_from_its_run_folder(tmp_path, capsys):
         assert image.size == (64, 64)
     # the run's UNet with the VAE and text encoder it was trained on: the shipped
     assert f"unet from {run}" in capsys.readouterr().err
-    pipe = StableDiffusionPipeline.from_pretrained(run)
+    pipe = from_pretrained(run)
     assert pipe.sources == {"vae": "shipped", "clip": "shipped", "unet": str(run)}
     trained = load_file(run / "unet.safetensors")
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in trained.items())
@@ -273,7 +272,7 @@ def test_train_unet_then_generate_from_its_run_folder(tmp_path, capsys):
 def test_a_unet_run_finds_the_parts_it_was_trained_on(tmp_path):
     import shutil
 
-    from sdlearn.pipeline import tiny_part_folders
+    from sdlearn.pipeline_io import tiny_part_folders
     from sdlearn.weights import SHIPPED_DIR
 
     # `sdlearn train all` leaves runs/vae, runs/clip, runs/unet; the UNet's
@@ -315,11 +314,11 @@ def test_each_training_stage_has_its_own_help_with_defaults(capsys):
 
 
 def test_ship_is_refused_where_the_package_is_installed(monkeypatch, tmp_path, capsys):
-    from sdlearn import training
+    from sdlearn import stages
     from sdlearn.weights import SHIPPED_DIR
 
     before = (SHIPPED_DIR / "clip.safetensors").read_bytes()
-    monkeypatch.setattr(training, "source_checkout", lambda: None)
+    monkeypatch.setattr(stages, "source_checkout", lambda: None)
     argv = ["train", "clip", "--steps", "1", "--out", str(tmp_path / "c"), "--ship"]
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -327,7 +326,7 @@ def test_ship_is_refused_where_the_package_is_installed(monkeypatch, tmp_path, c
     assert str(SHIPPED_DIR / "clip.safetensors") in err
     assert not (tmp_path / "c").exists()  # refused before any training
     with pytest.raises(ValueError, match="lora-diamond.safetensors"):
-        training.check_can_ship([Path("lora-diamond.safetensors")])
+        stages.check_can_ship([Path("lora-diamond.safetensors")])
     assert (SHIPPED_DIR / "clip.safetensors").read_bytes() == before
 
 

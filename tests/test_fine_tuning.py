@@ -10,8 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlearn import training
-from sdlearn.fine_tuning import ARTIFACTS, METHODS
+from sdlearn import fine_tune_io, stages
+from sdlearn.diffusion_loss import DiffusionLoss
+from sdlearn.fine_tune_io import ARTIFACTS, METHODS
+from sdlearn.lora import load_lora
+from sdlearn.pipeline_io import from_pretrained
 from sdlearn.training import TrainConfig
 
 STEPS = TrainConfig(
@@ -45,14 +48,14 @@ def fixed_loss(pipe, token: str, concept: str = "diamond") -> float:
 
     from sdlearn.fine_tuning import concept_data
 
-    items, tokens, _ = training.encode_shapes(
+    items, tokens, _ = stages.encode_shapes(
         pipe.vae,
         pipe.text_encoder,
         pipe.tokenizer,
         concept_data(concept, token, 64, seed=STEPS.seed),
         progress=False,
     )
-    loss = training.DiffusionLoss(
+    loss = DiffusionLoss(
         pipe.unet, pipe.scheduler, tokens, pipe.vae.config.scaling_factor, 0.0
     )
     with torch.no_grad():
@@ -66,12 +69,10 @@ TOKENS = {"lora": "<diamond>", "dreambooth": "sks", "textual-inversion": "<diamo
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fine_tune_learns_and_writes_what_reloads(method, tmp_path, monkeypatch):
-    from sdlearn import fine_tuning
-    from sdlearn.pipeline import StableDiffusionPipeline
     from sdlearn.textual_inversion import add_token
 
     # --ship: into a stand-in for the package's folder
-    monkeypatch.setattr(fine_tuning, "FINE_TUNES_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(fine_tune_io, "FINE_TUNES_DIR", tmp_path / "shipped")
     token = TOKENS[method]
     options = {"token": token} if method == "lora" else {}
     record = run(method, tmp_path, prior_images=16, ship=True, **options)
@@ -81,18 +82,18 @@ def test_fine_tune_learns_and_writes_what_reloads(method, tmp_path, monkeypatch)
     assert saved == json.loads(json.dumps(record))
     assert saved["command"].startswith(f"sdlearn train {method} ")
     assert saved["command"].endswith(" --ship") and record["token"] == token
-    shipped, artifact = fine_tuning.read_fine_tune(method, "diamond")
+    shipped, artifact = fine_tune_io.read_fine_tune(method, "diamond")
     assert shipped == saved
     written = tmp_path / ARTIFACTS[method]
     if method == "dreambooth":  # the UNet alone, not the whole pipeline
         written = written / "unet" / "diffusion_pytorch_model.safetensors"
     assert artifact.read_bytes() == written.read_bytes()
     with pytest.raises(FileNotFoundError, match="--concept ring --ship"):
-        fine_tuning.read_fine_tune(method, "ring")
+        fine_tune_io.read_fine_tune(method, "ring")
 
     # what was shipped holds exactly the weights the run ended with
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
-    pipe, _ = fine_tuning.load_fine_tune(method, "diamond")
+    pipe, _ = fine_tune_io.load_fine_tune(method, "diamond")
     pipe.progress = False
     new_word = token.startswith("<")
     if new_word:  # the new word's row, in the embedding file
@@ -115,14 +116,13 @@ def test_fine_tune_learns_and_writes_what_reloads(method, tmp_path, monkeypatch)
     assert record["trainable_parameters"] == count
 
     # and it predicts the noise of its training images better than before
-    before = StableDiffusionPipeline.from_pretrained()
+    before = from_pretrained()
     if new_word:
         add_token(before.tokenizer, before.text_encoder, token, "square")
     assert fixed_loss(pipe, token) < 0.95 * fixed_loss(before, token)
 
 
 def test_a_style_is_taught_like_a_shape(tmp_path):
-    from sdlearn.pipeline import StableDiffusionPipeline
     from sdlearn.shapes import ALL_STYLES, SHAPES
 
     record = run("lora", tmp_path, concept="hollow")
@@ -131,9 +131,9 @@ def test_a_style_is_taught_like_a_shape(tmp_path):
     assert record["shapes_scored"] == list(SHAPES)
     assert record["styles_scored"] == list(ALL_STYLES)
     assert "--concept hollow" in record["command"]
-    before = StableDiffusionPipeline.from_pretrained()
-    after = StableDiffusionPipeline.from_pretrained()
-    after.load_lora(tmp_path / ARTIFACTS["lora"])
+    before = from_pretrained()
+    after = from_pretrained()
+    load_lora(after.unet, tmp_path / ARTIFACTS["lora"], prefix="unet")
     assert fixed_loss(after, "hollow", "hollow") < 0.95 * fixed_loss(
         before, "hollow", "hollow"
     )
@@ -157,15 +157,13 @@ def test_a_style_is_learned_from_pairs_that_differ_only_in_it():
 
 
 def test_dreambooth_can_train_the_text_encoder_too(tmp_path, monkeypatch):
-    from sdlearn import fine_tuning
-    from sdlearn.pipeline import StableDiffusionPipeline
 
-    monkeypatch.setattr(fine_tuning, "FINE_TUNES_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(fine_tune_io, "FINE_TUNES_DIR", tmp_path / "shipped")
     record = run("dreambooth", tmp_path, train_text_encoder=True, ship=True)
     assert record["train_text_encoder"] is True
-    assert record["text_encoder"] == fine_tuning.TEXT_ENCODER_FILE
+    assert record["text_encoder"] == fine_tune_io.TEXT_ENCODER_FILE
     assert record["command"].endswith(" --train-text-encoder --ship")
-    base = StableDiffusionPipeline.from_pretrained()
+    base = from_pretrained()
     # the blocks trained, the token table did not (49408 rows, a few dozen used)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     encoder = {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")}
@@ -182,7 +180,7 @@ def test_dreambooth_can_train_the_text_encoder_too(tmp_path, monkeypatch):
     unet = sum(v.numel() for k, v in state.items() if k.startswith("unet."))
     assert record["trainable_parameters"] == unet + blocks
     # the shipped pipeline: the trained UNet and text encoder, exactly
-    pipe, _ = fine_tuning.load_fine_tune("dreambooth", "diamond")
+    pipe, _ = fine_tune_io.load_fine_tune("dreambooth", "diamond")
     for key, value in pipe.text_encoder.state_dict().items():
         torch.testing.assert_close(value, encoder[key], rtol=0, atol=0)
     changed = (
@@ -230,18 +228,14 @@ def test_the_text_side_can_learn_faster(method, tmp_path):
 
 
 def test_a_fine_tune_refuses_another_base(tmp_path, monkeypatch):
-    from sdlearn import fine_tuning
-    from sdlearn.pipeline import StableDiffusionPipeline
 
-    monkeypatch.setattr(fine_tuning, "FINE_TUNES_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(fine_tune_io, "FINE_TUNES_DIR", tmp_path / "shipped")
     record = run("lora", tmp_path / "run", ship=True)
-    assert record["base"] == fine_tuning.base_digest(
-        StableDiffusionPipeline.from_pretrained()
-    )
+    assert record["base"] == fine_tune_io.base_digest(from_pretrained())
     path = tmp_path / "shipped" / "lora-diamond.json"
     path.write_text(json.dumps({**record, "base": "0123456789abcdef"}))
     with pytest.raises(ValueError, match="lora-diamond was trained on another base"):
-        fine_tuning.load_fine_tune("lora", "diamond")
+        fine_tune_io.load_fine_tune("lora", "diamond")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -339,12 +333,12 @@ def test_fine_tune_refuses_unknown_concepts_methods_and_initializers(tmp_path):
 
 
 def test_cli_knows_every_method():
-    from sdlearn.cli import FINE_TUNE_NAMES, LORA_TARGET_NAMES
+    from sdlearn.cli_parser import FINE_TUNE_NAMES, LORA_TARGET_NAMES
     from sdlearn.fine_tuning import FINE_TUNES, LORA_TARGETS
 
     assert FINE_TUNE_NAMES == METHODS == tuple(FINE_TUNES)
     assert tuple(LORA_TARGETS) == LORA_TARGET_NAMES
-    assert set(METHODS) <= set(training.STAGE_DEFAULTS)
+    assert set(METHODS) <= set(stages.STAGE_DEFAULTS)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -388,13 +382,13 @@ def test_a_records_command_repeats_its_settings(monkeypatch, tmp_path):
         return {"metrics": {}, "seconds": 0.0}
 
     monkeypatch.setitem(fine_tuning.FINE_TUNES, "dreambooth", fake)
-    config = training.STAGE_DEFAULTS["dreambooth"].updated(
+    config = stages.STAGE_DEFAULTS["dreambooth"].updated(
         steps=2000, lr=3e-4, warmup_steps=20, min_lr_ratio=1.0, weight_decay=0.0
     )
     config = config.updated(ema_decay=0.995, seed=3, batch_size=16)
     options = dict(concept="hollow", prior_images=2000, train_text_encoder=True)
     options.update(eval_every=200)
-    command = training._command("dreambooth", config, ship=False, **options)
+    command = stages.command_line("dreambooth", config, ship=False, **options)
     argv = shlex.split(command)[1:] + ["--out", str(tmp_path)]
     assert main(argv) == 0
     assert given["config"] == config
@@ -406,9 +400,8 @@ def test_lora_targets_name_the_projections():
 
     from sdlearn.fine_tuning import LORA_TARGETS
     from sdlearn.lora import add_lora
-    from sdlearn.pipeline import StableDiffusionPipeline
 
-    unet = StableDiffusionPipeline.from_pretrained().unet
+    unet = from_pretrained().unet
     every = add_lora(copy.deepcopy(unet), rank=2, targets=LORA_TARGETS["attention"])
     cross = add_lora(copy.deepcopy(unet), rank=2, targets=LORA_TARGETS["cross-kv"])
     # self- and cross-attention, 4 projections each, against 2 of one
@@ -428,7 +421,8 @@ def test_lora_targets_name_the_projections():
 
 def shipped_fine_tunes() -> list[tuple[str, str]]:
     """(method, concept) of every record in the package's fine_tunes folder."""
-    from sdlearn.fine_tuning import CONCEPTS, FINE_TUNES_DIR
+    from sdlearn.fine_tune_io import FINE_TUNES_DIR
+    from sdlearn.fine_tuning import CONCEPTS
 
     names = sorted(p.stem for p in FINE_TUNES_DIR.glob("*.json"))
     found = []
@@ -445,8 +439,7 @@ def test_every_method_is_shipped_for_the_diamond():
 
 @pytest.mark.parametrize("method, concept", shipped_fine_tunes())
 def test_shipped_fine_tunes_load_with_their_records(method, concept):
-    from sdlearn.fine_tuning import base_digest, load_fine_tune
-    from sdlearn.pipeline import StableDiffusionPipeline
+    from sdlearn.fine_tune_io import base_digest, load_fine_tune
 
     pipe, record = load_fine_tune(method, concept)
     assert record["method"] == method and record["concept"] == concept
@@ -456,7 +449,7 @@ def test_shipped_fine_tunes_load_with_their_records(method, concept):
     assert {f"{concept} all", "base before all", "base after all"} <= set(metrics)
     assert len(pipe.tokenizer.encode(record["token"])) == 1  # a word it knows
     # made on the shipped base (load_fine_tune refuses any other)
-    assert record["base"] == base_digest(StableDiffusionPipeline.from_pretrained())
+    assert record["base"] == base_digest(from_pretrained())
 
 
 # the chapter's target, as the shipped runs measured it: >= 80% of the new
@@ -467,7 +460,7 @@ MEETS_TARGET = [("dreambooth", "ring")]
 
 @pytest.mark.parametrize("method, concept", MEETS_TARGET)
 def test_shipped_fine_tunes_meet_the_target_as_recorded(method, concept):
-    from sdlearn.fine_tuning import read_fine_tune
+    from sdlearn.fine_tune_io import read_fine_tune
 
     record, _ = read_fine_tune(method, concept)
     metrics = record["metrics"]

@@ -21,6 +21,7 @@ from sdlearn.lora import (
     set_lora_scale,
     unmerge_lora,
 )
+from sdlearn.pipeline_io import from_pretrained, save_pretrained
 from sdlearn.unet import UNet
 from tests.helpers import UNET_CONFIG, has, needs_diffusers, randomize_
 
@@ -220,11 +221,10 @@ def test_pipeline_and_cli_load_an_adapter(tmp_path, capsys):
     from PIL import Image
 
     from sdlearn.cli import main
-    from sdlearn.pipeline import StableDiffusionPipeline
     from tests.helpers import random_pipeline
 
-    folder = random_pipeline().save_pretrained(tmp_path / "pipe")
-    tuned = StableDiffusionPipeline.from_pretrained(folder)
+    folder = save_pretrained(random_pipeline(), tmp_path / "pipe")
+    tuned = from_pretrained(folder)
     add_lora(tuned.unet, rank=4)
     train_adapters_(tuned.unet, scale=0.3)
     adapter = save_lora(tuned.unet, tmp_path / "adapter.safetensors")
@@ -244,9 +244,9 @@ def test_pipeline_and_cli_load_an_adapter(tmp_path, capsys):
     capsys.readouterr()
     assert outputs["zero"] == outputs["base"] != outputs["lora"]
     # the pipeline's own call draws what the CLI drew
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe = from_pretrained(folder)
     pipe.progress = False
-    pipe.load_lora(adapter)
+    load_lora(pipe.unet, adapter, prefix="unet")
     image = pipe(
         "a red circle",
         num_inference_steps=3,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel
+from sdlearn.images import to_mask, to_pixels
 from sdlearn.interop.clip import text_encoder_to_transformers
 from sdlearn.interop.unet import unet_config_to_diffusers
 from sdlearn.interop.vae import vae_config_to_diffusers
@@ -16,9 +17,8 @@ from sdlearn.pipeline import (
     blend_latents,
     classifier_free_guidance,
     img2img_start,
-    to_mask,
-    to_pixels,
 )
+from sdlearn.pipeline_io import from_pretrained, save_pretrained, save_single_file
 from tests.helpers import (
     PROMPTS,
     SIZE,
@@ -273,7 +273,7 @@ def test_attention_maps(ours):
 def test_attention_maps_are_the_conditional_softmax(ours):
     """One step, one layer: the recorded map equals softmax(QK^T/sqrt(hd)) of
     that layer's inputs for the prompt half, averaged over heads."""
-    from sdlearn.pipeline import CrossAttentionMaps
+    from sdlearn.attention_maps import CrossAttentionMaps
 
     layer = ours.unet.mid_block.attentions[0].transformer_blocks[0].attn2
     g = seeded(5)
@@ -338,10 +338,10 @@ def test_parts_that_do_not_fit_are_refused(ours):
 def test_save_pretrained_loads_in_diffusers_and_sdlearn(ours, tmp_path):
     from diffusers import StableDiffusionPipeline as DiffusersPipeline
 
-    ours.save_pretrained(tmp_path / "pipe")
+    save_pretrained(ours, tmp_path / "pipe")
     theirs = DiffusersPipeline.from_pretrained(tmp_path / "pipe")
     theirs.set_progress_bar_config(disable=True)
-    again = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    again = from_pretrained(tmp_path / "pipe")
     again.progress = False
     kwargs = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
     mine = ours(PROMPTS, generator=seeded(), **kwargs).images
@@ -353,21 +353,21 @@ def test_save_pretrained_loads_in_diffusers_and_sdlearn(ours, tmp_path):
 
 
 def test_from_pretrained_names_missing_and_corrupt_files(ours, tmp_path):
-    folder = ours.save_pretrained(tmp_path / "pipe")
+    folder = save_pretrained(ours, tmp_path / "pipe")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        StableDiffusionPipeline.from_pretrained(tmp_path / "nothing")
+        from_pretrained(tmp_path / "nothing")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors"):
-        StableDiffusionPipeline.from_pretrained(folder)
+        from_pretrained(folder)
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="no weights for unet"):
-        StableDiffusionPipeline.from_pretrained(folder)
+        from_pretrained(folder)
 
 
 def test_single_file_checkpoint_loads_into_the_same_numbers(ours, tmp_path):
-    path = ours.save_single_file(tmp_path / "model.safetensors")
-    again = StableDiffusionPipeline.from_pretrained(path)
+    path = save_single_file(ours, tmp_path / "model.safetensors")
+    again = from_pretrained(path)
     again.progress = False
     kwargs = dict(num_inference_steps=4, output_type="np")
     np.testing.assert_array_equal(
@@ -399,7 +399,7 @@ def test_a_malicious_ckpt_is_refused_without_running_it(tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"x": _RunsCode(str(marker))}}, path)
     with pytest.raises(ValueError, match="model.ckpt"):
-        StableDiffusionPipeline.from_pretrained(path)
+        from_pretrained(path)
     assert not marker.exists()
 
 
@@ -417,7 +417,7 @@ def test_shipped_files_fit_in_30_megabytes():
 def test_shipped_model_draws_what_the_prompt_says():
     from sdlearn.evaluate import score
 
-    pipe = StableDiffusionPipeline.from_pretrained()
+    pipe = from_pretrained()
     pipe.progress = False
     prompts = [
         "a large red circle on the left",

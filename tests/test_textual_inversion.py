@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdlearn.pipeline_io import from_pretrained, save_pretrained
 from sdlearn.textual_inversion import (
     NewTokenEmbedding,
     add_token,
@@ -75,13 +76,12 @@ def test_add_token_starts_from_the_initializer_and_round_trips(tmp_path):
     expected = pipe.encode_prompt([PROMPT])
     # into a fresh pipeline through its own method
     again = random_pipeline()
-    assert again.load_textual_inversion(path) == "<diamond>"
+    assert load_learned_embeds(again.tokenizer, again.text_encoder, path) == "<diamond>"
     torch.testing.assert_close(again.encode_prompt([PROMPT]), expected)
     # a saved pipeline keeps its token (added_tokens.json, one more row)
-    from sdlearn.pipeline import StableDiffusionPipeline
 
-    folder = pipe.save_pretrained(tmp_path / "pipe")
-    loaded = StableDiffusionPipeline.from_pretrained(folder)
+    folder = save_pretrained(pipe, tmp_path / "pipe")
+    loaded = from_pretrained(folder)
     torch.testing.assert_close(loaded.encode_prompt([PROMPT]), expected)
     with pytest.raises(ValueError, match="initializer word that is one token"):
         add_token(pipe.tokenizer, pipe.text_encoder, "<ring>", "a ring")
@@ -118,7 +118,7 @@ def test_diffusers_loads_the_learned_token_to_the_same_text_tokens(tmp_path):
     from transformers import CLIPTokenizer as TransformersTokenizer
 
     pipe = random_pipeline()
-    folder = pipe.save_pretrained(tmp_path / "pipe")
+    folder = save_pretrained(pipe, tmp_path / "pipe")
     add_token(pipe.tokenizer, pipe.text_encoder, "<diamond>", "square")
     with torch.no_grad():
         pipe.text_encoder.embeddings.token_embedding.weight[-1] = torch.randn(32)

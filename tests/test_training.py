@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sdlearn import training
+from sdlearn import stages, training
 from sdlearn.training import TrainConfig, batch_indices, lr_factor, train
 
 
@@ -189,7 +189,7 @@ def test_loss_history_averages_windows(tmp_path):
     log.write_text(
         "".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 11))
     )
-    history = training.loss_history(log, points=4)
+    history = stages.loss_history(log, points=4)
     # 10 rows in windows of 3: (1,2,3), (4,5,6), (7,8,9), (10,)
     assert history == {"step": [3, 6, 9, 10], "loss": [2.0, 5.0, 8.0, 10.0]}
 
@@ -225,7 +225,7 @@ UNET_STEPS = TrainConfig(
 
 
 def unet_run(out_dir, **kwargs):
-    return training.train_unet(
+    return stages.train_unet(
         UNET_STEPS, out_dir, progress=False, eval_images=0, images=64, **kwargs
     )
 
@@ -264,8 +264,8 @@ def test_unet_stage_resumes_exactly(tmp_path):
 
 
 def test_timestep_bias_draws_the_noisier_half_more_often():
+    from sdlearn.diffusion_loss import DiffusionLoss
     from sdlearn.schedulers.ddpm import DDPMScheduler
-    from sdlearn.training import DiffusionLoss
 
     scheduler = DDPMScheduler()
     T = scheduler.config.num_train_timesteps

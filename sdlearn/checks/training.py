@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from sdlearn.checks import Case, Verdict, check, randn, tensor_form_problem
+from sdlearn.diffusion_loss import DiffusionLoss
 from sdlearn.schedulers.ddpm import DDPMScheduler
-from sdlearn.training import EMA, DiffusionLoss, TrainConfig, lr_factor
+from sdlearn.training import EMA, TrainConfig, lr_factor
 from sdlearn.unet import UNet, UNetConfig
 
 

@@ -16,10 +16,10 @@ Each has `set_timesteps`, `.timesteps`, `step(...)` returning `prev_sample` and
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
-from sdlearn.schedulers.common import Scheduler, SchedulerOutput
+from sdlearn.schedulers.common import Scheduler, SchedulerOutput, scheduler_to_config
 from sdlearn.schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
 from sdlearn.schedulers.ddpm import DDPMConfig, DDPMScheduler, DDPMSchedulerOutput
 from sdlearn.schedulers.dpm_solver import (
@@ -86,14 +86,6 @@ def scheduler_from_config(config: Mapping[str, Any]) -> Scheduler:
     if settings.get("trained_betas") is not None:
         settings["trained_betas"] = tuple(settings["trained_betas"])
     return cls(**settings)
-
-
-def scheduler_to_config(scheduler: Scheduler) -> dict[str, Any]:
-    """The scheduler_config.json that diffusers reads back as the same scheduler."""
-    settings = asdict(scheduler.config)
-    if settings["trained_betas"] is not None:
-        settings["trained_betas"] = list(settings["trained_betas"])
-    return {"_class_name": type(scheduler).__name__, **settings}
 
 
 # what the model was trained with; everything else is the sampler's own choice

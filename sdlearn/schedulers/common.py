@@ -415,3 +415,11 @@ class Scheduler:
             (B, C, H, W) the noisy samples.
         """
         return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
+
+
+def scheduler_to_config(scheduler: Scheduler) -> dict[str, Any]:
+    """The scheduler_config.json that diffusers reads back as the same scheduler."""
+    settings = asdict(scheduler.config)
+    if settings["trained_betas"] is not None:
+        settings["trained_betas"] = list(settings["trained_betas"])
+    return {"_class_name": type(scheduler).__name__, **settings}
