@@ -1,5 +1,6 @@
 """The book builds offline, with warnings as errors, from stored outputs."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,14 @@ def test_book_builds_offline_with_every_chapter(tmp_path):
         assert "<img" in page, f"{path.name}: stored figures are missing"
         if "# BEGIN SOLUTION" in path.read_text():
             assert "tag_hide-input" in page, f"{path.name}: solutions are not collapsed"
+            assert "Solution to exercise" in page, f"{path.name}: toggles unnamed"
+            assert "BEGIN SOLUTION" not in page, f"{path.name}: markers shown"
+        if "<!-- BEGIN SOLUTION -->" in path.read_text():
+            assert "sd-dropdown" in page, f"{path.name}: answers are not folded"
+        outside = re.findall(r"<script[^>]*src=\"(https?:[^\"]*)", page)
+        assert not outside, f"{path.name}: scripts from outside the site: {outside}"
+        assert 'alt="../_images' not in page, f"{path.name}: a figure lacks alt text"
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").exists()
 
 
 def test_toc_must_list_every_solution(tmp_path, capsys):
@@ -30,3 +39,20 @@ def test_toc_must_list_every_solution(tmp_path, capsys):
     (book / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
     assert build_book.main(["--book", str(book)]) == 1
     assert "does not list ['solutions/00_tour'" in capsys.readouterr().err
+
+
+def test_numbered_answers_fold_one_dropdown_each():
+    markdown = (
+        "## Questions\n\n1. Why?\n2. How?\n\n<!-- BEGIN SOLUTION -->\n"
+        "*Answers.* 1. Because of 2 things. 2. With $x_t$.\n<!-- END SOLUTION -->"
+    )
+    folded = build_book.fold_answers(markdown)
+    assert ":::{dropdown} Answer to question 1\nBecause of 2 things.\n:::" in folded
+    assert ":::{dropdown} Answer to question 2\nWith $x_t$.\n:::" in folded
+    assert "SOLUTION" not in folded
+
+
+def test_an_answer_under_its_question_stays_in_the_list_item():
+    markdown = "1. Why?\n<!-- BEGIN SOLUTION -->\nBecause.\n<!-- END SOLUTION -->\n"
+    folded = build_book.fold_answers(markdown)
+    assert "   :::{dropdown} Answer\n   Because.\n   :::" in folded
