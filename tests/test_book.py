@@ -9,11 +9,18 @@ from tools import build_book
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_book_builds_offline_with_every_chapter(tmp_path):
+def copy_book(tmp_path: Path) -> Path:
+    """The book's sources, and the README's picture its landing page shows."""
     book = tmp_path / "book"
     shutil.copytree(
         ROOT / "book", book, ignore=shutil.ignore_patterns("_build", "solutions")
     )
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    return book
+
+
+def test_book_builds_offline_with_every_chapter(tmp_path):
+    book = copy_book(tmp_path)
     assert build_book.main(["--book", str(book)]) == 0
     html = book / "_build" / "html"
     for path in sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")):
@@ -32,10 +39,7 @@ def test_book_builds_offline_with_every_chapter(tmp_path):
 
 
 def test_toc_must_list_every_solution(tmp_path, capsys):
-    book = tmp_path / "book"
-    shutil.copytree(
-        ROOT / "book", book, ignore=shutil.ignore_patterns("_build", "solutions")
-    )
+    book = copy_book(tmp_path)
     (book / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
     assert build_book.main(["--book", str(book)]) == 1
     assert "does not list ['solutions/00_tour'" in capsys.readouterr().err

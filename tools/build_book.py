@@ -40,7 +40,7 @@ ANSWERS = "*Answers.*"
 def plain(text: str) -> str:
     """Text for an alt attribute: no f-string fields, markdown or line breaks."""
     text = re.sub(r"\{[^{}]*\}", "…", text).replace("\\n", " ")
-    text = re.sub(r"[`*_$\\]", "", text)
+    text = re.sub(r"[`*$\\]", "", text)
     return " ".join(text.split())
 
 
@@ -50,7 +50,8 @@ def figure_alt(source: str, text_above: str) -> str:
     titles = [t for t in titles if len(t.replace("…", "")) > 8]
     if titles:
         return max(titles, key=len)
-    sentence = re.split(r"(?<=[.:!?])\s", plain(text_above.strip()), maxsplit=1)[0]
+    prose = [line for line in text_above.splitlines() if not line.startswith("#")]
+    sentence = re.split(r"(?<=[.:!?])\s", plain(" ".join(prose)), maxsplit=1)[0]
     return sentence[:200] or "a figure made by the code above"
 
 
