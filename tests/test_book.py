@@ -3,8 +3,9 @@
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
-from tools import build_book
+from tools import build_book, check_book
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +61,44 @@ def test_an_answer_under_its_question_stays_in_the_list_item():
     markdown = "1. Why?\n<!-- BEGIN SOLUTION -->\nBecause.\n<!-- END SOLUTION -->\n"
     folded = build_book.fold_answers(markdown)
     assert "   :::{dropdown} Answer\n   Because.\n   :::" in folded
+
+
+def test_the_browser_check_names_what_a_reader_would_see_wrong():
+    site = "http://127.0.0.1:8000/"
+    page = SimpleNamespace(
+        events=[
+            {
+                "method": "Network.requestWillBeSent",
+                "params": {"requestId": "1", "request": {"url": site + "a.js"}},
+            },
+            {
+                "method": "Network.requestWillBeSent",
+                "params": {"requestId": "2", "request": {"url": "https://cdn.x/m.js"}},
+            },
+            {
+                "method": "Runtime.consoleAPICalled",
+                "params": {"type": "error", "args": [{"value": "boom"}]},
+            },
+        ]
+    )
+    report = {
+        "raw": ["\\(x_t\\)"],
+        "broken": ["../_images/a.png"],
+        "figures": [
+            {"src": "wide.png", "natural": 1400, "shown": 1000},
+            {"src": "ok.png", "natural": 800, "shown": 800},
+        ],
+        "code": [
+            {"scroll": 900, "client": 800, "line": "x = 1"},
+            {"scroll": 800, "client": 800, "line": "y = 2"},
+        ],
+    }
+    problems = check_book.problems_of(page, site, report)
+    assert problems == [
+        "requests a resource outside the site: https://cdn.x/m.js",
+        "console error: boom",
+        "formula left unrendered: '\\\\(x_t\\\\)'",
+        "image failed to load: ../_images/a.png",
+        "figure shown at 71% of its width (1000 of 1400 px): wide.png",
+        "code cut off (900 px in a 800 px box): 'x = 1'",
+    ]
