@@ -104,8 +104,10 @@ def for_reading(nb) -> None:
         options = {}
         if SOLUTION_TAG in cell.metadata.get("tags", []):
             lines = cell.source.splitlines()
-            kept = [line for line in lines if not CODE_BEGIN.match(line)]
-            cell.source = "\n".join(line for line in kept if not CODE_END.match(line))
+            markers = [
+                line for line in lines if CODE_BEGIN.match(line) or CODE_END.match(line)
+            ]
+            cell.source = "\n".join(line for line in lines if line not in markers)
             name = f"Solution to exercise {exercise}" if exercise else "Solution"
             options["code_prompt_show"] = name
             options["code_prompt_hide"] = f"Hide: {name[0].lower()}{name[1:]}"
