@@ -11,7 +11,8 @@ NBVAL := --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider -n 2
 
 .PHONY: setup demo test test-fast test-notebooks test-laptop test-slow check \
-        format notebooks execute reference latest book lab bench clean
+        format notebooks execute reference latest book book-test chromium \
+        readme-figure lab bench clean
 
 setup: $(STAMP)
 
@@ -88,7 +89,29 @@ latest:
 		--dist loadfile --nbval $(NBVAL) solutions
 
 book: setup
-	$(PY) tools/build_book.py
+	$(PY) -m tools.build_book
+
+# Builds the book, then opens every page in headless Chromium: fails on a request
+# outside the site, an unrendered formula, a broken image, a console error, a
+# shrunk figure or cut-off code (about a minute).
+book-test: setup chromium
+	$(PY) -m tools.build_book
+	$(PY) -m tools.check_book
+
+# Chromium from the system's packages (Debian/Ubuntu), for `make book-test`.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "make book-test needs Chromium: install it with your system's packages"; \
+		echo "(Debian/Ubuntu: sudo apt-get install chromium), or put it on PATH."; \
+		exit 1; \
+	fi
+
+# The README's picture and the book's icon, drawn by the shipped tiny model.
+readme-figure: setup
+	OMP_NUM_THREADS=1 $(PY) -m tools.make_readme_figure
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.allow_root=True chapters
