@@ -1,24 +1,59 @@
 """sdlearn: Stable Diffusion from scratch in PyTorch.
 
-The package grows one module per chapter; later modules import only earlier ones:
-
-    shapes       ch. 00: the course's procedurally drawn, captioned image data
-    tour         ch. 00: a map of Stable Diffusion and the shape legend
-    attention    ch. 01: scaled dot-product attention and the attention layer
-    vae          ch. 02: the autoencoder and its ResnetBlock, Downsample, Upsample
-    tokenizer    ch. 03: CLIP's byte-level BPE tokenizer
-    clip         ch. 03: the text encoder, and a tiny contrastive CLIP
-    unet         ch. 04: the UNet, the noise predictor
-    schedulers   ch. 05, 08: noise schedules and samplers (DDPM, DDIM and its
-                 inversion, Euler, Euler ancestral, DPM-Solver++), one file each
-    pipeline     ch. 06: text to image, img2img, inpainting; loading and saving
-    weights      every weight-name mapping, and checked loading
-    evaluate     ch. 07: a non-learned scorer of generated shapes images
-    training     ch. 07: the training loop and the stages `sdlearn train` runs
-    lora         ch. 09: low-rank adapters, merging, diffusers' LoRA file layout
-    fine_tuning  ch. 09: `sdlearn train lora`, teaching the model a new shape or style
-    checks       auto-checks for the chapters' exercises
-    cli          the `sdlearn` command
+The package grows a module or two per chapter, and a module imports only
+modules of its own chapter or earlier ones, so that the import graph reads like
+the table of contents. `CHAPTERS` below is that table, the one place that says
+which chapter every module belongs to; tests/test_package_shape.py holds the
+imports to it.
 """
 
 __version__ = "0.1.0"
+
+# every module of the package -> the chapter that builds it (00 to 09)
+CHAPTERS: dict[str, int] = {
+    "sdlearn": 0,  # this table
+    "shapes": 0,  # the course's procedurally drawn, captioned image data
+    "tour": 0,  # a map of Stable Diffusion and the shape legend
+    "checks": 0,  # how the exercises' checks compare and print a verdict
+    "checks.tour": 0,
+    "attention": 1,  # scaled dot-product attention and the attention layer
+    "checks.attention": 1,
+    "weights": 2,  # checked loading, checkpoint files, the shipped tiny models
+    "blocks": 2,  # ResnetBlock, Downsample, Upsample: the VAE's and the UNet's
+    "vae": 2,  # the autoencoder
+    "interop": 2,  # interop with diffusers and transformers, a module per model
+    "interop.vae": 2,
+    "checks.vae": 2,
+    "tokenizer": 3,  # CLIP's byte-level BPE tokenizer
+    "clip": 3,  # the text encoder, and a tiny contrastive CLIP
+    "interop.clip": 3,
+    "checks.clip": 3,
+    "spatial_transformer": 4,  # where the UNet reads the text
+    "unet": 4,  # the noise predictor
+    "interop.unet": 4,
+    "checks.unet": 4,
+    "schedulers.common": 5,  # what every noise scheduler shares
+    "schedulers.ddpm": 5,  # DDPM
+    "checks.ddpm": 5,
+    "devices": 6,  # where a model runs and in which precision
+    "pipeline": 6,  # text to image, img2img, inpainting
+    "original_checkpoint": 6,  # SD 1.x's original single-file layout
+    "single_file": 6,  # reading and writing such files
+    "checks.pipeline": 6,
+    "image_measures": 7,  # what the scorer measures in a picture, in numpy
+    "evaluate": 7,  # a non-learned scorer of generated shapes images
+    "training": 7,  # the training loop and the stages `sdlearn train` runs
+    "checks.training": 7,
+    "schedulers": 8,  # every sampler, and choosing one by name or config
+    "schedulers.ddim": 8,  # DDIM and its inversion
+    "schedulers.sigmas": 8,  # the sigma view of the samplers below
+    "schedulers.euler": 8,  # Euler
+    "schedulers.euler_ancestral": 8,  # Euler ancestral
+    "schedulers.dpm_solver": 8,  # DPM-Solver++
+    "checks.samplers": 8,
+    "lora": 9,  # low-rank adapters
+    "textual_inversion": 9,  # new words for the text encoder
+    "fine_tuning": 9,  # `sdlearn train lora`: a new shape or style
+    "checks.fine_tuning": 9,
+    "cli": 9,  # the `sdlearn` command, which runs every chapter's parts
+}

@@ -7,7 +7,7 @@ a GPT-style transformer: token and position embeddings, pre-LayerNorm blocks
 with causal self-attention and quick-GELU MLPs, a final LayerNorm. Its weight
 names follow transformers' `CLIPTextModel` except for the attention projections,
 which use sdlearn's (diffusers') `to_q`, `to_k`, `to_v`, `to_out.0`; the table is
-in `sdlearn/weights.py`.
+in `sdlearn/interop/clip.py`.
 
 CLIP learns by contrast: in a batch of B image-caption pairs, each image should
 be most similar to its own caption and each caption to its own image.
@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,14 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlearn.attention import Attention
-from sdlearn.weights import (
-    SHIPPED_DIR,
-    clip_text_from_transformers,
-    clip_text_to_transformers,
-    config_from_json,
-    load_checked,
-    read_shipped,
-)
+from sdlearn.shapes import COLORS, SHAPES, ShapesDataset, with_articles
+from sdlearn.weights import SHIPPED_DIR, config_from_json, load_checked, read_shipped
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -116,35 +109,19 @@ class CLIPTextConfig:
             num_attention_heads=4,
         )
 
+    # until pipeline.py's loading moves out (issue 22): the names it still calls
     @classmethod
     def from_transformers(cls, config: object) -> CLIPTextConfig:
-        """The same shape as a transformers `CLIPTextConfig` (or any object with
-        its attributes).
+        """Moved to `sdlearn.interop.clip.text_config_from_transformers`."""
+        from sdlearn.interop.clip import text_config_from_transformers
 
-        Older configs, SD 1.x's text_encoder/config.json among them, say
-        eos_token_id=2; transformers then pools at the highest id of each row,
-        which for CLIP's tokenizer is the first <|endoftext|>, id vocab_size - 1.
-        """
-        if isinstance(config, Mapping):  # a text_encoder/config.json, read
-            config = SimpleNamespace(**config)
-        eos_token_id = config.eos_token_id
-        if eos_token_id == 2:
-            eos_token_id = config.vocab_size - 1
-        return cls(
-            vocab_size=config.vocab_size,
-            max_position_embeddings=config.max_position_embeddings,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            layer_norm_eps=config.layer_norm_eps,
-            hidden_act=config.hidden_act,
-            eos_token_id=eos_token_id,
-        )
+        return text_config_from_transformers(config)
 
     def to_transformers(self) -> dict[str, Any]:
-        """The keyword arguments of the equivalent transformers `CLIPTextConfig`."""
-        return asdict(self)
+        """Moved to `sdlearn.interop.clip.text_config_to_transformers`."""
+        from sdlearn.interop.clip import text_config_to_transformers
+
+        return text_config_to_transformers(self)
 
 
 class CLIPMLP(nn.Module):
@@ -335,50 +312,14 @@ class CLIPTextModel(nn.Module):
                 f"got {tuple(attention_mask.shape)}"
             )
 
+    # until pipeline.py's loading moves out (issue 22): the name it still calls
     def load_transformers_state_dict(
-        self,
-        state_dict: Mapping[str, torch.Tensor],
-        source: str = "a transformers state dict",
+        self, state_dict: Mapping[str, torch.Tensor], source: str
     ) -> CLIPTextModel:
-        """Load weights saved under transformers' names, every key checked.
+        """Moved to `sdlearn.interop.clip.load_transformers_weights`."""
+        from sdlearn.interop.clip import load_transformers_weights
 
-        Takes transformers' CLIPTextModel state dict, or a checkpoint file's
-        (keys under `text_model.`, with or without `embeddings.position_ids`).
-        Raises `WeightsMismatchError` naming every missing, unexpected or
-        wrong-shaped key.
-
-        Returns:
-            self, with the weights copied in.
-        """
-        return load_checked(self, clip_text_from_transformers(state_dict), source)
-
-    @classmethod
-    def from_transformers(cls, model: nn.Module) -> CLIPTextModel:
-        """Build the same encoder, with the same weights, from transformers'.
-
-        Args:
-            model: a `transformers.CLIPTextModel`.
-
-        Returns:
-            sdlearn's `CLIPTextModel` with its config and weights.
-        """
-        ours = cls(CLIPTextConfig.from_transformers(model.config))
-        return ours.load_transformers_state_dict(
-            model.state_dict(), f"transformers {type(model).__name__}"
-        )
-
-    def to_transformers(self) -> nn.Module:
-        """This encoder as a `transformers.CLIPTextModel` with the same weights.
-
-        transformers is imported here: it is a dev dependency only.
-        """
-        import transformers
-
-        config = transformers.CLIPTextConfig(**self.config.to_transformers())
-        theirs = transformers.CLIPTextModel(config)
-        state_dict = clip_text_to_transformers(self.state_dict())
-        load_checked(theirs, state_dict, f"sdlearn {type(self).__name__}")
-        return theirs.eval()
+        return load_transformers_weights(self, state_dict, source)
 
 
 # --- the tiny contrastive CLIP ----------------------------------------------
@@ -612,8 +553,6 @@ class ContrastiveLoss(nn.Module):
 
 def shapes_prompts() -> list[tuple[str, str, str]]:
     """(prompt, color, shape) for every colour-shape pair: "a red circle", ..."""
-    from sdlearn.shapes import COLORS, SHAPES, with_articles
-
     pairs = [(color, shape) for color in COLORS for shape in SHAPES]
     return [(with_articles(f"a {c} {s}"), c, s) for c, s in pairs]
 
@@ -624,8 +563,6 @@ def zero_shot_accuracy(
 ) -> float:
     """Fraction of `n` shapes images of `split` whose colour and shape the model
     names right among all colour-shape prompts."""
-    from sdlearn.shapes import ShapesDataset
-
     prompts = shapes_prompts()
     data = ShapesDataset(split, length=n, image_size=64, seed=seed)
     items = [data[i] for i in range(n)]

@@ -25,18 +25,26 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from PIL import Image
 
+from sdlearn.image_measures import (
+    as_pixels,
+    dominant_color,
+    enclosed,
+    largest_component,
+    standardized_moment,
+)
 from sdlearn.shapes import (
-    _CENTERS,
-    _PHRASES,
     ALL_SHAPES,
     ALL_STYLES,
     BACKGROUND,
+    CENTERS,
     COLORS,
     HELD_OUT,
     NEW_SHAPES,
     NEW_STYLES,
+    PHRASES,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -160,7 +168,7 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
         "position": None,
         "style": None,
     }
-    for position, phrase in _PHRASES.items():
+    for position, phrase in PHRASES.items():
         pattern = rf"\b{re.escape(phrase)}\b"
         if re.search(pattern, text):
             if found["position"] is not None:
@@ -224,56 +232,27 @@ def describe(image: np.ndarray | Image.Image, shapes: tuple[str, ...] = SHAPES) 
           "skewness" and "kurtosis_gap" (see the module's constants), "radius",
           "hole" (the white it encloses, as a fraction of the disc it fills).
     """
-    pixels = _as_pixels(image)
+    pixels = as_pixels(image)
     H, W, _ = pixels.shape
     distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float64), axis=-1)
     # noise or a stray blob elsewhere must not move the centre or bend the shape
-    mask = _largest_component(distance > FOREGROUND_DISTANCE)  # (H, W)
+    mask = largest_component(distance > FOREGROUND_DISTANCE)  # (H, W)
     area = float(mask.mean())
     if area < MIN_AREA:
-        return {
-            "found": False,
-            "color": None,
-            "shape": None,
-            "position": None,
-            "size": None,
-            "style": None,
-            "area": area,
-        }
+        words = ("color", "shape", "position", "size", "style")
+        return {"found": False, **dict.fromkeys(words), "area": area}
 
     # 1. colour: a vote of the inner pixels, since blurred edges mix with white
     # (half-white red is nearer orange than red)
-    color, share = _dominant_color(pixels, mask)
+    color, share = dominant_color(pixels, mask)
 
-    # 2. shape: moments of the pixel coordinates, which noise barely moves, of
-    # the area the outline fills; for rings and hollow shapes the white the
-    # drawing encloses
-    inside = _enclosed(mask)
-    enclosed = float(inside.sum())
-    hole = enclosed / (float(mask.sum()) + enclosed)
-    ys, xs = np.nonzero(mask | inside)
-    x = (xs + 0.5) / W
-    y = (ys + 0.5) / H
-    skewness = _standardized_moment(y, 3)
-    diagonal = (_standardized_moment(x + y, 4) + _standardized_moment(x - y, 4)) / 2
-    axes = (_standardized_moment(x, 4) + _standardized_moment(y, 4)) / 2
-    kurtosis_gap = diagonal - axes
-    ring = "ring" in shapes and hole > RING_HOLE
-    style = "hollow" if hole > RING_HOLE and not ring else "filled"
-    if ring:
-        shape = "ring"
-    elif skewness < TRIANGLE_SKEWNESS:
-        shape = "triangle"
-    elif "diamond" in shapes and kurtosis_gap < DIAMOND_KURTOSIS_GAP:
-        shape = "diamond"
-    elif kurtosis_gap > SQUARE_KURTOSIS_GAP:
-        shape = "square"
-    else:
-        shape = "circle"
+    # 2. shape: moments of the pixel coordinates of the area the outline fills
+    form = _read_shape(mask, shapes)
+    shape, ring, hole = form["shape"], form["shape"] == "ring", form["hole"]
 
     # 3. position: the anchor nearest the centre of the area it fills
-    center = (float(x.mean()), float(y.mean()))
-    position = min(POSITIONS, key=lambda p: math.dist(center, _CENTERS[p]))
+    center = form["center"]
+    position = min(POSITIONS, key=lambda p: math.dist(center, CENTERS[p]))
 
     # 4. size: the radius that this shape would need to cover the area it fills
     # (a ring's or a hollow shape's hole included)
@@ -287,14 +266,52 @@ def describe(image: np.ndarray | Image.Image, shapes: tuple[str, ...] = SHAPES) 
         "shape": shape,
         "position": position,
         "size": size,
-        "style": style,
+        "style": form["style"],
         "area": area,
         "center": center,
         "color_share": share,
-        "skewness": skewness,
-        "kurtosis_gap": kurtosis_gap,
+        "skewness": form["skewness"],
+        "kurtosis_gap": form["kurtosis_gap"],
         "radius": radius,
         "hole": hole,
+    }
+
+
+def _read_shape(mask: np.ndarray, shapes: tuple[str, ...]) -> dict:
+    """The shape and style of the drawing `mask`, from moments of the pixel
+    coordinates (which noise barely moves) of the area its outline fills, and,
+    for rings and hollow shapes, the white it encloses; with the measurements
+    behind them and the centre of that area, (x, y) in fractions of the side."""
+    H, W = mask.shape
+    inside = enclosed(mask)
+    white = float(inside.sum())
+    hole = white / (float(mask.sum()) + white)
+    ys, xs = np.nonzero(mask | inside)
+    x = (xs + 0.5) / W
+    y = (ys + 0.5) / H
+    skewness = standardized_moment(y, 3)
+    diagonal = (standardized_moment(x + y, 4) + standardized_moment(x - y, 4)) / 2
+    axes = (standardized_moment(x, 4) + standardized_moment(y, 4)) / 2
+    kurtosis_gap = diagonal - axes
+    ring = "ring" in shapes and hole > RING_HOLE
+    style = "hollow" if hole > RING_HOLE and not ring else "filled"
+    if ring:
+        shape = "ring"
+    elif skewness < TRIANGLE_SKEWNESS:
+        shape = "triangle"
+    elif "diamond" in shapes and kurtosis_gap < DIAMOND_KURTOSIS_GAP:
+        shape = "diamond"
+    elif kurtosis_gap > SQUARE_KURTOSIS_GAP:
+        shape = "square"
+    else:
+        shape = "circle"
+    return {
+        "shape": shape,
+        "style": style,
+        "skewness": skewness,
+        "kurtosis_gap": kurtosis_gap,
+        "hole": hole,
+        "center": (float(x.mean()), float(y.mean())),
     }
 
 
@@ -497,98 +514,6 @@ def _prompts(
     return prompts
 
 
-def _as_pixels(image: np.ndarray | Image.Image) -> np.ndarray:
-    """An image as float64 RGB values 0-255, shape (H, W, 3)."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise ValueError(
-            "expected a uint8 numpy array of shape (H, W, 3) or a PIL image, got "
-            f"{type(image).__name__} of dtype {getattr(image, 'dtype', None)}; "
-            "turn (3, H, W) tensors in [-1, 1] into images with shapes.to_image"
-        )
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an image of shape (H, W, 3), got {image.shape}")
-    return image.astype(np.float64)
-
-
-def _enclosed(mask: np.ndarray) -> np.ndarray:
-    """The background pixels that `mask` walls off from the image's border."""
-    outside = ~mask
-    # flood the background in from the border, 4-connected, until it stops
-    reached = np.zeros_like(mask)
-    reached[0, :], reached[-1, :] = outside[0, :], outside[-1, :]
-    reached[:, 0] |= outside[:, 0]
-    reached[:, -1] |= outside[:, -1]
-    while True:
-        padded = np.pad(reached, 1)
-        grown = outside & (
-            reached
-            | padded[:-2, 1:-1]
-            | padded[2:, 1:-1]
-            | padded[1:-1, :-2]
-            | padded[1:-1, 2:]
-        )
-        if np.array_equal(grown, reached):
-            return outside & ~reached
-        reached = grown
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected region of a boolean (H, W) mask.
-
-    8-connected, because `_enclosed` floods the background 4-connected: a line
-    one pixel wide that runs diagonally (the side of a thin triangle) is one
-    piece and walls the background off. With 4-connected pieces it broke into
-    steps, of which only the largest was kept, while the background still could
-    not pass it (digital topology pairs 8 with 4 for this reason).
-    """
-    H, W = mask.shape
-    # every pixel starts with its own label, then takes the smallest label among
-    # its 8 neighbours until nothing changes: each region ends with one label
-    none = H * W
-    labels = np.where(mask, np.arange(H * W).reshape(H, W), none)
-    while True:
-        padded = np.pad(labels, 1, constant_values=none)  # (H + 2, W + 2)
-        smallest = np.minimum.reduce(
-            [padded[i : i + H, j : j + W] for i in range(3) for j in range(3)]
-        )
-        smallest = np.where(mask, smallest, none)
-        if np.array_equal(smallest, labels):
-            break
-        labels = smallest
-    if not mask.any():
-        return mask
-    counts = np.bincount(labels[mask])
-    return labels == counts.argmax()
-
-
-def _dominant_color(pixels: np.ndarray, mask: np.ndarray) -> tuple[str, float]:
-    """The palette colour most pixels of the mask are nearest to, and its share."""
-    padded = np.pad(mask, 1, constant_values=False)  # (H + 2, W + 2)
-    inner = (
-        mask
-        & padded[:-2, 1:-1]
-        & padded[2:, 1:-1]
-        & padded[1:-1, :-2]
-        & padded[1:-1, 2:]
-    )
-    voters = pixels[inner if inner.any() else mask]  # (N, 3); tiny shapes: all
-    palette = np.array(list(COLORS.values()), dtype=np.float64)  # (K, 3)
-    nearest = np.linalg.norm(voters[:, None] - palette[None], axis=-1).argmin(1)  # (N,)
-    votes = np.bincount(nearest, minlength=len(palette))
-    return list(COLORS)[votes.argmax()], float(votes.max() / votes.sum())
-
-
-def _standardized_moment(values: np.ndarray, order: int) -> float:
-    """E[(v - mean)^order] / std^order: skewness for 3, kurtosis for 4."""
-    centred = values - values.mean()
-    variance = float(np.mean(centred**2))
-    if variance == 0:  # a single row or column of pixels has no spread to measure
-        return 0.0
-    return float(np.mean(centred**order) / variance ** (order / 2))
-
-
 def evaluate_pipeline(
     pipeline,
     seeds: int = 4,
@@ -625,8 +550,6 @@ def evaluate_pipeline(
             accuracies over all its images;
         images: per prompt set, uint8 arrays (seeds, prompts, H, W, 3).
     """
-    import torch
-
     previous = pipeline.progress
     pipeline.progress = progress
     summaries, images = {}, {}

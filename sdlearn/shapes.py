@@ -67,7 +67,7 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 )
 
 # Where each position puts the shape's centre, as fractions of the image side (x, y).
-_CENTERS: dict[str, tuple[float, float]] = {
+CENTERS: dict[str, tuple[float, float]] = {
     "left": (0.27, 0.5),
     "right": (0.73, 0.5),
     "top": (0.5, 0.27),
@@ -78,7 +78,7 @@ _CENTERS: dict[str, tuple[float, float]] = {
 # Half the width of a shape's bounding box, as a fraction of the image side.
 _RADII: dict[str, float] = {"small": 0.11, "large": 0.19}
 
-_PHRASES: dict[str, str] = {
+PHRASES: dict[str, str] = {
     "left": "on the left",
     "right": "on the right",
     "top": "at the top",
@@ -133,7 +133,7 @@ class Scene:
 
     def center(self) -> tuple[float, float]:
         """The shape's centre (x, y) in fractions of the image side."""
-        x, y = _CENTERS[self.position]
+        x, y = CENTERS[self.position]
         return x + self.jitter[0], y + self.jitter[1]
 
     def radius(self) -> float:
@@ -254,7 +254,7 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
         color=scene.color,
         # "a red hollow square": the style only when it is not the base one
         shape=scene.shape if scene.style in STYLES else f"{scene.style} {scene.shape}",
-        where=_PHRASES[scene.position],
+        where=PHRASES[scene.position],
     )
     return with_articles(text)
 

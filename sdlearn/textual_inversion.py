@@ -25,7 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+
+from sdlearn.weights import read_checkpoint_file
 
 
 class NewTokenEmbedding(nn.Module):
@@ -105,8 +108,6 @@ def save_learned_embeds(
 ) -> Path:
     """Write a token's learned embedding as diffusers' textual-inversion script
     does: a .safetensors file holding {token: (1, D)}."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     row = text_encoder.embeddings.token_embedding.weight[tokenizer.vocab[token]]
@@ -126,8 +127,6 @@ def read_learned_embeds(
         ValueError: naming the file and its keys, when it holds no single
             one-vector embedding, or an A1111 file comes without `token`.
     """
-    from sdlearn.weights import read_checkpoint_file
-
     contents = read_checkpoint_file(path)
     if "emb_params" in contents:
         if token is None:

@@ -16,7 +16,7 @@ Two signals enter every level:
 
 Module names follow diffusers' `UNet2DConditionModel` (`conv_in`,
 `time_embedding.linear_1`, `down_blocks.0.attentions.1.transformer_blocks.0.attn2
-.to_k`, ...), so its state dicts load as they are: see `UNet.from_diffusers`.
+.to_k`, ...), so its state dicts load as they are: see `sdlearn.interop.unet`.
 """
 
 from __future__ import annotations
@@ -24,19 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from sdlearn.attention import Attention
-from sdlearn.vae import Downsample, ResnetBlock, Upsample
-from sdlearn.weights import load_checked
-
-if TYPE_CHECKING:
-    from diffusers import UNet2DConditionModel
+from sdlearn.blocks import Downsample, ResnetBlock, Upsample
+from sdlearn.spatial_transformer import SpatialTransformer
 
 
 def timestep_embedding(
@@ -119,7 +114,7 @@ class UNetConfig:
     # TransformerBlocks in each SpatialTransformer
     transformer_layers_per_block: int = 1
     # groups of every GroupNorm
-    norm_groups: int = 32
+    norm_num_groups: int = 32
     # epsilon of the ResnetBlocks' and the output's GroupNorm; the
     # SpatialTransformers' GroupNorm always uses 1e-6, as in SD's code
     norm_eps: float = 1e-5
@@ -148,10 +143,10 @@ class UNetConfig:
                     f"num_heads={self.num_heads}"
                 )
         for channels in self.block_out_channels:
-            if channels % self.norm_groups != 0:
+            if channels % self.norm_num_groups != 0:
                 raise ValueError(
-                    f"GroupNorm needs channels divisible by norm_groups="
-                    f"{self.norm_groups}; got block_out_channels="
+                    f"GroupNorm needs channels divisible by norm_num_groups="
+                    f"{self.norm_num_groups}; got block_out_channels="
                     f"{self.block_out_channels}"
                 )
 
@@ -184,7 +179,7 @@ class UNetConfig:
             cross_attention_levels=(True, True),
             num_heads=(2, 4),
             cross_attention_dim=cross_attention_dim,
-            norm_groups=8,
+            norm_num_groups=8,
         )
 
     @property
@@ -197,82 +192,19 @@ class UNetConfig:
         """How many times smaller the coarsest level is than the input."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    # until pipeline.py's loading moves out (issue 22): the names it still calls
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
-        """The config of a diffusers `UNet2DConditionModel` (its `.config`).
+        """Moved to `sdlearn.interop.unet.unet_config_from_diffusers`."""
+        from sdlearn.interop.unet import unet_config_from_diffusers
 
-        Raises:
-            ValueError: naming every setting sdlearn's UNet does not implement
-                (SDXL's added embeddings, other block types, ...).
-        """
-        down_types = tuple(config["down_block_types"])
-        levels = len(down_types)
-        cross_attention_levels = tuple(t == "CrossAttnDownBlock2D" for t in down_types)
-        expected = {
-            # the block types that SD's layout implies
-            "down_block_types": _down_block_types(cross_attention_levels),
-            "up_block_types": _up_block_types(cross_attention_levels),
-            # settings that sdlearn fixes to SD 1.x/2.x's values
-            **_FIXED_DIFFUSERS_SETTINGS,
-        }
-        unsupported = [
-            f"{key}={_plain(config.get(key, value))!r} (supported: {value!r})"
-            for key, value in expected.items()
-            if _plain(config.get(key, value)) != value
-        ]
-        for key in ("sample_size", "layers_per_block", "cross_attention_dim"):
-            if not isinstance(config[key], int):
-                unsupported.append(f"{key}={config[key]!r} (supported: one int)")
-        depth = config.get("transformer_layers_per_block", 1)
-        if not isinstance(depth, int):
-            unsupported.append(
-                f"transformer_layers_per_block={depth!r} (supported: one int)"
-            )
-        if unsupported:
-            raise ValueError(
-                "sdlearn's UNet does not implement these diffusers settings:\n  "
-                + "\n  ".join(unsupported)
-            )
-        # see the comment on UNetConfig.num_heads
-        heads = config["attention_head_dim"]
-        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
-        return cls(
-            sample_size=config["sample_size"],
-            in_channels=config["in_channels"],
-            out_channels=config["out_channels"],
-            block_out_channels=tuple(config["block_out_channels"]),
-            layers_per_block=config["layers_per_block"],
-            cross_attention_levels=cross_attention_levels,
-            num_heads=heads,
-            cross_attention_dim=config["cross_attention_dim"],
-            transformer_layers_per_block=depth,
-            norm_groups=config["norm_num_groups"],
-            norm_eps=config["norm_eps"],
-            use_linear_projection=config["use_linear_projection"],
-            dropout=config.get("dropout", 0.0),
-        )
+        return unet_config_from_diffusers(config)
 
     def to_diffusers(self) -> dict[str, Any]:
-        """The keyword arguments of the equivalent diffusers `UNet2DConditionModel`."""
-        heads = self.num_heads
-        return {
-            "sample_size": self.sample_size,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": _down_block_types(self.cross_attention_levels),
-            "up_block_types": _up_block_types(self.cross_attention_levels),
-            "block_out_channels": self.block_out_channels,
-            "layers_per_block": self.layers_per_block,
-            "cross_attention_dim": self.cross_attention_dim,
-            # one int when all levels agree, as in SD 1.x's own config
-            "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
-            "transformer_layers_per_block": self.transformer_layers_per_block,
-            "norm_num_groups": self.norm_groups,
-            "norm_eps": self.norm_eps,
-            "use_linear_projection": self.use_linear_projection,
-            "dropout": self.dropout,
-            **_FIXED_DIFFUSERS_SETTINGS,
-        }
+        """Moved to `sdlearn.interop.unet.unet_config_to_diffusers`."""
+        from sdlearn.interop.unet import unet_config_to_diffusers
+
+        return unet_config_to_diffusers(self)
 
 
 class TimestepEmbedding(nn.Module):
@@ -293,162 +225,13 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class GEGLU(nn.Module):
-    """A linear layer whose GELU-activated second half gates the first (Shazeer 2020).
-
-    Args:
-        dim_in: D.
-        dim_out: width of the output.
-    """
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        # both halves from one matmul: one large product is faster than two
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, dim_out)."""
-        x, gate = self.proj(x).chunk(2, dim=-1)  # (B, T, dim_out) each
-        return x * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """The transformer's MLP: GEGLU to 4 x D, then back to D.
-
-    Args:
-        dim: D.
-        mult: the hidden width is mult x D.
-    """
-
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        # a list only so that the weights are named net.0.proj and net.2 as in
-        # diffusers (net.1 is a dropout, a no-op in Stable Diffusion)
-        self.net = nn.ModuleList(
-            [GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D)."""
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
-class TransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the text, feed-forward (diffusers'
-    BasicTransformerBlock).
-
-    Each of the three is pre-norm with a residual connection, as in GPT-2.
-
-    Args:
-        dim: D, the width of the pixel tokens.
-        num_heads: nh; every head has width D / nh.
-        context_dim: width of the text tokens.
-    """
-
-    def __init__(self, dim: int, num_heads: int, context_dim: int) -> None:
-        super().__init__()
-        head_dim = dim // num_heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads=num_heads, dim_head=head_dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(
-            dim, cross_attention_dim=context_dim, heads=num_heads, dim_head=head_dim
-        )
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: pixel tokens (B, T, D), T = H * W.
-            context: text tokens (B, S, context_dim).
-
-        Returns:
-            (B, T, D)
-        """
-        x = x + self.attn1(self.norm1(x))  # every pixel looks at every pixel
-        x = x + self.attn2(self.norm2(x), context)  # ... and at every word
-        return x + self.ff(self.norm3(x))
-
-
-def _per_pixel(projection: nn.Conv2d | nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
-    """Applies proj_in or proj_out, a 1x1 convolution or a Linear, to tokens.
-
-    A 1x1 convolution is one linear map applied to every pixel, so on tokens it
-    is a plain matmul with its (C_out, C_in, 1, 1) weight seen as (C_out, C_in).
-    Both kinds of projection then work on tokens, and the way back to a feature
-    map needs no copy (diffusers copies the tokens into a map, then convolves).
-    """
-    if isinstance(projection, nn.Conv2d):
-        return F.linear(tokens, projection.weight.flatten(1), projection.bias)
-    return projection(tokens)
-
-
-class SpatialTransformer(nn.Module):
-    """Transformer blocks over the pixels of a feature map (diffusers'
-    Transformer2DModel, latent diffusion's SpatialTransformer).
-
-    Args:
-        channels: C; the pixel tokens have width D = C.
-        num_heads: nh.
-        context_dim: width of the text tokens.
-        depth: number of TransformerBlocks.
-        groups: groups of the GroupNorm on the way in.
-        use_linear_projection: proj_in and proj_out as nn.Linear (SD 2.x)
-            instead of 1x1 convolutions (SD 1.x).
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        num_heads: int,
-        context_dim: int,
-        depth: int = 1,
-        groups: int = 32,
-        use_linear_projection: bool = False,
-    ) -> None:
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        if use_linear_projection:
-            self.proj_in = nn.Linear(channels, channels)
-            self.proj_out = nn.Linear(channels, channels)
-        else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
-            self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)]
-        )
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: feature map (B, C, H, W).
-            context: text tokens (B, S, context_dim).
-
-        Returns:
-            (B, C, H, W)
-        """
-        H, W = x.shape[-2:]
-        tokens = rearrange(self.norm(x), "B C H W -> B (H W) C")  # (B, T, C)
-        # the one copy into token order (none for channels_last maps); on the
-        # strided view, F.linear would fall back to a slow batched matmul
-        tokens = _per_pixel(self.proj_in, tokens.contiguous())
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
-        tokens = _per_pixel(self.proj_out, tokens)
-        # x first: the sum takes x's memory layout, contiguous or channels_last
-        return x + rearrange(tokens, "B (H W) C -> B C H W", H=H, W=W)  # (B, C, H, W)
-
-
 def _resnet(config: UNetConfig, in_channels: int, out_channels: int) -> ResnetBlock:
     """A ResnetBlock with the time embedding, norms and dropout of `config`."""
     return ResnetBlock(
         in_channels,
         out_channels,
         temb_channels=config.time_embed_dim,
-        groups=config.norm_groups,
+        groups=config.norm_num_groups,
         eps=config.norm_eps,
         dropout=config.dropout,
     )
@@ -463,7 +246,7 @@ def _transformer(
         num_heads,
         config.cross_attention_dim,
         depth=config.transformer_layers_per_block,
-        groups=config.norm_groups,
+        groups=config.norm_num_groups,
         use_linear_projection=config.use_linear_projection,
     )
 
@@ -700,7 +483,7 @@ class UNet(nn.Module):
             )
 
         self.conv_norm_out = nn.GroupNorm(
-            config.norm_groups, channels[0], eps=config.norm_eps
+            config.norm_num_groups, channels[0], eps=config.norm_eps
         )
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
@@ -787,100 +570,3 @@ class UNet(nn.Module):
                 f"got {tuple(timesteps.shape)}"
             )
         return timesteps.expand(B)  # (B,)
-
-    @classmethod
-    def from_diffusers(cls, unet: UNet2DConditionModel) -> UNet:
-        """The same model as a diffusers `UNet2DConditionModel`, with its weights.
-
-        The weights are copied, on the same device and in the same dtype; the
-        model is in training or eval mode as `unet` is.
-
-        Raises:
-            ValueError: if `unet`'s config uses settings sdlearn does not
-                implement (see `UNetConfig.from_diffusers`).
-        """
-        config = UNetConfig.from_diffusers(unet.config)
-        parameter = next(unet.parameters())
-        # built without memory first: load_checked fills in every weight
-        with torch.device("meta"):
-            model = cls(config).to(parameter.dtype)
-        model = model.to_empty(device=parameter.device)
-        load_checked(model, unet.state_dict(), "diffusers UNet2DConditionModel")
-        return model.train(unet.training)
-
-    def to_diffusers(self) -> UNet2DConditionModel:
-        """This model as a diffusers `UNet2DConditionModel`, with its weights.
-
-        Needs diffusers installed (a development dependency of sdlearn).
-        """
-        from diffusers import UNet2DConditionModel
-
-        parameter = next(self.parameters())
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**self.config.to_diffusers())
-        unet = unet.to_empty(device=parameter.device)
-        load_checked(unet, self.state_dict(), "sdlearn UNet")
-        if parameter.dtype != torch.float32:
-            unet = unet.to(parameter.dtype)
-        return unet.train(self.training)
-
-
-# --- diffusers' config names -------------------------------------------------
-
-# diffusers UNet2DConditionModel settings that sdlearn's UNet fixes, with the
-# values SD 1.x and 2.x use; from_diffusers refuses any other value
-_FIXED_DIFFUSERS_SETTINGS: dict[str, Any] = {
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "num_attention_heads": None,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "num_class_embeds": None,
-    "upcast_attention": False,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-}
-
-
-def _down_block_types(cross_attention_levels: tuple[bool, ...]) -> tuple[str, ...]:
-    return tuple(
-        "CrossAttnDownBlock2D" if cross else "DownBlock2D"
-        for cross in cross_attention_levels
-    )
-
-
-def _up_block_types(cross_attention_levels: tuple[bool, ...]) -> tuple[str, ...]:
-    # diffusers lists the up blocks coarsest first
-    return tuple(
-        "CrossAttnUpBlock2D" if cross else "UpBlock2D"
-        for cross in reversed(cross_attention_levels)
-    )
-
-
-def _plain(value: Any) -> Any:
-    """Lists (as JSON configs store them) as tuples, to compare with ours."""
-    return tuple(value) if isinstance(value, list) else value

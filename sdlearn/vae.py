@@ -4,11 +4,11 @@ An encoder squeezes a (B, 3, H, W) image into a distribution over latents
 (B, 4, H/8, W/8), a decoder turns latents back into an image; Stable Diffusion
 then runs its diffusion on the small latents instead of the pixels.
 
-The building blocks here (ResnetBlock, Downsample, Upsample) are the same ones the
-UNet of chapter 04 stacks, with a time embedding added to the ResnetBlock. Every
-module is named like its counterpart in diffusers (`norm1`, `conv1`,
+Its building blocks (ResnetBlock, Downsample, Upsample, in `sdlearn.blocks`) are
+the same ones the UNet of chapter 04 stacks, with a time embedding added to the
+ResnetBlock. Every module is named like its counterpart in diffusers (`norm1`, `conv1`,
 `time_emb_proj`, `down_blocks.0.resnets.1`, `mid_block.attentions.0.to_q`, ...),
-so diffusers' `AutoencoderKL` state dict loads one-to-one.
+so diffusers' `AutoencoderKL` state dict loads one-to-one (`sdlearn.interop.vae`).
 """
 
 from __future__ import annotations
@@ -24,130 +24,8 @@ from einops import rearrange
 from torch import nn
 
 from sdlearn.attention import Attention
+from sdlearn.blocks import Downsample, ResnetBlock, Upsample
 from sdlearn.weights import SHIPPED_DIR, config_from_json, load_checked, read_shipped
-
-
-class ResnetBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection (He et al. 2016).
-
-    GroupNorm -> SiLU -> conv, twice; the input is added back, through a 1x1
-    convolution when the channel count changes. In the UNet a time embedding is
-    projected to one value per channel and added between the two convolutions.
-
-    Args:
-        in_channels: C_in.
-        out_channels: C_out; C_in when None.
-        temb_channels: width of the time embedding; None for no time embedding
-            (the VAE).
-        groups: GroupNorm groups (32 in Stable Diffusion).
-        eps: GroupNorm epsilon (1e-6 in the VAE, 1e-5 in the UNet).
-        dropout: dropout before the second convolution.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        temb_channels: int | None = None,
-        groups: int = 32,
-        eps: float = 1e-6,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        out_channels = in_channels if out_channels is None else out_channels
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        if temb_channels is not None:
-            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        else:
-            self.time_emb_proj = None
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-        else:
-            self.conv_shortcut = None
-
-    def forward(
-        self, x: torch.Tensor, temb: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """
-        Args:
-            x: (B, C_in, H, W).
-            temb: (B, temb_channels), the time embedding, when the block has one.
-
-        Returns:
-            (B, C_out, H, W).
-        """
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected x of shape (B, {self.in_channels}, H, W), "
-                f"got {tuple(x.shape)}"
-            )
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        if self.time_emb_proj is not None:
-            if temb is None:
-                raise ValueError("this block adds a time embedding: pass temb")
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)  # (B, C_out, H, W)
-        return x + h
-
-
-class Downsample(nn.Module):
-    """Halves H and W with a stride-2 3x3 convolution.
-
-    Args:
-        channels: C_in.
-        out_channels: C_out; C_in when None.
-        padding: 1 pads every side (the UNet). 0 pads only right and bottom
-            before the convolution (the VAE): SD's autoencoder was trained in a
-            framework whose "same" padding for stride 2 is asymmetric, and its
-            weights only give the right numbers with that padding.
-    """
-
-    def __init__(
-        self, channels: int, out_channels: int | None = None, padding: int = 1
-    ) -> None:
-        super().__init__()
-        if padding not in (0, 1):
-            raise ValueError(f"expected padding 0 or 1, got {padding}")
-        self.padding = padding
-        out_channels = channels if out_channels is None else out_channels
-        self.conv = nn.Conv2d(channels, out_channels, 3, stride=2, padding=padding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
-        if self.padding == 0:
-            x = F.pad(x, (0, 1, 0, 1))  # (B, C_in, H+1, W+1): right and bottom
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Doubles H and W: nearest-neighbour upsampling, then a 3x3 convolution.
-
-    Args:
-        channels: C_in.
-        out_channels: C_out; C_in when None.
-    """
-
-    def __init__(self, channels: int, out_channels: int | None = None) -> None:
-        super().__init__()
-        out_channels = channels if out_channels is None else out_channels
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-
-    def forward(
-        self, x: torch.Tensor, output_size: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, C_out, 2H, 2W), or to `output_size` (H', W')."""
-        if output_size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-        else:
-            x = F.interpolate(x, size=output_size, mode="nearest")  # (B, C, H', W')
-        return self.conv(x)
 
 
 class AttentionBlock(Attention):
@@ -264,58 +142,19 @@ class VAEConfig:
             sample_size=64,
         )
 
+    # until pipeline.py's loading moves out (issue 22): the names it still calls
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
-        """The config of a diffusers `AutoencoderKL` (its `.config`, or the
-        vae/config.json of a diffusers folder).
+        """Moved to `sdlearn.interop.vae.vae_config_from_diffusers`."""
+        from sdlearn.interop.vae import vae_config_from_diffusers
 
-        Raises:
-            ValueError: the config asks for options sdlearn does not build.
-        """
-        levels = len(config["block_out_channels"])
-        supported = {
-            "down_block_types": ("DownEncoderBlock2D",) * levels,
-            "up_block_types": ("UpDecoderBlock2D",) * levels,
-            "act_fn": "silu",
-            "use_quant_conv": True,
-            "use_post_quant_conv": True,
-            "mid_block_add_attention": True,
-            "shift_factor": None,
-        }
-        for key, value in supported.items():
-            given = config.get(key, value)
-            given = tuple(given) if isinstance(given, list) else given
-            if given != value:
-                raise ValueError(
-                    f"sdlearn's AutoencoderKL needs {key}={value!r}, got {given!r}"
-                )
-        size = config.get("sample_size", 512)
-        return cls(
-            in_channels=config["in_channels"],
-            out_channels=config["out_channels"],
-            block_out_channels=tuple(config["block_out_channels"]),
-            layers_per_block=config["layers_per_block"],
-            latent_channels=config["latent_channels"],
-            norm_num_groups=config["norm_num_groups"],
-            scaling_factor=config.get("scaling_factor", 0.18215),
-            sample_size=size[0] if isinstance(size, (list, tuple)) else size,
-        )
+        return vae_config_from_diffusers(config)
 
     def to_diffusers(self) -> dict[str, Any]:
-        """The keyword arguments of the equivalent diffusers `AutoencoderKL`."""
-        levels = len(self.block_out_channels)
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": ("DownEncoderBlock2D",) * levels,
-            "up_block_types": ("UpDecoderBlock2D",) * levels,
-            "block_out_channels": self.block_out_channels,
-            "layers_per_block": self.layers_per_block,
-            "latent_channels": self.latent_channels,
-            "norm_num_groups": self.norm_num_groups,
-            "sample_size": self.sample_size,
-            "scaling_factor": self.scaling_factor,
-        }
+        """Moved to `sdlearn.interop.vae.vae_config_to_diffusers`."""
+        from sdlearn.interop.vae import vae_config_to_diffusers
+
+        return vae_config_to_diffusers(self)
 
 
 def _check_images(x: torch.Tensor, config: VAEConfig) -> None:
@@ -698,41 +537,6 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return AutoencoderOutput(self.decode(z), posterior)
-
-    @classmethod
-    def from_diffusers(cls, vae: nn.Module) -> AutoencoderKL:
-        """Copy a diffusers `AutoencoderKL` (e.g. SD 1.5's, from
-        `AutoencoderKL.from_pretrained(..., subfolder="vae")`).
-
-        Args:
-            vae: a diffusers `AutoencoderKL` with SD's layout.
-
-        Returns:
-            an sdlearn `AutoencoderKL` with the same config and weights (float32).
-
-        Raises:
-            ValueError: the diffusers model has options sdlearn does not build.
-            WeightsMismatchError: its weights do not fit, naming the keys.
-        """
-        config = VAEConfig.from_diffusers(vae.config)
-        model = cls(config)
-        state_dict = {k: v.float() for k, v in vae.state_dict().items()}
-        load_checked(model, state_dict, f"diffusers {type(vae).__name__}")
-        return model.train(vae.training)
-
-    def to_diffusers(self) -> nn.Module:
-        """A diffusers `AutoencoderKL` with this model's config and weights.
-
-        Needs diffusers (a dev dependency), imported only here.
-
-        Returns:
-            diffusers' `AutoencoderKL`, in this model's train/eval mode.
-        """
-        from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-
-        vae = DiffusersAutoencoderKL(**self.config.to_diffusers())
-        load_checked(vae, self.state_dict(), "sdlearn AutoencoderKL")
-        return vae.train(self.training)
 
     @classmethod
     def pretrained_tiny(cls, folder: Path = SHIPPED_DIR) -> AutoencoderKL:

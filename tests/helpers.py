@@ -63,7 +63,7 @@ UNET_CONFIG = UNetConfig(
     cross_attention_levels=(True, True),
     num_heads=(2, 4),
     cross_attention_dim=32,
-    norm_groups=8,
+    norm_num_groups=8,
 )
 TEXT_CONFIG = CLIPTextConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
@@ -140,7 +140,7 @@ UNET_REFERENCE_CONFIGS = {
         cross_attention_levels=(True, False),
         num_heads=(2, 2),
         cross_attention_dim=12,
-        norm_groups=4,
+        norm_num_groups=4,
     ),
     "b": UNetConfig(
         sample_size=8,
@@ -150,7 +150,7 @@ UNET_REFERENCE_CONFIGS = {
         num_heads=(2, 3, 4),
         cross_attention_dim=20,
         transformer_layers_per_block=2,
-        norm_groups=4,
+        norm_num_groups=4,
         use_linear_projection=True,
     ),
 }

@@ -19,9 +19,16 @@ from sdlearn.clip import (
     quick_gelu,
     zero_shot_classify,
 )
+from sdlearn.interop.clip import (
+    clip_text_to_transformers,
+    load_transformers_weights,
+    text_config_from_transformers,
+    text_encoder_from_transformers,
+    text_encoder_to_transformers,
+)
 from sdlearn.shapes import ShapesDataset
 from sdlearn.tokenizer import CLIPTokenizer
-from sdlearn.weights import WeightsMismatchError, clip_text_to_transformers
+from sdlearn.weights import WeightsMismatchError
 from tests.helpers import load_reference, needs_transformers, randomize_
 
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
@@ -49,14 +56,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module on one thread: its tensors are tiny, and splitting each
-    operation over threads costs more than it saves (5-20x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def reference_model(reference: dict, name: str) -> CLIPTextModel:
         k[len(start) :]: v.item() for k, v in reference.items() if k.startswith(start)
     }
     # the stored configs use transformers' default activation
-    config = CLIPTextConfig.from_transformers(
+    config = text_config_from_transformers(
         SimpleNamespace(**fields, hidden_act="quick_gelu")
     )
     start = f"{name}.weights."
@@ -133,7 +133,7 @@ def reference_model(reference: dict, name: str) -> CLIPTextModel:
     table = torch.zeros(config.vocab_size, config.hidden_size)
     table[ids] = rows
     weights[TOKEN_EMBEDDING] = table
-    return CLIPTextModel(config).load_transformers_state_dict(weights).eval()
+    return load_transformers_weights(CLIPTextModel(config), weights).eval()
 
 
 @needs_transformers  # tools/reference/clip.py imports it
@@ -189,7 +189,7 @@ def test_encoder_matches_live_transformers(tokenizer, name, implementation):
         **CONFIGS[name], attn_implementation=implementation
     )
     theirs = randomize_(transformers.CLIPTextModel(config), seed=31, scale=0.3)
-    ours = CLIPTextModel.from_transformers(theirs)
+    ours = text_encoder_from_transformers(theirs)
 
     input_ids = tokenizer(PROMPTS)
     mask = padding_mask(input_ids)
@@ -214,7 +214,7 @@ def test_round_trip_through_transformers_is_exact():
 
     config = transformers.CLIPTextConfig(**CONFIGS["small"])
     theirs = randomize_(transformers.CLIPTextModel(config), seed=32, scale=0.3)
-    back = CLIPTextModel.from_transformers(theirs).to_transformers()
+    back = text_encoder_to_transformers(text_encoder_from_transformers(theirs))
 
     assert isinstance(back, transformers.CLIPTextModel)
     expected = theirs.state_dict()
@@ -235,7 +235,7 @@ def test_loads_a_checkpoint_files_layout():
     checkpoint = {f"text_model.{k}": v for k, v in state.items()}
     checkpoint["text_model.embeddings.position_ids"] = torch.arange(77)[None]
 
-    loaded = CLIPTextModel(tiny_text_config()).load_transformers_state_dict(checkpoint)
+    loaded = load_transformers_weights(CLIPTextModel(tiny_text_config()), checkpoint)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
 
@@ -246,8 +246,8 @@ def test_mismatched_weights_name_the_keys():
     state["encoder.layers.0.mlp.fc3.weight"] = torch.zeros(2)
     state["final_layer_norm.weight"] = torch.zeros(8)
     with pytest.raises(WeightsMismatchError) as error:
-        CLIPTextModel(tiny_text_config()).load_transformers_state_dict(
-            state, "text_encoder.safetensors"
+        load_transformers_weights(
+            CLIPTextModel(tiny_text_config()), state, "text_encoder.safetensors"
         )
     message = str(error.value)
     assert "from text_encoder.safetensors do not fit CLIPTextModel" in message
@@ -260,7 +260,7 @@ def test_mismatched_weights_name_the_keys():
         CLIPTextModel(tiny_text_config(hidden_size=32)).state_dict()
     )
     with pytest.raises(WeightsMismatchError, match=r"got \(49408, 32\), expected"):
-        CLIPTextModel(tiny_text_config()).load_transformers_state_dict(wide)
+        load_transformers_weights(CLIPTextModel(tiny_text_config()), wide)
 
 
 # --- bad inputs -----------------------------------------------------------------

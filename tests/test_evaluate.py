@@ -142,7 +142,7 @@ def template_prompts(scene: Scene) -> list[tuple[str, str]]:
                     size=scene.size,
                     color=scene.color,
                     shape=scene.shape,
-                    where=shapes._PHRASES[scene.position],
+                    where=shapes.PHRASES[scene.position],
                 )
             ),
         )

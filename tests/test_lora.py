@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdlearn.interop.unet import unet_config_to_diffusers
 from sdlearn.lora import (
     ATTENTION_TARGETS,
     RESNET_CONV_TARGETS,
@@ -195,7 +196,7 @@ def test_diffusers_reads_and_writes_the_same_adapters(targets):
     from peft.utils import get_peft_model_state_dict
 
     unet = random_unet()
-    theirs = UNet2DConditionModel(**UNET_CONFIG.to_diffusers())
+    theirs = UNet2DConditionModel(**unet_config_to_diffusers(UNET_CONFIG))
     theirs.load_state_dict(unet.state_dict())
     theirs.eval()
     add_lora(unet, rank=4, alpha=2, targets=TARGETS[targets])

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel
+from sdlearn.interop.clip import text_encoder_to_transformers
+from sdlearn.interop.unet import unet_config_to_diffusers
+from sdlearn.interop.vae import vae_config_to_diffusers
 from sdlearn.pipeline import (
     StableDiffusionPipeline,
     blend_latents,
@@ -43,13 +46,13 @@ def theirs(ours, tmp_path_factory):
 
     from tools.reference.tokenizer import build_transformers_tokenizer
 
-    unet = UNet2DConditionModel(**UNET_CONFIG.to_diffusers())
+    unet = UNet2DConditionModel(**unet_config_to_diffusers(UNET_CONFIG))
     unet.load_state_dict(ours.unet.state_dict())
-    vae = DiffusersVAE(**VAE_CONFIG.to_diffusers())
+    vae = DiffusersVAE(**vae_config_to_diffusers(VAE_CONFIG))
     vae.load_state_dict(ours.vae.state_dict())
     pipe = DiffusersPipeline(
         vae=vae.eval(),
-        text_encoder=ours.text_encoder.to_transformers(),
+        text_encoder=text_encoder_to_transformers(ours.text_encoder),
         tokenizer=build_transformers_tokenizer(tmp_path_factory.mktemp("tokenizer")),
         unet=unet.eval(),
         scheduler=ours.scheduler.to_diffusers(),

@@ -7,6 +7,12 @@ import torch
 
 from sdlearn import attention
 from sdlearn.attention import set_attention_backend
+from sdlearn.interop.unet import (
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
 from sdlearn.unet import UNet, UNetConfig, timestep_embedding
 from sdlearn.weights import load_checked
 from tests.helpers import (
@@ -39,18 +45,7 @@ def inputs(config: UNetConfig, seed: int, batch: int = 2, size: int = 8):
     return sample, timesteps, context
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Run the tiny models on one thread: their ops are too small to share, and
-    on a busy machine every op would wait for a second thread to be scheduled
-    (ten times slower here). The full-size test keeps all threads."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the config ---------------------------------------------------------------
@@ -75,7 +70,7 @@ def test_config_rejects_inconsistent_settings():
             cross_attention_levels=(True, True),
             num_heads=(3, 8),
         )
-    with pytest.raises(ValueError, match=r"norm_groups=32; got .*\(16, 64\)"):
+    with pytest.raises(ValueError, match=r"norm_num_groups=32; got .*\(16, 64\)"):
         UNetConfig(
             block_out_channels=(16, 64),
             cross_attention_levels=(True, True),
@@ -137,7 +132,7 @@ def test_unet_matches_live_diffusers(name):
     from tools.reference.unet import make_unet
 
     theirs = make_unet(name)
-    ours = UNet.from_diffusers(theirs)
+    ours = unet_from_diffusers(theirs)
     assert ours.config == CONFIGS[name]
     assert not ours.training
     sample, timesteps, context = inputs(ours.config, seed=3)
@@ -154,10 +149,10 @@ def test_sd15_names_and_shapes_match_diffusers():
     config = UNetConfig.sd15()
     with torch.device("meta"):
         ours = UNet(config)
-        theirs = UNet2DConditionModel(**config.to_diffusers())
+        theirs = UNet2DConditionModel(**unet_config_to_diffusers(config))
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
-    assert UNetConfig.from_diffusers(theirs.config) == config
+    assert unet_config_from_diffusers(theirs.config) == config
 
 
 @needs_diffusers
@@ -166,7 +161,7 @@ def test_round_trip_through_diffusers_is_exact(name):
     from tools.reference.unet import make_unet
 
     theirs = make_unet(name)
-    back = UNet.from_diffusers(theirs).to_diffusers()
+    back = unet_to_diffusers(unet_from_diffusers(theirs))
     # keys with an underscore are diffusers' bookkeeping, such as which
     # settings were left at their defaults
     assert public(back.config) == public(theirs.config)
@@ -193,13 +188,13 @@ def test_from_diffusers_refuses_unsupported_settings():
         )
         nested = UNet2DConditionModel(**base | {"cross_attention_dim": (12, 12)})
     with pytest.raises(ValueError, match=r"down_block_types=\('AttnDownBlock2D'"):
-        UNet.from_diffusers(attn_blocks)
+        unet_from_diffusers(attn_blocks)
     with pytest.raises(
         ValueError, match=r"addition_embed_type='text'[\s\S]*time_cond_proj_dim=4"
     ):
-        UNet.from_diffusers(sdxl_like)
+        unet_from_diffusers(sdxl_like)
     with pytest.raises(ValueError, match=r"cross_attention_dim=\(12, 12\)"):
-        UNet.from_diffusers(nested)
+        unet_from_diffusers(nested)
 
 
 # --- the UNet's own behaviour ---------------------------------------------------
@@ -310,8 +305,9 @@ def test_sd15_matches_live_diffusers():
     # the global generator, so seed it without leaking the seed to other tests
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        theirs = UNet2DConditionModel(**UNetConfig.sd15().to_diffusers()).eval()
-    ours = UNet.from_diffusers(theirs)
+        settings = unet_config_to_diffusers(UNetConfig.sd15())
+        theirs = UNet2DConditionModel(**settings).eval()
+    ours = unet_from_diffusers(theirs)
     g = torch.Generator().manual_seed(14)
     sample = torch.randn(2, 4, 32, 32, generator=g)
     context = torch.randn(2, 77, 768, generator=g)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sdlearn.attention import Attention, set_attention_backend
+from sdlearn.interop.vae import vae_from_diffusers, vae_to_diffusers
 from sdlearn.vae import (
     AttentionBlock,
     AutoencoderKL,
@@ -200,7 +201,7 @@ def test_matches_diffusers_reference(reference, name, backend):
 def test_matches_live_diffusers(name):
     config = LIVE_CONFIGS[name]
     theirs = diffusers_vae(seed=7, **config)
-    ours = AutoencoderKL.from_diffusers(theirs).eval()
+    ours = vae_from_diffusers(theirs).eval()
     f = ours.config.downsampling_factor
     g = torch.Generator().manual_seed(8)
     images = torch.rand(2, config.get("in_channels", 3), 2 * f, 3 * f, generator=g)
@@ -250,15 +251,15 @@ def test_sd15_names_and_shapes_equal_diffusers():
 @needs_diffusers
 def test_weights_round_trip_exactly():
     theirs = diffusers_vae(seed=11, **LIVE_CONFIGS["four_levels"])
-    ours = AutoencoderKL.from_diffusers(theirs)
-    back = ours.to_diffusers()
+    ours = vae_from_diffusers(theirs)
+    back = vae_to_diffusers(ours)
     assert_same_weights(back, theirs)
-    assert AutoencoderKL.from_diffusers(back).config == ours.config
+    assert vae_from_diffusers(back).config == ours.config
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         assert tuple(back.config[key]) == tuple(theirs.config[key])
 
     model = randomize_(AutoencoderKL(REFERENCE_CONFIGS["three_levels"]), seed=12)
-    again = AutoencoderKL.from_diffusers(model.to_diffusers())
+    again = vae_from_diffusers(vae_to_diffusers(model))
     assert again.config == model.config
     assert_same_weights(again, model)
 
@@ -287,7 +288,7 @@ def test_from_diffusers_names_mismatched_keys_and_unsupported_options():
     theirs.decoder.conv_out = nn.Identity()
     theirs.extra = nn.Linear(2, 2, bias=False)
     with pytest.raises(WeightsMismatchError) as error:
-        AutoencoderKL.from_diffusers(theirs)
+        vae_from_diffusers(theirs)
     message = str(error.value)
     assert "weights from diffusers AutoencoderKL do not fit" in message
     assert "missing keys (2):\n    decoder.conv_out.bias\n" in message
@@ -296,7 +297,7 @@ def test_from_diffusers_names_mismatched_keys_and_unsupported_options():
 
     gelu = diffusers_vae(seed=14, act_fn="gelu", **LIVE_CONFIGS["four_levels"])
     with pytest.raises(ValueError, match=r"needs act_fn='silu', got 'gelu'"):
-        AutoencoderKL.from_diffusers(gelu)
+        vae_from_diffusers(gelu)
 
 
 def test_bad_shapes_raise_value_errors_naming_them():

@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sdlearn.attention import set_attention_backend  # noqa: E402
+from sdlearn.interop.unet import (  # noqa: E402
+    unet_config_to_diffusers,
+    unet_from_diffusers,
+)
 from sdlearn.unet import UNet, UNetConfig  # noqa: E402
 
 RESULTS = ROOT / "tools" / "bench_unet_results.md"
@@ -222,8 +226,8 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)  # diffusers' initialisation draws from the global generator
-    theirs = UNet2DConditionModel(**UNetConfig.sd15().to_diffusers()).eval()
-    ours = UNet.from_diffusers(theirs).eval()
+    theirs = UNet2DConditionModel(**unet_config_to_diffusers(UNetConfig.sd15())).eval()
+    ours = unet_from_diffusers(theirs).eval()
 
     print(environment())
     load_before = os.getloadavg()

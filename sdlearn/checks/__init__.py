@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 class Verdict:
@@ -81,7 +82,7 @@ def tensor_form_problem(
     return None
 
 
-def _compare(actual: Any, expected: Any, atol: float, rtol: float) -> str | None:
+def compare_values(actual: Any, expected: Any, atol: float, rtol: float) -> str | None:
     """None when `actual` matches `expected`, else what is wrong, in words."""
     if isinstance(expected, np.ndarray):
         expected = torch.from_numpy(expected)
@@ -91,7 +92,7 @@ def _compare(actual: Any, expected: Any, atol: float, rtol: float) -> str | None
         if not isinstance(actual, tuple | list) or len(actual) != len(expected):
             return f"returned {_describe(actual)}, expected {len(expected)} values"
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            problem = _compare(a, e, atol, rtol)
+            problem = compare_values(a, e, atol, rtol)
             if problem:
                 return f"value {i}: {problem}"
         return None
@@ -157,7 +158,7 @@ def check(
                 print(f"   Hint: {hint}")
             return Verdict(False)
         if compare is None:
-            problem = _compare(actual, case.expected, atol, rtol)
+            problem = compare_values(actual, case.expected, atol, rtol)
         else:
             problem = compare(actual, case)
         if problem:
@@ -173,3 +174,23 @@ def check(
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     """A reproducible standard normal tensor for check inputs."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def seeded(module: nn.Module, seed: int) -> nn.Module:
+    """`module` with seeded weights near unit scale, in eval mode.
+
+    Built on the meta device and filled from its own generator, so a check never
+    draws from the notebook's global random state.
+    """
+    g = torch.Generator().manual_seed(seed)
+    module = module.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            noise = torch.randn(parameter.shape, generator=g)
+            if parameter.ndim > 1:  # convolutions: fan-in scaling
+                parameter.copy_(noise * parameter[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                parameter.copy_(1.0 + 0.3 * noise)
+            else:
+                parameter.copy_(0.3 * noise)
+    return module.eval()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from sdlearn.checks import Case, Verdict, check, randn
-from sdlearn.schedulers import DDPMScheduler
+from sdlearn.schedulers.ddpm import DDPMScheduler
 
 # The chapter's three schedules, with the linear one's DDPM-paper ends.
 SCHEDULES: dict[str, dict] = {

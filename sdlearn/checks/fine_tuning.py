@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sdlearn.checks import Case, Verdict, _compare, check, randn
+from sdlearn.checks import Case, Verdict, check, compare_values, randn
 from sdlearn.lora import LoRALinear
 from sdlearn.textual_inversion import NewTokenEmbedding
 
@@ -115,7 +115,7 @@ def check_new_token_embedding(fn: Callable) -> Verdict:
         else:
             values = actual
         expected, expected_grad = case.expected
-        problem = _compare(values, expected, 1e-6, 1e-6)
+        problem = compare_values(values, expected, 1e-6, 1e-6)
         if problem:
             return problem
         if not actual.requires_grad:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sdlearn.checks import Case, Verdict, check, randn, tensor_form_problem
-from sdlearn.schedulers import DDPMScheduler
+from sdlearn.schedulers.ddpm import DDPMScheduler
 from sdlearn.training import EMA, DiffusionLoss, TrainConfig, lr_factor
 from sdlearn.unet import UNet, UNetConfig
 

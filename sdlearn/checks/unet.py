@@ -14,19 +14,18 @@ from collections.abc import Callable
 
 import torch
 
-from sdlearn import unet, vae
-from sdlearn.checks import Case, Verdict, check, randn
-from sdlearn.checks.vae import _seeded
+from sdlearn import blocks, spatial_transformer, unet
+from sdlearn.checks import Case, Verdict, check, randn, seeded
 
 
-class ResnetBlock(vae.ResnetBlock):
+class ResnetBlock(blocks.ResnetBlock):
     """sdlearn's ResnetBlock with a one-line repr, so a failure message stays short."""
 
     def __repr__(self) -> str:
         return f"with {self.in_channels} -> {self.out_channels} channels"
 
 
-class TransformerBlock(unet.TransformerBlock):
+class TransformerBlock(spatial_transformer.TransformerBlock):
     """sdlearn's TransformerBlock with a one-line repr, for short failure messages."""
 
     def __repr__(self) -> str:
@@ -74,7 +73,7 @@ def check_resnet_forward(fn: Callable) -> Verdict:
     for seed, (c_in, c_out, t_dim, groups, shape) in enumerate(RESNET_CASES):
         with torch.device("meta"):
             block = ResnetBlock(c_in, c_out, temb_channels=t_dim, groups=groups)
-        block = _seeded(block, 200 + seed)
+        block = seeded(block, 200 + seed)
         x = randn(*shape, seed=210 + seed)
         temb = randn(shape[0], t_dim, seed=220 + seed)
         with torch.no_grad():
@@ -98,7 +97,7 @@ def check_transformer_block_forward(fn: Callable) -> Verdict:
     for seed, (dim, heads, c_dim, B, T, S) in enumerate(TRANSFORMER_CASES):
         with torch.device("meta"):
             block = TransformerBlock(dim, heads, c_dim)
-        block = _seeded(block, 300 + seed)
+        block = seeded(block, 300 + seed)
         x = randn(B, T, dim, seed=310 + seed)
         context = randn(B, S, c_dim, seed=320 + seed)
         with torch.no_grad():

@@ -12,37 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from sdlearn import vae
-from sdlearn.checks import Case, Verdict, check, randn
+from sdlearn import blocks, vae
+from sdlearn.checks import Case, Verdict, check, randn, seeded
 
 
-class ResnetBlock(vae.ResnetBlock):
+class ResnetBlock(blocks.ResnetBlock):
     """sdlearn's ResnetBlock with a one-line repr, so a failure message stays short."""
 
     def __repr__(self) -> str:
         return f"with {self.in_channels} -> {self.out_channels} channels"
-
-
-def _seeded(module: nn.Module, seed: int) -> nn.Module:
-    """`module` with seeded weights near unit scale, in eval mode.
-
-    Built on the meta device and filled from its own generator, so a check never
-    draws from the notebook's global random state.
-    """
-    g = torch.Generator().manual_seed(seed)
-    module = module.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            noise = torch.randn(parameter.shape, generator=g)
-            if parameter.ndim > 1:  # convolutions: fan-in scaling
-                parameter.copy_(noise * parameter[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.3 * noise)
-            else:
-                parameter.copy_(0.3 * noise)
-    return module.eval()
 
 
 # (C_in, C_out, groups, x shape): the first keeps the channels (no shortcut
@@ -66,7 +45,7 @@ def check_resnet_forward(fn: Callable) -> Verdict:
     for seed, (c_in, c_out, groups, shape) in enumerate(RESNET_CASES):
         with torch.device("meta"):
             block = ResnetBlock(c_in, c_out, groups=groups)
-        block = _seeded(block, seed)
+        block = seeded(block, seed)
         x = randn(*shape, seed=100 + seed)
         with torch.no_grad():
             expected = block(x)
@@ -88,8 +67,8 @@ def check_downsample(fn: Callable) -> Verdict:
     cases = []
     for seed, (c_in, c_out, shape) in enumerate(DOWNSAMPLE_CASES):
         with torch.device("meta"):
-            block = vae.Downsample(c_in, c_out, padding=0)
-        block = _seeded(block, 10 + seed)
+            block = blocks.Downsample(c_in, c_out, padding=0)
+        block = seeded(block, 10 + seed)
         x = randn(*shape, seed=110 + seed)
         with torch.no_grad():
             expected = block(x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -285,10 +285,12 @@ class Scheduler:
     """What every sampler shares: diffusers' interface around one noise schedule.
 
     A subclass sets `config_class` (its frozen dataclass of settings, with
-    diffusers' names); its `__init__` passes its config to `_init_schedule`
-    (config, betas, alphas_cumprod) and sets `init_noise_sigma` and
-    `timesteps`; it brings its own `step`. diffusers' scheduler of the same
-    class name is its reference.
+    diffusers' names and Stable Diffusion 1.x's defaults); its `__init__` takes
+    a config and settings to change in it, by name, as diffusers' schedulers
+    take them (`DDPMScheduler(beta_schedule="linear")`), passes the result of
+    `make_config` to `_init_schedule` (config, betas, alphas_cumprod) and sets
+    `init_noise_sigma` and `timesteps`; it brings its own `step`. diffusers'
+    scheduler of the same class name is its reference.
     """
 
     config_class: type
@@ -298,6 +300,19 @@ class Scheduler:
         "thresholding": False,
         "rescale_betas_zero_snr": False,
     }
+
+    @classmethod
+    def make_config(cls, config: Any | None, settings: dict[str, Any]) -> Any:
+        """`config` (`config_class`'s defaults when None) with `settings` changed.
+
+        Args:
+            config: a `config_class`, or None.
+            settings: fields to change, by diffusers' names; `trained_betas` may
+                be any sequence (a JSON config's list).
+        """
+        if settings.get("trained_betas") is not None:
+            settings = {**settings, "trained_betas": tuple(settings["trained_betas"])}
+        return replace(cls.config_class() if config is None else config, **settings)
 
     def _init_schedule(self, config: Any) -> None:
         """Keep `config` and compute the noise schedule it describes: `betas`

@@ -20,6 +20,7 @@ As in diffusers, the previous timestep is t - T // n whatever the spacing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,17 +41,17 @@ from sdlearn.schedulers.common import (
 class DDIMConfig:
     """The settings of a DDIMScheduler, with diffusers' names; see its docstring."""
 
-    num_train_timesteps: int
-    beta_start: float
-    beta_end: float
-    beta_schedule: str
-    trained_betas: tuple[float, ...] | None
-    clip_sample: bool
-    clip_sample_range: float
-    set_alpha_to_one: bool
-    steps_offset: int
-    prediction_type: str
-    timestep_spacing: str
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple[float, ...] | None = None
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = False
+    steps_offset: int = 1
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
 
     def __post_init__(self) -> None:
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -85,6 +86,9 @@ class DDIMScheduler(Scheduler):
     """The DDIM sampler with diffusers' interface and Stable Diffusion 1.x's defaults.
 
     Args:
+        config: all the settings at once, a `DDIMConfig`; its
+            defaults when None. The keyword settings below change single
+            fields of it, by name.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         clip_sample, clip_sample_range, prediction_type, timestep_spacing,
         steps_offset: as for `DDPMScheduler`.
@@ -95,41 +99,15 @@ class DDIMScheduler(Scheduler):
 
     config_class = DDIMConfig
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas: tuple[float, ...] | None = None,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-        set_alpha_to_one: bool = False,
-        steps_offset: int = 1,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "leading",
-    ) -> None:
-        self._init_schedule(
-            DDIMConfig(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-                trained_betas=None if trained_betas is None else tuple(trained_betas),
-                clip_sample=clip_sample,
-                clip_sample_range=clip_sample_range,
-                set_alpha_to_one=set_alpha_to_one,
-                steps_offset=steps_offset,
-                prediction_type=prediction_type,
-                timestep_spacing=timestep_spacing,
-            )
-        )
+    def __init__(self, config: DDIMConfig | None = None, **settings: Any) -> None:
+        config = self.make_config(config, settings)
+        self._init_schedule(config)
         # where the last step lands: the clean data, or the first training timestep
         self.final_alpha_cumprod = (
-            torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+            torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
         )
         self.init_noise_sigma = 1.0
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self.timesteps = torch.arange(config.num_train_timesteps - 1, -1, -1)
 
     def step(
         self,
@@ -213,11 +191,12 @@ class DDIMInverseScheduler(DDIMScheduler):
     spacing is "leading" or "trailing".
     """
 
-    def __init__(self, **settings) -> None:
-        """Settings as for `DDIMScheduler` (same names and defaults)."""
-        spacing = settings.get("timestep_spacing", "leading")
+    def __init__(self, config: DDIMConfig | None = None, **settings: Any) -> None:
+        """Settings as for `DDIMScheduler` (the same config)."""
+        config = self.make_config(config, settings)
+        spacing = config.timestep_spacing
         check_choice("timestep_spacing", spacing, ("leading", "trailing"))
-        super().__init__(**settings)
+        super().__init__(config)
         # where the first step starts: the clean data, or the first timestep
         self.initial_alpha_cumprod = self.final_alpha_cumprod
         self.timesteps = torch.arange(self.config.num_train_timesteps)

@@ -14,6 +14,7 @@ and the same `torch.Generator`, a sampling loop gives the same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,17 +46,23 @@ DDPMSchedulerOutput = SchedulerOutput
 class DDPMConfig:
     """The settings of a DDPMScheduler, with diffusers' names; see its docstring."""
 
-    num_train_timesteps: int  # timesteps the model was trained with
-    beta_start: float  # first beta of the linear and scaled_linear schedules
-    beta_end: float  # last beta of the linear and scaled_linear schedules
-    beta_schedule: str  # how beta grows: one of BETA_SCHEDULES
-    trained_betas: tuple[float, ...] | None  # explicit betas instead of a schedule
-    variance_type: str  # the variance of each reverse step: one of VARIANCE_TYPES
-    clip_sample: bool  # clamp the predicted clean sample to +-clip_sample_range
-    clip_sample_range: float  # the bound for clip_sample
-    prediction_type: str  # what the model predicts: one of PREDICTION_TYPES
-    timestep_spacing: str  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
-    steps_offset: int  # added to the timesteps of the "leading" spacing
+    num_train_timesteps: int = 1000  # timesteps the model was trained with
+    beta_start: float = 0.00085  # first beta of the linear and scaled_linear schedules
+    beta_end: float = 0.012  # last beta of the linear and scaled_linear schedules
+    beta_schedule: str = "scaled_linear"  # how beta grows: one of BETA_SCHEDULES
+    trained_betas: tuple[float, ...] | None = (
+        None  # explicit betas instead of a schedule
+    )
+    variance_type: str = (
+        "fixed_small"  # the variance of each reverse step: one of VARIANCE_TYPES
+    )
+    clip_sample: bool = False  # clamp the predicted clean sample to +-clip_sample_range
+    clip_sample_range: float = 1.0  # the bound for clip_sample
+    prediction_type: str = "epsilon"  # what the model predicts: one of PREDICTION_TYPES
+    timestep_spacing: str = (
+        "leading"  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
+    )
+    steps_offset: int = 1  # added to the timesteps of the "leading" spacing
 
     def __post_init__(self) -> None:
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -72,6 +79,9 @@ class DDPMScheduler(Scheduler):
     values Stable Diffusion 1.x was trained with.
 
     Args:
+        config: all the settings at once, a `DDPMConfig`; its
+            defaults when None. The keyword settings below change single
+            fields of it, by name.
         num_train_timesteps: the number of timesteps the model was trained with.
         beta_start: the first beta of the linear and scaled_linear schedules.
         beta_end: the last beta of the linear and scaled_linear schedules.
@@ -95,39 +105,13 @@ class DDPMScheduler(Scheduler):
 
     config_class = DDPMConfig
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas: tuple[float, ...] | None = None,
-        variance_type: str = "fixed_small",
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "leading",
-        steps_offset: int = 1,
-    ) -> None:
-        self._init_schedule(
-            DDPMConfig(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-                trained_betas=None if trained_betas is None else tuple(trained_betas),
-                variance_type=variance_type,
-                clip_sample=clip_sample,
-                clip_sample_range=clip_sample_range,
-                prediction_type=prediction_type,
-                timestep_spacing=timestep_spacing,
-                steps_offset=steps_offset,
-            )
-        )
+    def __init__(self, config: DDPMConfig | None = None, **settings: Any) -> None:
+        config = self.make_config(config, settings)
+        self._init_schedule(config)
         # Sampling starts from N(0, I); Euler-style schedulers need a larger sigma.
         self.init_noise_sigma = 1.0
         # Until set_timesteps is called, sampling walks every training timestep.
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self.timesteps = torch.arange(config.num_train_timesteps - 1, -1, -1)
 
     def previous_timestep(self, timestep: int) -> int:
         """The timestep that a step from `timestep` lands on; -1 after the last.

@@ -28,6 +28,7 @@ settings, a sampling loop gives the same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,24 +57,36 @@ SOLVER_TYPES: tuple[str, ...] = ("midpoint", "heun")
 class DPMSolverMultistepConfig:
     """The settings of a DPMSolverMultistepScheduler, with diffusers' names."""
 
-    num_train_timesteps: int  # timesteps the model was trained with
-    beta_start: float  # first beta of the linear and scaled_linear schedules
-    beta_end: float  # last beta of the linear and scaled_linear schedules
-    beta_schedule: str  # how beta grows: one of BETA_SCHEDULES
-    trained_betas: tuple[float, ...] | None  # explicit betas instead of a schedule
-    solver_order: int  # 1 (DDIM-like) or 2 (2M)
-    prediction_type: str  # what the model predicts: one of PREDICTION_TYPES
-    algorithm_type: str  # "dpmsolver++": the solver works on x_0 predictions
-    solver_type: str  # the second-order update: "midpoint" or "heun"
-    lower_order_final: bool  # first order for the last step(s) under 15 steps
-    euler_at_final: bool  # always first order for the last step
-    use_karras_sigmas: bool  # Karras et al.'s noise levels instead of the spacing's
-    final_sigmas_type: str  # where the last step lands: "zero" or "sigma_min"
-    lambda_min_clipped: float  # skip timesteps whose log-SNR is below this
-    timestep_spacing: str  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
-    steps_offset: int  # added to the timesteps of the "leading" spacing
+    num_train_timesteps: int = 1000  # timesteps the model was trained with
+    beta_start: float = 0.00085  # first beta of the linear and scaled_linear schedules
+    beta_end: float = 0.012  # last beta of the linear and scaled_linear schedules
+    beta_schedule: str = "scaled_linear"  # how beta grows: one of BETA_SCHEDULES
+    trained_betas: tuple[float, ...] | None = (
+        None  # explicit betas instead of a schedule
+    )
+    solver_order: int = 2  # 1 (DDIM-like) or 2 (2M)
+    prediction_type: str = "epsilon"  # what the model predicts: one of PREDICTION_TYPES
+    algorithm_type: str = (
+        "dpmsolver++"  # "dpmsolver++": the solver works on x_0 predictions
+    )
+    solver_type: str = "midpoint"  # the second-order update: "midpoint" or "heun"
+    lower_order_final: bool = True  # first order for the last step(s) under 15 steps
+    euler_at_final: bool = False  # always first order for the last step
+    use_karras_sigmas: bool = (
+        False  # Karras et al.'s noise levels instead of the spacing's
+    )
+    final_sigmas_type: str = "zero"  # where the last step lands: "zero" or "sigma_min"
+    lambda_min_clipped: float = -float(
+        "inf"
+    )  # skip timesteps whose log-SNR is below this
+    timestep_spacing: str = (
+        "linspace"  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
+    )
+    steps_offset: int = 1  # added to the timesteps of the "leading" spacing
 
     def __post_init__(self) -> None:
+        # diffusers' configs may hold any truthy value
+        object.__setattr__(self, "use_karras_sigmas", bool(self.use_karras_sigmas))
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("solver_order", self.solver_order, (1, 2))
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -186,6 +199,9 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     """DPM-Solver++ (1 or 2M) with diffusers' interface and SD 1.x's betas.
 
     Args:
+        config: all the settings at once, a `DPMSolverMultistepConfig`; its
+            defaults when None. The keyword settings below change single
+            fields of it, by name.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         prediction_type, timestep_spacing, steps_offset: as for `DDPMScheduler`;
             diffusers' default spacing here is "linspace".
@@ -215,52 +231,20 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     init_noise_sigma = 1.0
 
     def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas: tuple[float, ...] | None = None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        use_karras_sigmas: bool = False,
-        final_sigmas_type: str = "zero",
-        lambda_min_clipped: float = -float("inf"),
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 1,
+        self, config: DPMSolverMultistepConfig | None = None, **settings: Any
     ) -> None:
-        self._init_schedule(
-            DPMSolverMultistepConfig(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-                trained_betas=None if trained_betas is None else tuple(trained_betas),
-                solver_order=solver_order,
-                prediction_type=prediction_type,
-                algorithm_type=algorithm_type,
-                solver_type=solver_type,
-                lower_order_final=lower_order_final,
-                euler_at_final=euler_at_final,
-                use_karras_sigmas=bool(use_karras_sigmas),
-                final_sigmas_type=final_sigmas_type,
-                lambda_min_clipped=lambda_min_clipped,
-                timestep_spacing=timestep_spacing,
-                steps_offset=steps_offset,
-            )
-        )
+        config = self.make_config(config, settings)
+        self._init_schedule(config)
         # lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)) per timestep
         self.lambda_t = torch.log(self.alphas_cumprod**0.5) - torch.log(
             (1 - self.alphas_cumprod) ** 0.5
         )
         self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)
+        timesteps = np.linspace(
+            0, config.num_train_timesteps - 1, config.num_train_timesteps
+        )
         self.timesteps = torch.from_numpy(timesteps[::-1].astype(np.float32).copy())
-        self.model_outputs: list[torch.Tensor | None] = [None] * solver_order
+        self.model_outputs: list[torch.Tensor | None] = [None] * config.solver_order
         self.lower_order_nums = 0
         self._reset_steps()
 

@@ -18,6 +18,7 @@ same model, settings and `torch.Generator`, a sampling loop gives the same sampl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,20 +47,28 @@ from sdlearn.schedulers.sigmas import (
 class EulerDiscreteConfig:
     """The settings of an EulerDiscreteScheduler, with diffusers' names."""
 
-    num_train_timesteps: int  # timesteps the model was trained with
-    beta_start: float  # first beta of the linear and scaled_linear schedules
-    beta_end: float  # last beta of the linear and scaled_linear schedules
-    beta_schedule: str  # how beta grows: one of BETA_SCHEDULES
-    trained_betas: tuple[float, ...] | None  # explicit betas instead of a schedule
-    prediction_type: str  # what the model predicts: one of PREDICTION_TYPES
-    use_karras_sigmas: bool  # Karras et al.'s noise levels instead of the spacing's
-    sigma_min: float | None  # the Karras levels' smallest sigma (None: sigma_0)
-    sigma_max: float | None  # the Karras levels' largest sigma (None: sigma_T-1)
-    timestep_spacing: str  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
-    steps_offset: int  # added to the timesteps of the "leading" spacing
-    final_sigmas_type: str  # where the last step lands: "zero" or "sigma_min"
+    num_train_timesteps: int = 1000  # timesteps the model was trained with
+    beta_start: float = 0.00085  # first beta of the linear and scaled_linear schedules
+    beta_end: float = 0.012  # last beta of the linear and scaled_linear schedules
+    beta_schedule: str = "scaled_linear"  # how beta grows: one of BETA_SCHEDULES
+    trained_betas: tuple[float, ...] | None = (
+        None  # explicit betas instead of a schedule
+    )
+    prediction_type: str = "epsilon"  # what the model predicts: one of PREDICTION_TYPES
+    use_karras_sigmas: bool = (
+        False  # Karras et al.'s noise levels instead of the spacing's
+    )
+    sigma_min: float | None = None  # the Karras levels' smallest sigma (None: sigma_0)
+    sigma_max: float | None = None  # the Karras levels' largest sigma (None: sigma_T-1)
+    timestep_spacing: str = (
+        "linspace"  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
+    )
+    steps_offset: int = 1  # added to the timesteps of the "leading" spacing
+    final_sigmas_type: str = "zero"  # where the last step lands: "zero" or "sigma_min"
 
     def __post_init__(self) -> None:
+        # diffusers' configs may hold any truthy value
+        object.__setattr__(self, "use_karras_sigmas", bool(self.use_karras_sigmas))
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
@@ -159,6 +168,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
     """The Euler sampler with diffusers' interface and Stable Diffusion 1.x's betas.
 
     Args:
+        config: all the settings at once, a `EulerDiscreteConfig`; its
+            defaults when None. The keyword settings below change single
+            fields of it, by name.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         prediction_type, timestep_spacing, steps_offset: as for `DDPMScheduler`;
             diffusers' default spacing for Euler is "linspace".
@@ -179,40 +191,16 @@ class EulerDiscreteScheduler(SigmaScheduler):
     }
 
     def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas: tuple[float, ...] | None = None,
-        prediction_type: str = "epsilon",
-        use_karras_sigmas: bool = False,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 1,
-        final_sigmas_type: str = "zero",
+        self, config: EulerDiscreteConfig | None = None, **settings: Any
     ) -> None:
-        self._init_schedule(
-            EulerDiscreteConfig(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-                trained_betas=None if trained_betas is None else tuple(trained_betas),
-                prediction_type=prediction_type,
-                use_karras_sigmas=bool(use_karras_sigmas),
-                sigma_min=sigma_min,
-                sigma_max=sigma_max,
-                timestep_spacing=timestep_spacing,
-                steps_offset=steps_offset,
-                final_sigmas_type=final_sigmas_type,
-            )
-        )
+        config = self.make_config(config, settings)
+        self._init_schedule(config)
         # until set_timesteps: every training timestep, noisiest first
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).flip(0)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
-        timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)
+        timesteps = np.linspace(
+            0, config.num_train_timesteps - 1, config.num_train_timesteps
+        )
         self.timesteps = torch.from_numpy(timesteps[::-1].copy()).float()
         self._reset_steps()
 

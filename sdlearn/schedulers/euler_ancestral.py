@@ -21,6 +21,7 @@ same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,14 +45,20 @@ from sdlearn.schedulers.sigmas import (
 class EulerAncestralDiscreteConfig:
     """The settings of an EulerAncestralDiscreteScheduler, with diffusers' names."""
 
-    num_train_timesteps: int  # timesteps the model was trained with
-    beta_start: float  # first beta of the linear and scaled_linear schedules
-    beta_end: float  # last beta of the linear and scaled_linear schedules
-    beta_schedule: str  # how beta grows: one of BETA_SCHEDULES
-    trained_betas: tuple[float, ...] | None  # explicit betas instead of a schedule
-    prediction_type: str  # what the model predicts: "epsilon" or "v_prediction"
-    timestep_spacing: str  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
-    steps_offset: int  # added to the timesteps of the "leading" spacing
+    num_train_timesteps: int = 1000  # timesteps the model was trained with
+    beta_start: float = 0.00085  # first beta of the linear and scaled_linear schedules
+    beta_end: float = 0.012  # last beta of the linear and scaled_linear schedules
+    beta_schedule: str = "scaled_linear"  # how beta grows: one of BETA_SCHEDULES
+    trained_betas: tuple[float, ...] | None = (
+        None  # explicit betas instead of a schedule
+    )
+    prediction_type: str = (
+        "epsilon"  # what the model predicts: "epsilon" or "v_prediction"
+    )
+    timestep_spacing: str = (
+        "linspace"  # how sampling picks timesteps: one of TIMESTEP_SPACINGS
+    )
+    steps_offset: int = 1  # added to the timesteps of the "leading" spacing
 
     def __post_init__(self) -> None:
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -85,6 +92,9 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """The Euler ancestral sampler with diffusers' interface and SD 1.x's betas.
 
     Args:
+        config: all the settings at once, a `EulerAncestralDiscreteConfig`; its
+            defaults when None. The keyword settings below change single
+            fields of it, by name.
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         timestep_spacing, steps_offset: as for `EulerDiscreteScheduler`.
         prediction_type: "epsilon" or "v_prediction".
@@ -93,33 +103,17 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     config_class = EulerAncestralDiscreteConfig
 
     def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas: tuple[float, ...] | None = None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 1,
+        self, config: EulerAncestralDiscreteConfig | None = None, **settings: Any
     ) -> None:
-        self._init_schedule(
-            EulerAncestralDiscreteConfig(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-                trained_betas=None if trained_betas is None else tuple(trained_betas),
-                prediction_type=prediction_type,
-                timestep_spacing=timestep_spacing,
-                steps_offset=steps_offset,
-            )
-        )
+        config = self.make_config(config, settings)
+        self._init_schedule(config)
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         self.sigmas = torch.from_numpy(
             np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32)
         )
-        timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)
+        timesteps = np.linspace(
+            0, config.num_train_timesteps - 1, config.num_train_timesteps
+        )
         self.timesteps = torch.from_numpy(timesteps[::-1].copy())
         self._reset_steps()
 

@@ -1,9 +1,8 @@
 """Original single-file SD 1.x checkpoints: the key tables, checked against
-diffusers' own converter, and the safe reading of checkpoint files."""
+diffusers' own converter (sdlearn.original_checkpoint), and single files saved
+and loaded (sdlearn.single_file)."""
 
 from __future__ import annotations
-
-import pickle
 
 import pytest
 import torch
@@ -11,16 +10,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sdlearn.clip import CLIPTextConfig, CLIPTextModel
-from sdlearn.unet import UNet, UNetConfig
-from sdlearn.vae import AutoencoderKL, VAEConfig
-from sdlearn.weights import (
-    WeightsMismatchError,
+from sdlearn.interop.clip import text_encoder_from_transformers
+from sdlearn.interop.unet import unet_config_to_diffusers, unet_from_diffusers
+from sdlearn.interop.vae import vae_from_diffusers
+from sdlearn.original_checkpoint import (
     clip_text_from_original,
     clip_text_to_original,
     combine_original,
-    load_original_into,
-    read_checkpoint_file,
-    save_original,
     split_original_checkpoint,
     unet_from_original,
     unet_original_table,
@@ -28,6 +24,10 @@ from sdlearn.weights import (
     vae_from_original,
     vae_to_original,
 )
+from sdlearn.single_file import load_original_into, save_original
+from sdlearn.unet import UNet, UNetConfig
+from sdlearn.vae import AutoencoderKL, VAEConfig
+from sdlearn.weights import WeightsMismatchError
 from tests.helpers import (
     UNET_REFERENCE_CONFIGS,
     needs_diffusers,
@@ -46,7 +46,7 @@ UNET_CONFIGS = {
         cross_attention_levels=(False, True, False),
         num_heads=(2, 2, 4),
         cross_attention_dim=12,
-        norm_groups=4,
+        norm_num_groups=4,
     ),
     # two transformer layers per block and linear projections, as in SD 2.x
     "deep": UNET_REFERENCE_CONFIGS["b"],
@@ -117,13 +117,7 @@ SD15_KNOWN_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two that wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_tensors(actual: dict, expected: dict) -> None:
@@ -184,9 +178,9 @@ def test_unet_layout_is_what_diffusers_converter_reads(name):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     config = UNET_CONFIGS[name]
-    theirs = UNet2DConditionModel(**config.to_diffusers())
+    theirs = UNet2DConditionModel(**unet_config_to_diffusers(config))
     theirs = randomize_(theirs, seed=1, scale=1.0)
-    ours = UNet.from_diffusers(theirs)
+    ours = unet_from_diffusers(theirs)
 
     original = unet_to_original(ours.state_dict(), config)
     assert all(key.startswith("model.diffusion_model.") for key in original)
@@ -202,7 +196,7 @@ def test_vae_layout_is_what_diffusers_converter_reads(name):
 
     config = VAE_CONFIGS[name]
     theirs = randomize_(diffusers_vae(config), seed=2, scale=1.0)
-    ours = AutoencoderKL.from_diffusers(theirs)
+    ours = vae_from_diffusers(theirs)
 
     original = vae_to_original(ours.state_dict(), config)
     assert all(key.startswith("first_stage_model.") for key in original)
@@ -234,7 +228,7 @@ def test_text_layout_is_what_diffusers_loads(tmp_path):
         eos_token_id=999,
     )
     theirs = randomize_(transformers.CLIPTextModel(config), seed=3, scale=1.0)
-    ours = CLIPTextModel.from_transformers(theirs)
+    ours = text_encoder_from_transformers(theirs)
     original = clip_text_to_original(ours.state_dict())
 
     # diffusers' renaming: the prefix goes, transformers 4's names stay; the
@@ -270,7 +264,7 @@ def test_sd15_layout_is_what_diffusers_converter_reads():
     # the meta device: names and shapes of the full-size models, no memory
     with torch.device("meta"):
         unet = UNet(UNetConfig.sd15())
-        their_unet = UNet2DConditionModel(**UNetConfig.sd15().to_diffusers())
+        their_unet = UNet2DConditionModel(**unet_config_to_diffusers(UNetConfig.sd15()))
         vae = AutoencoderKL(VAEConfig.sd15())
         their_vae = diffusers_vae(VAEConfig.sd15())
     pairs = [
@@ -419,6 +413,9 @@ def test_split_skips_ema_and_schedule_and_fixes_old_text_layout():
     assert new in parts[2]
 
 
+# --- single files --------------------------------------------------------------
+
+
 @pytest.mark.parametrize("wrap", [False, True])
 def test_a_saved_file_loads_into_fresh_models(tmp_path, wrap):
     models = sdlearn_models(seed=8)
@@ -468,71 +465,3 @@ def test_mismatched_file_names_the_file_and_the_keys_and_loads_nothing(tmp_path)
     # checked before copying: the models that did fit are untouched too
     for model, state in zip(fresh, before, strict=True):
         assert_same_tensors(model.state_dict(), state)
-
-
-# --- reading files safely -----------------------------------------------------
-
-
-class Payload:
-    """Unpickling this calls open(marker, "w"): a file appears if code ran."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-@pytest.mark.parametrize("zipped", [True, False])
-def test_malicious_pickle_is_refused_without_running(tmp_path, zipped):
-    marker = tmp_path / "code_ran"
-    path = tmp_path / "model.ckpt"
-    weights = {"model.diffusion_model.out.2.bias": torch.zeros(4)}
-    contents = {"state_dict": weights, "callback": Payload(str(marker))}
-    if zipped:
-        torch.save(contents, path)  # torch's format: a zip holding the pickle
-    else:
-        path.write_bytes(pickle.dumps(contents, protocol=2))  # a bare pickle
-
-    with pytest.raises(ValueError, match=r"model\.ckpt was refused") as error:
-        read_checkpoint_file(path)
-    assert error.value.__cause__ is None  # one message, no chained traceback
-    assert not marker.exists()
-
-    # the payload is live: a careless load does run it
-    if zipped:
-        torch.load(path, weights_only=False)
-    else:
-        pickle.loads(path.read_bytes())
-    assert marker.exists()
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_truncated_file_is_named(tmp_path, suffix):
-    whole = tmp_path / f"whole{suffix}"
-    state = {"first_stage_model.quant_conv.weight": torch.ones(8, 8, 1, 1)}
-    if suffix == ".safetensors":
-        save_file(state, whole)
-    else:
-        torch.save(state, whole)
-    assert_same_tensors(read_checkpoint_file(whole), state)
-
-    path = tmp_path / f"model{suffix}"
-    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(ValueError, match=rf"model\{suffix} is not a readable"):
-        read_checkpoint_file(path)
-
-
-def test_unknown_extension_and_non_tensors_are_refused(tmp_path):
-    path = tmp_path / "model.npz"
-    path.write_bytes(b"0")
-    with pytest.raises(ValueError, match=r"model\.npz: unknown checkpoint extension"):
-        read_checkpoint_file(path)
-    path = tmp_path / "model.pt"
-    torch.save({"weight": torch.ones(1), "step": 3}, path)
-    with pytest.raises(
-        ValueError, match=r"model\.pt is not a dict of names to tensors"
-    ):
-        read_checkpoint_file(path)
-    with pytest.raises(FileNotFoundError):
-        read_checkpoint_file(tmp_path / "absent.safetensors")
