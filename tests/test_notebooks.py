@@ -167,3 +167,17 @@ def test_check_names_a_noisy_output(repo_copy, capsys):
     assert notebooks.main(["check", "--root", str(repo_copy)]) == 1
     err = capsys.readouterr().err
     assert "solutions/00_tour.ipynb cell" in err and "6e-06" in err
+
+
+def test_a_listing_can_show_one_method():
+    # the constructor alone, when the learner writes the forward
+    nb = build_solution(
+        _exercise_notebook("# sdlearn/attention.py::Attention.__init__"), ROOT, "nb"
+    )
+    listing = nb.cells[2].source
+    assert listing.splitlines()[1].startswith("def __init__(")
+    assert "def forward(" not in listing
+    with pytest.raises(NotebookError, match="has no method in Attention 'nothing'"):
+        build_solution(
+            _exercise_notebook("# sdlearn/attention.py::Attention.nothing"), ROOT, "nb"
+        )

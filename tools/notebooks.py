@@ -34,6 +34,7 @@ import ast
 import copy
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HEADER = re.compile(r"^# (sdlearn/[\w/]+\.py)::(\w+)\s*$")
+HEADER = re.compile(r"^# (sdlearn/[\w/]+\.py)::(\w+(?:\.\w+)?)\s*$")
 CODE_BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION\s*$")
 CODE_END = re.compile(r"^\s*# END SOLUTION\s*$")
 MD_SOLUTION = re.compile(
@@ -56,18 +57,29 @@ class NotebookError(ValueError):
 
 
 def object_source(root: Path, module: str, name: str) -> str:
-    """The source of top-level function or class `name` in `root/module`."""
+    """The source of top-level function or class `name` in `root/module`, or of
+    one method, `Class.method` (a listing can show a class's constructor alone
+    when the learner writes its forward)."""
     path = root / module
     if not path.exists():
         raise NotebookError(f"{module} does not exist")
     text = path.read_text()
-    for node in ast.parse(text).body:
+    body, where = ast.parse(text).body, "top-level function or class"
+    *owner, name = name.split(".")
+    if owner:
+        classes = [
+            n for n in body if isinstance(n, ast.ClassDef) and n.name == owner[0]
+        ]
+        if not classes:
+            raise NotebookError(f"{module} has no top-level class {owner[0]!r}")
+        body, where = classes[0].body, f"method in {owner[0]}"
+    for node in body:
         is_def = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
         if is_def and node.name == name:
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             lines = text.splitlines()[start - 1 : node.end_lineno]
-            return "\n".join(lines)
-    raise NotebookError(f"{module} has no top-level function or class {name!r}")
+            return textwrap.dedent("\n".join(lines))
+    raise NotebookError(f"{module} has no {where} {name!r}")
 
 
 def stub_code(source: str, where: str) -> str:

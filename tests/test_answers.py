@@ -1,0 +1,121 @@
+"""The learner's answers: kept when their check passes, run again later."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sdlearn.checks import Case, answers, check, hint
+
+
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    return x / math.sqrt(x.shape[-1])
+
+
+def _check_scaled(fn, name="Exercise 99.1", **options):
+    x = torch.arange(12.0).reshape(3, 4)
+    return check(
+        name,
+        fn,
+        [Case((x,), _scaled(x))],
+        hints=["the idea", "more of it", "the code"],
+        mistakes={"you divided by the width, not its square root": lambda x: x / 4},
+        **options,
+    )
+
+
+def test_a_passing_answer_is_kept_and_runs_again(answers_home, capsys):
+    def my_scale(x):
+        return x / math.sqrt(x.shape[-1])
+
+    assert _check_scaled(my_scale, keep="toy:scale")
+    assert "Kept in" in capsys.readouterr().out
+    text = (answers_home / "toy.py").read_text()
+    assert "def my_scale(x):" in text and "import torch" in text
+    # a kernel restart later: the file alone brings it back
+    again = answers.kept("toy")["scale"]
+    x = torch.randn(2, 9)
+    torch.testing.assert_close(again(x), _scaled(x))
+    assert answers.is_learners(answers.use("toy:scale", _scaled, _check_scaled))
+    # kept again: one block per part, the newest
+    assert _check_scaled(my_scale, keep="toy:scale")
+    assert (answers_home / "toy.py").read_text().count("# >>> scale ") == 1
+
+
+def test_a_wrong_answer_is_not_kept_and_replaces_nothing(answers_home, capsys):
+    def wrong(x):
+        return x / x.shape[-1]
+
+    assert not _check_scaled(wrong, keep="toy:scale")
+    assert (
+        not (answers_home / "toy.py").exists()
+        or "wrong" not in (answers_home / "toy.py").read_text()
+    )
+    used = answers.use("toy:scale", _scaled)
+    assert used is _scaled and not answers.is_learners(used)
+    assert "the package's stands in" in capsys.readouterr().out
+
+
+def test_a_kept_answer_that_fails_again_is_forgotten(answers_home, capsys):
+    def my_scale(x):
+        return x / math.sqrt(x.shape[-1])
+
+    assert _check_scaled(my_scale, keep="toy:scale")
+
+    def my_scale(x):  # noqa: F811  (the learner edits the cell and runs it again)
+        return x
+
+    assert not _check_scaled(my_scale, keep="toy:scale")
+    assert answers.kept("toy") == {}
+
+
+def test_a_kept_answer_that_no_longer_passes_is_not_used(answers_home, capsys):
+    answers_home.mkdir(parents=True)
+    (answers_home / "toy.py").write_text(
+        answers.HEADER
+        + "\n# >>> scale (Exercise 99.1): scale\ndef scale(x):\n    return x\n"
+        + "# <<< scale\n"
+    )
+    assert answers.use("toy:scale", _scaled, _check_scaled) is _scaled
+    assert "fails its check now" in capsys.readouterr().out
+
+
+def test_an_untouched_exercise_gets_no_hint_and_tries_get_more(capsys):
+    def untouched(x):
+        raise NotImplementedError
+
+    def wrong(x):
+        return x * 2
+
+    name = "Exercise 99.2"  # its own count of failed tries
+    assert not _check_scaled(untouched, name)
+    out = capsys.readouterr().out
+    assert "not done yet" in out and "Hint" not in out
+    assert not _check_scaled(wrong, name)
+    assert "Hint 1 of 3: the idea" in capsys.readouterr().out
+    assert not _check_scaled(wrong, name)
+    assert "Hint 2 of 3: more of it" in capsys.readouterr().out
+    hint(name)  # on request
+    assert "Hint 3 of 3: the code" in capsys.readouterr().out
+
+
+def test_a_known_mistake_is_named(capsys):
+    assert not _check_scaled(lambda x: x / 4)
+    assert "you divided by the width, not its square root" in capsys.readouterr().out
+
+
+def test_bad_part_names_are_refused():
+    with pytest.raises(ValueError, match="expected a part such as"):
+        answers.keep("no colon", _scaled)
+
+
+def test_install_forward_changes_this_model_only():
+    def doubled(self, x):
+        return 2 * x
+
+    model = nn.Sequential(nn.Identity(), nn.Identity())
+    other = nn.Identity()
+    assert answers.install_forward(model, nn.Identity, doubled) == 2
+    torch.testing.assert_close(model(torch.ones(2)), 4 * torch.ones(2))
+    torch.testing.assert_close(other(torch.ones(2)), torch.ones(2))
