@@ -41,11 +41,12 @@ test-fast: setup
 # --dist loadfile keeps every notebook's cells on one worker, in order
 # Checks keep a passing answer in $SDLEARN_HOME/answers: test runs keep theirs in
 # folders of their own, removed at the end, so a run leaves nothing behind and
-# the chapters (unsolved) never see the answers the solutions kept.
+# the chapters (unsolved, run by tests/test_chapters.py, each in a folder of its
+# own) never see the answers the solutions kept.
 IN_TEMP_HOME := home=$$(mktemp -d) && trap 'rm -rf "$$home"' EXIT && SDLEARN_HOME=$$home
 test-notebooks: setup
 	$(IN_TEMP_HOME) $(PYTEST) --dist loadfile --nbval $(NBVAL) solutions
-	$(IN_TEMP_HOME) $(PYTEST) --dist loadfile --nbval-lax --nbval-current-env chapters
+	$(PYTEST) -m notebooks tests/test_chapters.py
 
 # A learner's laptop: no AVX-512 and no AMX, one process, one thread.
 LAPTOP := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1
