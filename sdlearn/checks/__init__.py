@@ -64,6 +64,8 @@ class Case:
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if " at 0x" in repr(value):  # an object with no repr of its own: its kind
+        return f"a {type(value).__name__}"
     return f"{type(value).__name__} {value!r}"[:200]
 
 
@@ -197,7 +199,8 @@ def check(
         keep: the part of the package `fn` stands for, "attention:Attention.forward"
             (module, colon, function or Class.method): a passing `fn` is kept
             in the learner's answers file, and later chapters run it
-            (`checks.answers`); a failing one is forgotten.
+            (`checks.answers`); a failing one is not (an earlier answer that
+            passed stays kept).
 
     Returns:
         A `Verdict`, true when every case matches. Never raises.
@@ -209,9 +212,7 @@ def check(
         print(message)
         _FAILED_TRIES[name] = _FAILED_TRIES.get(name, 0) + 1
         _print_hint(name)
-        if keep is not None:
-            answers.forget(keep)
-        return Verdict(False)
+        return Verdict(False)  # an earlier answer that passed stays kept
 
     for i, case in enumerate(cases):
         try:
@@ -240,7 +241,7 @@ def check(
     if keep is not None:
         try:
             path = answers.keep(keep, fn, exercise=name)
-            print(f"   Kept in {path}: later chapters run your code.")
+            print(f"   Kept in {answers.shown(path)}: later chapters run your code.")
         except (OSError, TypeError) as error:  # no source (a lambda), no disk
             print(f"   (not kept: {error})")
     return Verdict(True)

@@ -38,6 +38,8 @@ Later chapters run this code. Change it in the chapter's notebook: a check that
 passes again replaces its block here.
 """
 
+from __future__ import annotations  # the answers' type hints are never evaluated
+
 import math
 
 import torch
@@ -72,9 +74,22 @@ def _split(part: str) -> tuple[Path, str]:
     return home() / f"{match['module']}.py", match["part"]
 
 
+def shown(path: Path) -> str:
+    """A kept file's path as a learner reads it, the same on every machine:
+    "~/.sdlearn/answers/attention.py", or "$SDLEARN_HOME/answers/..."."""
+    root = "$SDLEARN_HOME" if os.environ.get("SDLEARN_HOME") else "~/.sdlearn"
+    return f"{root}/answers/{path.name}"
+
+
+# the solutions' answer markers (tools/notebooks.py), which a kept answer leaves out
+MARKER = re.compile(r"^\s*# (BEGIN|END) SOLUTION\s*$")
+
+
 def source_of(fn: Callable) -> str:
-    """The source of a function the learner wrote, dedented."""
-    return textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+    """The source of a function the learner wrote, dedented, without the
+    solutions' answer markers."""
+    source = textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+    return "\n".join(line for line in source.splitlines() if not MARKER.match(line))
 
 
 def _without(text: str, name: str) -> str:
@@ -153,12 +168,18 @@ def use(
         print(f"ℹ️ {name}: no answer of yours is kept; the package's stands in")
         return fallback
     if check is not None:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
             passed = bool(check(answer))
         if not passed:
+            # the check's verdict says why: often a name the notebook had and
+            # the answers file has not
+            why = next(
+                (line for line in printed.getvalue().splitlines() if "❌" in line),
+                "",
+            )
             print(
-                f"ℹ️ {name}: your kept answer in {path} fails its check now; "
-                "the package's stands in"
+                f"ℹ️ {name}: your kept answer in {shown(path)} fails its check "
+                f"now; the package's stands in. {why[:300]}"
             )
             return fallback
     answer.__sdlearn_learners__ = True
