@@ -181,3 +181,20 @@ def test_a_listing_can_show_one_method():
         build_solution(
             _exercise_notebook("# sdlearn/attention.py::Attention.nothing"), ROOT, "nb"
         )
+
+
+def test_contributing_shows_the_lines_each_chapter_asks_for(repo_copy, capsys):
+    shutil.copy(ROOT / "CONTRIBUTING.md", repo_copy / "CONTRIBUTING.md")
+    assert notebooks.lines_drift(repo_copy) == []
+    written, listed = notebooks.course_lines(repo_copy)["01_attention"]
+    assert written > 0 and listed > 0
+    # a chapter that asks for one line more makes the table stale
+    path = repo_copy / "solutions" / "01_attention.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "# END SOLUTION" in c.source)
+    cell.source = cell.source.replace("# END SOLUTION", "x = 1\n    # END SOLUTION", 1)
+    nbformat.write(nb, path)
+    assert notebooks.course_lines(repo_copy)["01_attention"][0] == written + 1
+    assert notebooks.lines_drift(repo_copy) == [
+        "CONTRIBUTING.md's table of lines is stale"
+    ]
