@@ -24,6 +24,9 @@ def one_thread(request):
 def answers_home(tmp_path, monkeypatch):
     """Every test keeps the learner's answers in a folder of its own, never in
     ~/.sdlearn: a check that passes keeps the answer it was given."""
+    from sdlearn.checks import forget_tries
+
     home = tmp_path / "sdlearn-home"
     monkeypatch.setenv("SDLEARN_HOME", str(home))
+    forget_tries()  # and the hints start over, as in a new session
     return home / "answers"

@@ -126,6 +126,11 @@ _FAILED_TRIES: dict[str, int] = {}
 _HINTS: dict[str, list[str]] = {}
 
 
+def forget_tries() -> None:
+    """Start every exercise's hints over, as a new session does."""
+    _FAILED_TRIES.clear()
+
+
 def hint(name: str) -> None:
     """Print the next hint of an exercise ("Exercise 01.1"), on request."""
     tiers = _HINTS.get(name, [])
