@@ -124,3 +124,24 @@ def test_install_forward_changes_this_model_only():
     assert answers.install_forward(model, nn.Identity, doubled) == 2
     torch.testing.assert_close(model(torch.ones(2)), 4 * torch.ones(2))
     torch.testing.assert_close(other(torch.ones(2)), torch.ones(2))
+
+
+def test_an_answer_calls_the_packages_version_of_what_is_not_kept(answers_home):
+    # a kept forward that calls split_heads, which the learner has not kept:
+    # the package's split_heads stands in
+    def head_count(x, num_heads):
+        return split_heads(x, num_heads).shape[1]  # noqa: F821  (the package's)
+
+    answers.keep("attention:head_count", head_count)
+    assert answers.kept("attention")["head_count"](torch.zeros(1, 3, 8), 2) == 2
+
+
+def test_a_file_that_no_longer_runs_is_reported(answers_home, capsys):
+    def scale(x):
+        return x
+
+    answers.keep("toy2:scale", scale)
+    path = answers_home / "toy2.py"
+    path.write_text(path.read_text() + "\nthis is not python\n")
+    assert answers.kept("toy2") == {}
+    assert "toy2.py does not run (NameError" in capsys.readouterr().out

@@ -20,6 +20,7 @@ The file is the learner's own code, read back with `exec`, never unpickled.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import io
 import os
@@ -128,17 +129,40 @@ def forget(part: str) -> None:
         path.write_text(_without(path.read_text(), name))
 
 
+# answers files whose package module is not sdlearn.<name>
+PACKAGE_MODULES = {"ddpm": "sdlearn.schedulers.ddpm"}
+
+
 def kept(module: str) -> dict[str, Callable]:
     """The learner's kept functions of package module `module`, by part
-    ("Attention.forward"): the file run as a module of its own, so that one
-    answer can call another (a forward calls the attention function)."""
+    ("Attention.forward").
+
+    The file runs as a module of its own, on top of the package module's
+    names: one answer can call another ("Attention.forward" calls the kept
+    attention function), and where the other is not kept, the package's stands
+    in. A file that no longer runs (a line edited by hand) is reported, and
+    nothing of it is used.
+    """
     path = home() / f"{module}.py"
     if not path.exists():
         return {}
     text = path.read_text()
     namespace = types.ModuleType(f"sdlearn_answers_{module}")
+    try:
+        name = PACKAGE_MODULES.get(module, f"sdlearn.{module}")
+        package = vars(importlib.import_module(name))
+    except ModuleNotFoundError:  # answers of no package module: on their own
+        package = {}
+    namespace.__dict__.update({k: v for k, v in package.items() if k[:2] != "__"})
     namespace.__file__ = str(path)
-    exec(compile(text, str(path), "exec"), namespace.__dict__)
+    try:
+        exec(compile(text, str(path), "exec"), namespace.__dict__)
+    except Exception as error:  # the learner's file: anything can be wrong in it
+        print(
+            f"ℹ️ {shown(path)} does not run ({type(error).__name__}: {error}); "
+            "none of its answers are used"
+        )
+        return {}
     return {
         m["part"]: getattr(namespace, m["name"])
         for m in BLOCK.finditer(text)
