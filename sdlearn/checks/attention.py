@@ -134,110 +134,81 @@ def check_attention(fn: Callable) -> Verdict:
 
 def _mask_cases() -> list[Case]:
     """Every kind of mask the package takes, one per case, the hardest last."""
-    cases = []
-
-    def add(description: str, seed: int, shape: tuple, mask=None, causal=False):
-        q, k, v = _qkv(100 + seed, *shape)
-        kwargs = {"mask": mask, "causal": causal} if mask is not None or causal else {}
-        expected = sd.scaled_dot_product_attention(q, k, v, mask, causal)
-        inputs = Inputs(
-            f"for {_shapes(q=q, k=k, v=v)}, {description}", q, k, v, **kwargs
-        )
-        cases.append(Case((inputs,), expected))
-
     g = torch.Generator().manual_seed(101)
-    add("no mask", 0, (2, 3, 5, 7, 16, 12))
-    add("causal=True", 1, (2, 2, 6, 6, 8, 8), causal=True)
-    # padding that hides some keys of every sequence, so an inverted mask never
-    # hides all of them
+    # padding that hides some keys of every sequence: inverted, it hides not all
     padding = _padding([3, 5], 7)[:, None, None, :]  # (B, 1, 1, Tk)
-    add(
-        "a boolean padding mask of shape (B, 1, 1, Tk)",
-        2,
-        (2, 3, 5, 7, 16, 16),
-        padding,
-    )
     allowed = torch.rand(2, 1, 5, 7, generator=g) > 0.5  # (B, 1, Tq, Tk)
     allowed[..., 0], allowed[..., -1] = True, False  # every row sees some, not all
-    add("a boolean mask of shape (B, 1, Tq, Tk)", 3, (2, 3, 5, 7, 8, 8), allowed)
     bias = 2 * torch.randn(2, 3, 5, 7, generator=g)  # (B, nh, Tq, Tk)
-    bias[..., 2] = float("-inf")
-    add("an additive float mask of shape (B, nh, Tq, Tk)", 4, (2, 3, 5, 7, 8, 8), bias)
-    padding = _padding([4, 6], 6)[:, None, None, :]  # (B, 1, 1, T)
-    add(
-        "causal=True and a boolean padding mask (B, 1, 1, T)",
-        5,
-        (2, 2, 6, 6, 8, 8),
-        padding,
-        causal=True,
-    )
-    add("causal=True with fewer queries than keys", 6, (1, 2, 4, 6, 8, 8), causal=True)
-    allowed = torch.rand(1, 1, 4, 5, generator=g) > 0.4  # (B, 1, Tq, Tk)
-    allowed[..., 0] = True
-    allowed[:, :, 2] = False  # query 2 may attend to nothing
-    add(
-        "a boolean mask (B, 1, Tq, Tk) that hides every key from query 2",
-        7,
-        (1, 2, 4, 5, 8, 8),
-        allowed,
-    )
+    bias[..., 2] = -math.inf
+    causal_padding = _padding([4, 6], 6)[:, None, None, :]  # (B, 1, 1, T)
+    nothing = torch.rand(1, 1, 4, 5, generator=g) > 0.4  # (B, 1, Tq, Tk)
+    nothing[..., 0], nothing[:, :, 2] = True, False  # query 2 may attend to nothing
+    cases = []
+    for seed, (description, shape, mask, causal) in enumerate(
+        [
+            ("no mask", (2, 3, 5, 7, 16, 12), None, False),
+            ("causal=True", (2, 2, 6, 6, 8, 8), None, True),
+            (
+                "a boolean padding mask (B, 1, 1, Tk)",
+                (2, 3, 5, 7, 16, 16),
+                padding,
+                False,
+            ),
+            ("a boolean mask (B, 1, Tq, Tk)", (2, 3, 5, 7, 8, 8), allowed, False),
+            ("an additive float mask (B, nh, Tq, Tk)", (2, 3, 5, 7, 8, 8), bias, False),
+            (
+                "causal=True and a boolean padding mask (B, 1, 1, T)",
+                (2, 2, 6, 6, 8, 8),
+                causal_padding,
+                True,
+            ),
+            (
+                "causal=True with fewer queries than keys",
+                (1, 2, 4, 6, 8, 8),
+                None,
+                True,
+            ),
+            (
+                "a boolean mask (B, 1, Tq, Tk) that hides every key from query 2",
+                (1, 2, 4, 5, 8, 8),
+                nothing,
+                False,
+            ),
+        ]
+    ):
+        q, k, v = _qkv(100 + seed, *shape)
+        expected = sd.scaled_dot_product_attention(q, k, v, mask, causal)
+        kwargs = {"mask": mask, "causal": causal} if mask is not None or causal else {}
+        text = f"for {_shapes(q=q, k=k, v=v)}, {description}"
+        cases.append(Case((Inputs(text, q, k, v, **kwargs),), expected))
     return cases
 
 
 def _masked_weights_after_softmax(q, k, v, mask=None, causal=False):
-    weights = _scores(q, k).softmax(-1)
+    weights = _scores(q, k).softmax(-1)  # (B, nh, Tq, Tk)
     if causal:
         weights = weights * sd.causal_mask(q.shape[2], k.shape[2])
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError("only a boolean mask can be applied after the softmax")
-        weights = weights * mask
-    if not causal and mask is None:
-        raise ValueError("nothing to mask")
+        weights = weights * mask.bool()  # raises for an additive mask: no match
     return weights @ v
 
 
-def _needs(condition: bool) -> None:
-    if not condition:  # the mistake makes no difference on this case
-        raise ValueError("not this case")
+def _causal_as(triangle: Callable) -> Callable:
+    """The mistake of a causal mask made as `triangle(Tq, Tk)`."""
 
+    def wrong(q, k, v, mask=None, causal=False):
+        if not causal:
+            raise ValueError("no causal mask here")
+        allowed = triangle(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool))
+        if mask is not None and mask.dtype != torch.bool:
+            return sd.scaled_dot_product_attention(
+                q, k, v, mask.masked_fill(~allowed, -math.inf)
+            )
+        mask = allowed if mask is None else allowed & mask
+        return sd.scaled_dot_product_attention(q, k, v, mask)
 
-def _inverted(q, k, v, mask=None, causal=False):
-    _needs(mask is not None and mask.dtype == torch.bool)
-    return sd.scaled_dot_product_attention(q, k, v, ~mask, causal)
-
-
-def _triangle(q, k, v, mask=None, causal=False, *, allowed: torch.Tensor):
-    _needs(causal)
-    if mask is not None and mask.dtype == torch.bool:
-        allowed = allowed & mask
-    elif mask is not None:
-        return sd.scaled_dot_product_attention(
-            q, k, v, mask.masked_fill(~allowed, -math.inf)
-        )
-    return sd.scaled_dot_product_attention(q, k, v, allowed)
-
-
-def _upside_down(q, k, v, mask=None, causal=False):
-    allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu()
-    return _triangle(q, k, v, mask, causal, allowed=allowed)
-
-
-def _bottom_right(q, k, v, mask=None, causal=False):
-    Tq, Tk = q.shape[2], k.shape[2]
-    _needs(Tq != Tk)
-    allowed = torch.ones(Tq, Tk, dtype=torch.bool).tril(diagonal=Tk - Tq)
-    return _triangle(q, k, v, mask, causal, allowed=allowed)
-
-
-def _causal_ignored(q, k, v, mask=None, causal=False):
-    _needs(causal and mask is not None)
-    return sd.scaled_dot_product_attention(q, k, v, mask)
-
-
-def _mask_ignored(q, k, v, mask=None, causal=False):
-    _needs(mask is not None)
-    return sd.scaled_dot_product_attention(q, k, v, None, causal)
+    return wrong
 
 
 MASK_AFTER_SOFTMAX = (
@@ -258,7 +229,7 @@ BOTTOM_RIGHT = (
     "matrix of ones, diagonal 0)"
 )
 CAUSAL_IGNORED = (
-    "causal=True was ignored because a mask was given: block what either of them blocks"
+    "causal=True was ignored: query i sees keys 0..i only, on top of any mask"
 )
 MASK_IGNORED = (
     "the mask was ignored: block where a boolean mask is False, add a float one"
@@ -274,27 +245,25 @@ NAN_ELSEWHERE = (
     "0..i, itself included)"
 )
 
+# A mistake that cannot run on a case (an inverted float mask) raises and is
+# passed over; one that gives the right numbers there is never matched.
 MASK_MISTAKES: dict[str, Callable] = {
     NOT_SCALED: lambda q, k, v, mask=None, causal=False: (
         sd.scaled_dot_product_attention(q * math.sqrt(q.shape[-1]), k, v, mask, causal)
     ),
     MASK_AFTER_SOFTMAX: _masked_weights_after_softmax,
-    INVERTED_MASK: _inverted,
-    UPSIDE_DOWN: _upside_down,
-    BOTTOM_RIGHT: _bottom_right,
-    CAUSAL_IGNORED: _causal_ignored,
-    MASK_IGNORED: _mask_ignored,
+    INVERTED_MASK: lambda q, k, v, mask=None, causal=False: (
+        sd.scaled_dot_product_attention(q, k, v, ~mask, causal)
+    ),
+    UPSIDE_DOWN: _causal_as(torch.triu),
+    BOTTOM_RIGHT: _causal_as(lambda m: m.tril(diagonal=m.shape[1] - m.shape[0])),
+    CAUSAL_IGNORED: lambda q, k, v, mask=None, causal=False: (
+        sd.scaled_dot_product_attention(q, k, v, mask)
+    ),
+    MASK_IGNORED: lambda q, k, v, mask=None, causal=False: (
+        sd.scaled_dot_product_attention(q, k, v, None, causal)
+    ),
 }
-
-
-def _described(mistakes: dict[str, Callable]) -> dict[str, Callable]:
-    """The mistakes, called with an `Inputs` as the learner's function is."""
-    return {
-        message: functools.partial(
-            lambda wrong, inputs: wrong(*inputs.args, **inputs.kwargs), wrong
-        )
-        for message, wrong in mistakes.items()
-    }
 
 
 def _unpacked(fn: Callable) -> Callable:
@@ -345,7 +314,7 @@ def check_scaled_dot_product_attention(fn: Callable) -> Verdict:
             "scores.softmax(dim=-1).nan_to_num(0.0) @ v",
         ],
         compare=_mask_problem,
-        mistakes=_described(MASK_MISTAKES),
+        mistakes={m: _unpacked(wrong) for m, wrong in MASK_MISTAKES.items()},
         keep="attention:scaled_dot_product_attention",
     )
 
@@ -456,18 +425,13 @@ def _layer_cases() -> list[Case]:
     def add(description: str, layer: sd.Attention, x, context=None, **kwargs):
         with torch.no_grad():
             expected = sd.Attention.forward(layer, x, context, **kwargs)
-        shapes = {"hidden_states": x}
-        if context is not None:
-            shapes["encoder_hidden_states"] = context
-        text = (
-            f"for {description}: {layer.heads} heads of width {layer.dim_head}, "
-            f"{_shapes(**shapes)}"
-        )
-        for name, value in kwargs.items():
+        named = {"hidden_states": x, "encoder_hidden_states": context, **kwargs}
+        text = f"for {description}: {layer.heads} heads of width {layer.dim_head}"
+        for name, value in named.items():
             if isinstance(value, torch.Tensor):
                 text += f", {name} {tuple(value.shape)} {str(value.dtype)[6:]}"
-            else:
-                text += f", {name}={value}"
+            elif name == "causal":
+                text += f", causal={value}"
         cases.append(Case((Inputs(text, layer, x, context, **kwargs),), expected))
 
     def layer(seed: int, *args: Any, **kwargs: Any) -> sd.Attention:
@@ -528,51 +492,33 @@ def _bound(fn: Callable) -> Callable:
 
 
 def _forward(
-    layer: sd.Attention,
-    hidden_states: torch.Tensor,
-    context: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    causal: bool = False,
+    inputs: Inputs,
     *,
-    queries: str = "hidden_states",
-    keys: str = "context",
+    keys_from_queries: bool = False,
+    swap: bool = False,
     heads_of_width_heads: bool = False,
     to_out: bool = True,
+    drop: tuple[str, ...] = (),
 ) -> torch.Tensor:
-    """`Attention.forward`, with one of its choices made another way."""
-    sources = {
-        "hidden_states": hidden_states,
-        "context": hidden_states if context is None else context,
-    }
+    """`Attention.forward` on a case's inputs, with one choice made another way:
+    keys from the queries' tokens, queries and keys swapped, dim_head heads,
+    no to_out, or the arguments named in `drop` not passed on."""
+    layer, queries, context = inputs.args
+    kwargs = {k: v for k, v in inputs.kwargs.items() if k not in drop}
+    mask, causal = kwargs.get("attention_mask"), kwargs.get("causal", False)
+    if context is None or keys_from_queries:
+        context = queries
+    if swap:
+        queries, context = context, queries
+    if mask is not None:  # (B, S) or (B, T, S) -> (B, 1, 1 or T, S)
+        mask = mask[:, None, None] if mask.ndim == 2 else mask[:, None]
     heads = layer.dim_head if heads_of_width_heads else layer.heads
-    B, T = sources[queries].shape[:2]
-    S = sources[keys].shape[1]
-    mask = sd._mask_as_4d(attention_mask, B, heads, T, S)
     with torch.no_grad():
-        q = sd.split_heads(layer.to_q(sources[queries]), heads)
-        k = sd.split_heads(layer.to_k(sources[keys]), heads)
-        v = sd.split_heads(layer.to_v(sources[keys]), heads)
+        q = sd.split_heads(layer.to_q(queries), heads)
+        k = sd.split_heads(layer.to_k(context), heads)
+        v = sd.split_heads(layer.to_v(context), heads)
         out = sd.merge_heads(sd.scaled_dot_product_attention(q, k, v, mask, causal))
         return layer.to_out[1](layer.to_out[0](out)) if to_out else out
-
-
-def _forward_mistake(*, needs: Callable[..., bool] = lambda *a, **k: True, **choice):
-    def wrong(inputs: Inputs) -> torch.Tensor:
-        _needs(needs(*inputs.args, **inputs.kwargs))
-        return _forward(*inputs.args, **inputs.kwargs, **choice)
-
-    return wrong
-
-
-def _without(name: str) -> Callable:
-    """The mistake of not passing argument `name` on."""
-
-    def wrong(inputs: Inputs) -> torch.Tensor:
-        _needs(name in inputs.kwargs)
-        kwargs = {k: v for k, v in inputs.kwargs.items() if k != name}
-        return _forward(*inputs.args, **kwargs)
-
-    return wrong
 
 
 KEYS_FROM_HIDDEN = (
@@ -599,22 +545,12 @@ MASK_NOT_PASSED = "attention_mask was not passed on to the attention function"
 CAUSAL_NOT_PASSED = "causal was not passed on to the attention function"
 
 FORWARD_MISTAKES: dict[str, Callable] = {
-    KEYS_FROM_HIDDEN: _forward_mistake(
-        needs=lambda layer, x, context, **_: context is not None,
-        keys="hidden_states",
-    ),
-    QUERIES_FROM_CONTEXT: _forward_mistake(
-        needs=lambda layer, x, context, **_: context is not None,
-        queries="context",
-        keys="hidden_states",
-    ),
-    HEADS_SWAPPED: _forward_mistake(
-        needs=lambda layer, *_, **__: layer.heads != layer.dim_head,
-        heads_of_width_heads=True,
-    ),
-    NO_TO_OUT: _forward_mistake(to_out=False),
-    MASK_NOT_PASSED: _without("attention_mask"),
-    CAUSAL_NOT_PASSED: _without("causal"),
+    KEYS_FROM_HIDDEN: functools.partial(_forward, keys_from_queries=True),
+    QUERIES_FROM_CONTEXT: functools.partial(_forward, swap=True),
+    HEADS_SWAPPED: functools.partial(_forward, heads_of_width_heads=True),
+    NO_TO_OUT: functools.partial(_forward, to_out=False),
+    MASK_NOT_PASSED: functools.partial(_forward, drop=("attention_mask",)),
+    CAUSAL_NOT_PASSED: functools.partial(_forward, drop=("causal",)),
 }
 
 
