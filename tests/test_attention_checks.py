@@ -150,16 +150,20 @@ def test_the_kept_forward_is_a_drop_in_on_the_pipelines_models(
     """Chapter 06 installs the kept forward in the text encoder and the UNet."""
     _keep_all()
     forward = answers.kept("attention")["Attention.forward"]
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the weights' init, seeded
+        torch.manual_seed(0)
+        if model == "clip":
+            net = CLIPTextModel(CLIPTextConfig.tiny()).eval()
+        else:
+            net = UNet(UNetConfig.tiny(cross_attention_dim=32)).eval()
     if model == "clip":
-        net = CLIPTextModel(CLIPTextConfig.tiny()).eval()
-        ids = torch.randint(0, net.config.vocab_size, (2, 77))
+        ids = torch.randint(0, net.config.vocab_size, (2, 77), generator=g)
         padding = torch.arange(77)[None] < torch.tensor([[9], [77]])  # (B, T)
         inputs, kwargs = (ids,), {"attention_mask": padding}
     else:
-        net = UNet(UNetConfig.tiny(cross_attention_dim=32)).eval()
-        inputs = (torch.randn(2, 4, 8, 8), torch.tensor([10, 900]))
-        kwargs = {"encoder_hidden_states": torch.randn(2, 77, 32)}
+        inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]))
+        kwargs = {"encoder_hidden_states": torch.randn(2, 77, 32, generator=g)}
     with torch.no_grad():
         expected = net(*inputs, **kwargs)
         assert answers.install_forward(net, sd.Attention, forward) > 0
