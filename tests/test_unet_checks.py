@@ -332,3 +332,25 @@ def test_hints_come_on_request_one_tier_more_each_time(capsys):
     checks.hint("Exercise 04.2")
     out = capsys.readouterr().out
     assert "Hint 2 of 3" in out and "attn2" in out
+
+
+def test_the_kept_answers_are_drop_ins_for_the_package(answers_home, capsys):
+    """What chapter 06 does: install the kept forwards in a UNet of the course's
+    shape; it gives the package's numbers, in float32 and in bfloat16."""
+    for check, right, _ in EXERCISES:
+        assert check(right)
+    kept = {**answers.kept("unet"), **answers.kept("spatial_transformer")}
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = sd.UNet(sd.UNetConfig.tiny()).eval().to(dtype)
+        inputs = (latents.to(dtype), torch.tensor(500), text.to(dtype))
+        with torch.no_grad():
+            expected = model(*inputs)
+            answers.install_forward(model, sd.UNet, kept["UNet.forward"])
+            answers.install_forward(
+                model, TransformerBlock, kept["TransformerBlock.forward"]
+            )
+            actual = model(*inputs)
+        assert model.forward.__func__ is kept["UNet.forward"]
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
