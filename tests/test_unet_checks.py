@@ -210,6 +210,18 @@ def _attn2_on_pixels(self, x, context):
     return x + self.ff(self.norm3(x))
 
 
+def _no_attn1_residual(self, x, context):
+    x = self.attn1(self.norm1(x))
+    x = x + self.attn2(self.norm2(x), context)
+    return x + self.ff(self.norm3(x))
+
+
+def _no_attn2_residual(self, x, context):
+    x = x + self.attn1(self.norm1(x))
+    x = self.attn2(self.norm2(x), context)
+    return x + self.ff(self.norm3(x))
+
+
 def _no_ff_residual(self, x, context):
     x = x + self.attn1(self.norm1(x))
     x = x + self.attn2(self.norm2(x), context)
@@ -236,6 +248,8 @@ def _parallel(self, x, context):
     [
         (_post_norm, "post-norm"),
         (_attn2_on_pixels, "attends to the pixels again"),
+        (_no_attn1_residual, "self-attention's result replaces x"),
+        (_no_attn2_residual, "cross-attention's result replaces x"),
         (_no_ff_residual, "feed-forward's result replaces x"),
         (_cross_first, "cross-attention ran before self-attention"),
         (_parallel, "one after the other"),
