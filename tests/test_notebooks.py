@@ -27,13 +27,14 @@ def repo_copy(tmp_path):
 def test_check_fails_when_a_package_line_changes(repo_copy, capsys):
     module = repo_copy / "sdlearn" / "shapes.py"
     text = module.read_text()
-    line = "    draw = ImageDraw.Draw(image)\n"
+    line = '    grid = rearrange(images, "(r c) h w ch -> (r h) (c w) ch", r=rows)\n'
     assert line in text
-    module.write_text(text.replace(line, line + "    draw.line([0, 0, 1, 1])\n"))
+    module.write_text(text.replace(line, line + "    grid = grid.copy()\n"))
 
     assert notebooks.main(["check", "--root", str(repo_copy)]) == 1
     err = capsys.readouterr().err
-    assert "solutions/00_tour.ipynb cell" in err and "sdlearn/shapes.py::render" in err
+    assert "solutions/00_tour.ipynb cell" in err
+    assert "sdlearn/shapes.py::image_grid" in err
     assert "chapters/00_tour.ipynb cell" in err
 
     # regenerating brings both forms back in line

@@ -204,8 +204,8 @@ def check(
         keep: the part of the package `fn` stands for, "attention:Attention.forward"
             (module, colon, function or Class.method): a passing `fn` is kept
             in the learner's answers file, and later chapters run it
-            (`checks.answers`); a failing one is not (an earlier answer that
-            passed stays kept).
+            (`checks.answers`); a failing one is not, and an earlier answer
+            to it is forgotten: the learner's answer is still wrong.
 
     Returns:
         A `Verdict`, true when every case matches. Never raises.
@@ -217,7 +217,11 @@ def check(
         print(message)
         _FAILED_TRIES[name] = _FAILED_TRIES.get(name, 0) + 1
         _print_hint(name)
-        return Verdict(False)  # an earlier answer that passed stays kept
+        if keep is not None:
+            # still wrong: the package's version stands in later, not an
+            # earlier answer the learner has since changed
+            answers.forget(keep)
+        return Verdict(False)
 
     for i, case in enumerate(cases):
         try:
@@ -244,12 +248,17 @@ def check(
             )
     print(f"✅ {what} matches the reference on {len(cases)} cases.")
     if keep is not None:
-        try:
-            path = answers.keep(keep, fn, exercise=name)
-            print(f"   Kept in {answers.shown(path)}: later chapters run your code.")
-        except (OSError, TypeError) as error:  # no source (a lambda), no disk
-            print(f"   (not kept: {error})")
+        _keep(keep, fn, name)
     return Verdict(True)
+
+
+def _keep(part: str, fn: Callable, exercise: str) -> None:
+    """Keep a passing answer, and say where; never raises."""
+    try:
+        path = answers.keep(part, fn, exercise=exercise)
+        print(f"   Kept in {answers.shown(path)}: later chapters run your code.")
+    except (OSError, TypeError) as error:  # no source (a lambda), no disk
+        print(f"   (not kept: {error})")
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
