@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import sdlearn.checks
 from sdlearn.checks import Verdict, answers
 from sdlearn.checks import clip as checks
-from sdlearn.clip import CLIPEncoderLayer, CLIPTextModel, clip_loss
+from sdlearn.clip import CLIPEncoderLayer, CLIPTextModel, ContrastiveCLIP, clip_loss
 from sdlearn.tokenizer import bpe as package_bpe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +75,13 @@ def text_encoder_forward(self, input_ids, attention_mask=None):
     return self.final_layer_norm(x)
 
 
+def clip_forward(self, pixels, input_ids):
+    image_embeds = self.visual_projection(self.vision_model(pixels))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = self.encode_text(input_ids)
+    return self.scale() * image_embeds @ text_embeds.T
+
+
 def info_nce(logits_per_image):
     targets = torch.arange(logits_per_image.shape[0])
     image_loss = F.cross_entropy(logits_per_image, targets)
@@ -109,6 +116,13 @@ RIGHT = [
         "CLIPEncoderLayer.forward",
     ),
     (checks.check_text_encoder, text_encoder_forward, "clip", "CLIPTextModel.forward"),
+    (checks.check_clip_logits, clip_forward, "clip", "ContrastiveCLIP.forward"),
+    (
+        checks.check_clip_logits,
+        ContrastiveCLIP.forward,
+        "clip",
+        "ContrastiveCLIP.forward",
+    ),
     (checks.check_info_nce, info_nce, "clip", "clip_loss"),
     (checks.check_info_nce, info_nce_by_hand, "clip", "clip_loss"),
     (checks.check_info_nce, clip_loss, "clip", "clip_loss"),
@@ -192,11 +206,23 @@ def test_encoder_mistakes_are_named(message, capsys):
     assert "❌ Exercise 03.3" in out and message in out
 
 
+@pytest.mark.parametrize("message", list(checks.LOGITS_MISTAKES))
+def test_logits_mistakes_are_named(message, capsys):
+    wrong = checks.LOGITS_MISTAKES[message]
+
+    def my_forward(self, pixels, input_ids):
+        return wrong(checks.Inputs("", self, pixels, input_ids))
+
+    assert not checks.check_clip_logits(my_forward)
+    out = capsys.readouterr().out
+    assert "❌ Exercise 03.4" in out and message in out
+
+
 @pytest.mark.parametrize("message", list(checks.INFO_NCE_MISTAKES))
 def test_info_nce_mistakes_are_named(message, capsys):
     assert not checks.check_info_nce(checks.INFO_NCE_MISTAKES[message])
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.4" in out and message in out
+    assert "❌ Exercise 03.5" in out and message in out
 
 
 def test_every_exercise_names_two_mistakes_and_has_three_hints():
@@ -204,6 +230,7 @@ def test_every_exercise_names_two_mistakes_and_has_three_hints():
         checks.BPE_MISTAKES,
         checks.LAYER_MISTAKES,
         checks.ENCODER_MISTAKES,
+        checks.LOGITS_MISTAKES,
         checks.INFO_NCE_MISTAKES,
     ):
         assert len(mistakes) >= 2
@@ -211,6 +238,7 @@ def test_every_exercise_names_two_mistakes_and_has_three_hints():
         checks.BPE_HINTS,
         checks.LAYER_HINTS,
         checks.ENCODER_HINTS,
+        checks.LOGITS_HINTS,
         checks.INFO_NCE_HINTS,
     ):
         assert len(hints) == 3
@@ -243,9 +271,14 @@ def test_a_wrong_answer_is_not_kept_and_forgets_a_kept_one(answers_home, capsys)
             lambda self, input_ids, attention_mask=None: input_ids,
             "clip",
         ),
+        (
+            checks.check_clip_logits,
+            lambda self, pixels, input_ids: torch.zeros(len(pixels), len(pixels)),
+            "clip",
+        ),
         (checks.check_info_nce, lambda logits: logits.sum(), "clip"),
     ],
-    ids=["layer", "encoder", "info_nce"],
+    ids=["layer", "encoder", "logits", "info_nce"],
 )
 def test_wrong_forwards_are_not_kept(check, wrong, module, answers_home, capsys):
     assert not check(wrong)
@@ -270,6 +303,7 @@ def test_first_hints_do_not_give_the_code():
         checks.BPE_HINTS,
         checks.LAYER_HINTS,
         checks.ENCODER_HINTS,
+        checks.LOGITS_HINTS,
         checks.INFO_NCE_HINTS,
     ):
         code = ("=", "torch.", "F.", "self.", "zip(", "min(", "[")
@@ -296,6 +330,7 @@ def test_a_failing_forward_shows_its_error_and_a_short_message(capsys):
         checks.check_bpe,
         checks.check_encoder_layer,
         checks.check_text_encoder,
+        checks.check_clip_logits,
         checks.check_info_nce,
     ],
 )

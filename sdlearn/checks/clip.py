@@ -1,12 +1,11 @@
 """Checks for chapter 03's exercises: the BPE merge loop, the text encoder's
-layer and its forward pass, CLIP's contrastive loss.
+layer and its forward pass, the tiny CLIP's logits, CLIP's contrastive loss.
 
-The references are sdlearn's own `bpe`, `CLIPEncoderLayer`, `CLIPTextModel` and
-`clip_loss`, which the test suite holds to transformers' tokenizer and text
-encoder and to the InfoNCE formula. The layer and the encoder are checked on the
-package's modules with seeded weights: the learner's forward runs on the same
-module (`types.MethodType`), so the same weights and inputs must give the same
-numbers.
+The references are sdlearn's own `bpe`, `CLIPEncoderLayer`, `CLIPTextModel`,
+`ContrastiveCLIP` and `clip_loss`, which the test suite holds to transformers'
+tokenizer and text encoder and to the InfoNCE formula. The modules are checked
+with seeded weights: the learner's forward runs on the same module
+(`types.MethodType`), so the same weights and inputs must give the same numbers.
 
 Every check names the usual mistakes: each is a function computing what that
 mistake gives, and a wrong answer equal to one of them is named.
@@ -15,6 +14,7 @@ mistake gives, and a wrong answer equal to one of them is named.
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +27,8 @@ from sdlearn.clip import (
     CLIPEncoderLayer,
     CLIPTextConfig,
     CLIPTextModel,
+    ContrastiveCLIP,
+    ContrastiveCLIPConfig,
     clip_loss,
     quick_gelu,
 )
@@ -465,7 +467,120 @@ def check_text_encoder(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 03.4: the contrastive loss ------------------------------------------
+# --- Exercise 03.4: the tiny CLIP's logits ---------------------------------------
+
+# a tiny CLIP of the chapter's shape, smaller: 16x16 images, a vocabulary of 100
+LOGITS_CONFIG = ContrastiveCLIPConfig(
+    text_config=CLIPTextConfig(
+        vocab_size=100,
+        max_position_embeddings=12,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        eos_token_id=99,
+    ),
+    image_channels=(8, 16),
+    projection_dim=16,
+)
+
+
+def _logits_cases() -> list[Case]:
+    cases = []
+    # (seed, B, the temperature's log): CLIP's start, and one beyond the clip at 100
+    for seed, B, log_scale in ((0, 4, math.log(1 / 0.07)), (1, 3, math.log(150.0))):
+        model = seeded(ContrastiveCLIP(LOGITS_CONFIG), seed)
+        with torch.no_grad():
+            model.logit_scale.fill_(log_scale)
+        g = torch.Generator().manual_seed(seed + 20)
+        pixels = torch.rand(B, 3, 16, 16, generator=g) * 2 - 1  # (B, 3, H, W)
+        input_ids = torch.randint(0, 99, (B, 12), generator=g)  # (B, T)
+        ends = torch.randint(2, 12, (B,), generator=g)  # (B,)
+        input_ids[torch.arange(12) >= ends[:, None]] = 99  # the end token, padding
+        inputs = Inputs(
+            f"a tiny CLIP with temperature exp({log_scale:.2f}), {B} images of "
+            f"16x16 and their {B} captions' ids",
+            model,
+            pixels,
+            input_ids,
+        )
+        with torch.no_grad():
+            expected = model(pixels, input_ids)
+        cases.append(Case((inputs,), expected))
+    return cases
+
+
+def _logits_variant(
+    inputs: Inputs,
+    normalise: bool = True,
+    temperature: str = "clipped",
+    transposed: bool = False,
+) -> torch.Tensor:
+    """What a ContrastiveCLIP forward with one mistake returns."""
+    model, pixels, input_ids = inputs.args
+    with torch.no_grad():
+        image_embeds = model.visual_projection(model.vision_model(pixels))  # (B, E)
+        if normalise:
+            image_embeds = F.normalize(image_embeds, dim=-1)
+        text_embeds = model.encode_text(input_ids)  # (B, E)
+        scale = {
+            "clipped": model.scale(),
+            "none": torch.tensor(1.0),
+            "log": model.logit_scale,
+            "not clipped": model.logit_scale.exp(),
+        }[temperature]
+        logits = scale * image_embeds @ text_embeds.T  # (B, B)
+        return logits.T if transposed else logits
+
+
+LOGITS_MISTAKES = {
+    "the image embeddings are not normalised: divide each by its length "
+    "(F.normalize(..., dim=-1)), so that a dot product is a cosine "
+    "similarity": functools.partial(_logits_variant, normalise=False),
+    "no temperature: the cosines, in [-1, 1], are multiplied by self.scale() "
+    "so that the softmax can become confident": functools.partial(
+        _logits_variant, temperature="none"
+    ),
+    "you multiplied by self.logit_scale, the temperature's log; the "
+    "temperature is its exp, clipped: self.scale()": functools.partial(
+        _logits_variant, temperature="log"
+    ),
+    "the temperature is not clipped at 100: self.scale() clips it, so the "
+    "logits never grow past 100 times a cosine": functools.partial(
+        _logits_variant, temperature="not clipped"
+    ),
+    "the logits are transposed: row i must be image i against every caption, "
+    "image_embeds @ text_embeds.T": functools.partial(_logits_variant, transposed=True),
+}
+
+LOGITS_HINTS = (
+    "Both towers end in a projection to the shared space and a normalisation "
+    "to unit length; then every image meets every caption, and a learned "
+    "temperature sharpens the result.",
+    "Images: the CNN self.vision_model, then self.visual_projection, then "
+    "F.normalize over the last axis, (B, E). Captions: self.encode_text, (B, "
+    "E). Row i of the result is image i against every caption, times "
+    "self.scale().",
+    "image_embeds = F.normalize(self.visual_projection(self.vision_model(pixels)),"
+    " dim=-1); text_embeds = self.encode_text(input_ids); return self.scale() * "
+    "image_embeds @ text_embeds.T.",
+)
+
+
+def check_clip_logits(fn: Callable) -> Verdict:
+    """Exercise 03.4: the forward of `ContrastiveCLIP`, written as a function
+    taking `self` (kept as "clip:ContrastiveCLIP.forward")."""
+    return check(
+        "Exercise 03.4",
+        _run_on(fn),
+        _logits_cases(),
+        hints=LOGITS_HINTS,
+        mistakes=LOGITS_MISTAKES,
+        keep="clip:ContrastiveCLIP.forward",
+    )
+
+
+# --- Exercise 03.5: the contrastive loss ------------------------------------------
 
 # (B, seed): B = 1 has loss 0
 INFO_NCE_SIZES = [(4, 0), (8, 1), (5, 2), (1, 3)]
@@ -499,7 +614,7 @@ INFO_NCE_HINTS = (
 
 
 def check_info_nce(fn: Callable) -> Verdict:
-    """Exercise 03.4: the symmetric InfoNCE loss of a (B, B) logits matrix
+    """Exercise 03.5: the symmetric InfoNCE loss of a (B, B) logits matrix
     (kept as "clip:clip_loss")."""
     cases = [Case((torch.zeros(3, 3),), clip_loss(torch.zeros(3, 3)))]
     for B, seed in INFO_NCE_SIZES:
@@ -507,7 +622,7 @@ def check_info_nce(fn: Callable) -> Verdict:
         logits = 5 * randn(B, B, seed=seed) + 4 * torch.eye(B)
         cases.append(Case((logits,), clip_loss(logits)))
     return check(
-        "Exercise 03.4",
+        "Exercise 03.5",
         fn,
         cases,
         hints=INFO_NCE_HINTS,
