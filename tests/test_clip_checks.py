@@ -75,6 +75,11 @@ def text_encoder_forward(self, input_ids, attention_mask=None):
     return self.final_layer_norm(x)
 
 
+def pooled(self, input_ids, last_hidden_state):
+    first = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+    return last_hidden_state[torch.arange(len(input_ids)), first]
+
+
 def clip_forward(self, pixels, input_ids):
     image_embeds = self.visual_projection(self.vision_model(pixels))
     image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
@@ -116,6 +121,8 @@ RIGHT = [
         "CLIPEncoderLayer.forward",
     ),
     (checks.check_text_encoder, text_encoder_forward, "clip", "CLIPTextModel.forward"),
+    (checks.check_pooled, pooled, "clip", "CLIPTextModel.pooled"),
+    (checks.check_pooled, CLIPTextModel.pooled, "clip", "CLIPTextModel.pooled"),
     (checks.check_clip_logits, clip_forward, "clip", "ContrastiveCLIP.forward"),
     (
         checks.check_clip_logits,
@@ -206,6 +213,18 @@ def test_encoder_mistakes_are_named(message, capsys):
     assert "❌ Exercise 03.3" in out and message in out
 
 
+@pytest.mark.parametrize("message", list(checks.POOLED_MISTAKES))
+def test_pooled_mistakes_are_named(message, capsys):
+    wrong = checks.POOLED_MISTAKES[message]
+
+    def my_pooled(self, input_ids, last_hidden_state):
+        return wrong(checks.Inputs("", self, input_ids, last_hidden_state))
+
+    assert not checks.check_pooled(my_pooled)
+    out = capsys.readouterr().out
+    assert "❌ Exercise 03.4" in out and message in out
+
+
 @pytest.mark.parametrize("message", list(checks.LOGITS_MISTAKES))
 def test_logits_mistakes_are_named(message, capsys):
     wrong = checks.LOGITS_MISTAKES[message]
@@ -215,14 +234,14 @@ def test_logits_mistakes_are_named(message, capsys):
 
     assert not checks.check_clip_logits(my_forward)
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.4" in out and message in out
+    assert "❌ Exercise 03.5" in out and message in out
 
 
 @pytest.mark.parametrize("message", list(checks.INFO_NCE_MISTAKES))
 def test_info_nce_mistakes_are_named(message, capsys):
     assert not checks.check_info_nce(checks.INFO_NCE_MISTAKES[message])
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.5" in out and message in out
+    assert "❌ Exercise 03.6" in out and message in out
 
 
 def test_every_exercise_names_two_mistakes_and_has_three_hints():
@@ -230,6 +249,7 @@ def test_every_exercise_names_two_mistakes_and_has_three_hints():
         checks.BPE_MISTAKES,
         checks.LAYER_MISTAKES,
         checks.ENCODER_MISTAKES,
+        checks.POOLED_MISTAKES,
         checks.LOGITS_MISTAKES,
         checks.INFO_NCE_MISTAKES,
     ):
@@ -238,6 +258,7 @@ def test_every_exercise_names_two_mistakes_and_has_three_hints():
         checks.BPE_HINTS,
         checks.LAYER_HINTS,
         checks.ENCODER_HINTS,
+        checks.POOLED_HINTS,
         checks.LOGITS_HINTS,
         checks.INFO_NCE_HINTS,
     ):
@@ -272,13 +293,18 @@ def test_a_wrong_answer_is_not_kept_and_forgets_a_kept_one(answers_home, capsys)
             "clip",
         ),
         (
+            checks.check_pooled,
+            lambda self, input_ids, last_hidden_state: last_hidden_state[:, 1],
+            "clip",
+        ),
+        (
             checks.check_clip_logits,
             lambda self, pixels, input_ids: torch.zeros(len(pixels), len(pixels)),
             "clip",
         ),
         (checks.check_info_nce, lambda logits: logits.sum(), "clip"),
     ],
-    ids=["layer", "encoder", "logits", "info_nce"],
+    ids=["layer", "encoder", "pooled", "logits", "info_nce"],
 )
 def test_wrong_forwards_are_not_kept(check, wrong, module, answers_home, capsys):
     assert not check(wrong)
@@ -303,6 +329,7 @@ def test_first_hints_do_not_give_the_code():
         checks.BPE_HINTS,
         checks.LAYER_HINTS,
         checks.ENCODER_HINTS,
+        checks.POOLED_HINTS,
         checks.LOGITS_HINTS,
         checks.INFO_NCE_HINTS,
     ):
@@ -330,6 +357,7 @@ def test_a_failing_forward_shows_its_error_and_a_short_message(capsys):
         checks.check_bpe,
         checks.check_encoder_layer,
         checks.check_text_encoder,
+        checks.check_pooled,
         checks.check_clip_logits,
         checks.check_info_nce,
     ],

@@ -1,5 +1,6 @@
 """Checks for chapter 03's exercises: the BPE merge loop, the text encoder's
-layer and its forward pass, the tiny CLIP's logits, CLIP's contrastive loss.
+layer and its forward pass, the pooled vector, the tiny CLIP's logits, CLIP's
+contrastive loss.
 
 The references are sdlearn's own `bpe`, `CLIPEncoderLayer`, `CLIPTextModel`,
 `ContrastiveCLIP` and `clip_loss`, which the test suite holds to transformers'
@@ -467,7 +468,104 @@ def check_text_encoder(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 03.4: the tiny CLIP's logits ---------------------------------------
+# --- Exercise 03.4: the pooled vector ---------------------------------------------
+
+# a model whose end token (50) is not the highest id, as in SD 1.x's older config
+POOLED_CONFIG = CLIPTextConfig(
+    vocab_size=100,
+    max_position_embeddings=10,
+    hidden_size=8,
+    intermediate_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    eos_token_id=50,
+)
+S, E = 49, 50  # the start and end tokens' ids in the cases
+POOLED_IDS = [
+    # padded with 0 (SD 2.x's "!"); an end token typed in the prompt; one prompt
+    # fills every position
+    [[S, 60, E, 9, E, 0, 0, 0, 0, 0], [S, 1, 2, 3, 4, 5, 6, 7, 8, E]],
+    # padded with the end token (SD 1.x); ids above the end token's
+    [[S, 7, 81, 93, E, E, E, E, E, E], [S, 99, 12, 64, 77, 3, E, E, E, E]],
+    # a row without an end token: transformers takes position 0
+    [[S, 5, 6, 7, 8, 9, 10, 11, 12, 13], [S, 88, E, E, E, E, E, E, E, E]],
+]
+
+
+def _pooled_cases() -> list[Case]:
+    model = CLIPTextModel(POOLED_CONFIG)
+    cases = []
+    for seed, rows in enumerate(POOLED_IDS):
+        input_ids = torch.tensor(rows)  # (B, T)
+        hidden = randn(*input_ids.shape, POOLED_CONFIG.hidden_size, seed=seed)
+        inputs = Inputs(
+            f"input_ids {rows} (the end token is {E}), a last_hidden_state of "
+            f"shape {tuple(hidden.shape)}",
+            model,
+            input_ids,
+            hidden,
+        )
+        cases.append(Case((inputs,), model.pooled(input_ids, hidden)))
+    return cases
+
+
+def _pooled_at(inputs: Inputs, where: str) -> torch.Tensor:
+    """What a pooled() with one mistake returns."""
+    _, input_ids, hidden = inputs.args
+    B, T = input_ids.shape
+    rows = torch.arange(B)
+    if where == "last":
+        return hidden[:, -1]
+    if where == "first":
+        return hidden[:, 0]
+    if where == "highest id":
+        return hidden[rows, input_ids.argmax(dim=-1)]
+    # the last end token of each row
+    is_eos = (input_ids == E).int() * torch.arange(1, T + 1)  # (B, T)
+    return hidden[rows, is_eos.argmax(dim=-1)]
+
+
+POOLED_MISTAKES = {
+    "you took the last position; the pooled vector is at each row's first "
+    "end token, which moves with the prompt's length": functools.partial(
+        _pooled_at, where="last"
+    ),
+    "you took the last end token; SD 1.x pads with the end token too, so take "
+    "the first one, the prompt's own": functools.partial(_pooled_at, where="eos"),
+    "you took the position of the highest id: that is the end token only when "
+    "the end token has the highest id (49407 in CLIP's vocabulary); compare "
+    "input_ids with self.config.eos_token_id": functools.partial(
+        _pooled_at, where="highest id"
+    ),
+    "you took position 0, the start token: it has seen nothing of the prompt "
+    "under the causal mask": functools.partial(_pooled_at, where="first"),
+}
+
+POOLED_HINTS = (
+    "For each row, find where its end token first appears, and take the hidden "
+    "state at that position: one vector of width D per prompt.",
+    "input_ids == self.config.eos_token_id is a (B, T) boolean table; argmax "
+    "along T of it, as integers, gives the first True (and 0 when there is "
+    "none). Then index the hidden states with a row index and that position.",
+    "first = (input_ids == self.config.eos_token_id).int().argmax(dim=-1); "
+    "return last_hidden_state[torch.arange(input_ids.shape[0]), first].",
+)
+
+
+def check_pooled(fn: Callable) -> Verdict:
+    """Exercise 03.4: `CLIPTextModel.pooled`, written as a function taking
+    `self` (kept as "clip:CLIPTextModel.pooled")."""
+    return check(
+        "Exercise 03.4",
+        _run_on(fn),
+        _pooled_cases(),
+        hints=POOLED_HINTS,
+        mistakes=POOLED_MISTAKES,
+        keep="clip:CLIPTextModel.pooled",
+    )
+
+
+# --- Exercise 03.5: the tiny CLIP's logits ---------------------------------------
 
 # a tiny CLIP of the chapter's shape, smaller: 16x16 images, a vocabulary of 100
 LOGITS_CONFIG = ContrastiveCLIPConfig(
@@ -568,10 +666,10 @@ LOGITS_HINTS = (
 
 
 def check_clip_logits(fn: Callable) -> Verdict:
-    """Exercise 03.4: the forward of `ContrastiveCLIP`, written as a function
+    """Exercise 03.5: the forward of `ContrastiveCLIP`, written as a function
     taking `self` (kept as "clip:ContrastiveCLIP.forward")."""
     return check(
-        "Exercise 03.4",
+        "Exercise 03.5",
         _run_on(fn),
         _logits_cases(),
         hints=LOGITS_HINTS,
@@ -580,7 +678,7 @@ def check_clip_logits(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 03.5: the contrastive loss ------------------------------------------
+# --- Exercise 03.6: the contrastive loss ------------------------------------------
 
 # (B, seed): B = 1 has loss 0
 INFO_NCE_SIZES = [(4, 0), (8, 1), (5, 2), (1, 3)]
@@ -614,7 +712,7 @@ INFO_NCE_HINTS = (
 
 
 def check_info_nce(fn: Callable) -> Verdict:
-    """Exercise 03.5: the symmetric InfoNCE loss of a (B, B) logits matrix
+    """Exercise 03.6: the symmetric InfoNCE loss of a (B, B) logits matrix
     (kept as "clip:clip_loss")."""
     cases = [Case((torch.zeros(3, 3),), clip_loss(torch.zeros(3, 3)))]
     for B, seed in INFO_NCE_SIZES:
@@ -622,7 +720,7 @@ def check_info_nce(fn: Callable) -> Verdict:
         logits = 5 * randn(B, B, seed=seed) + 4 * torch.eye(B)
         cases.append(Case((logits,), clip_loss(logits)))
     return check(
-        "Exercise 03.5",
+        "Exercise 03.6",
         fn,
         cases,
         hints=INFO_NCE_HINTS,
