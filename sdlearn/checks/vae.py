@@ -156,10 +156,12 @@ RESNET_MISTAKES = {
     "channels change)": functools.partial(_resnet, residual=False),
     "self.dropout is left out: it does nothing in eval mode, but in training it "
     "zeroes values, just before conv2": functools.partial(_resnet, dropout="none"),
-    "self.dropout in the wrong place: it goes after the second SiLU, just before "
-    "conv2": functools.partial(_resnet, dropout="after conv2"),
-    "self.dropout in the wrong place: it goes after norm2 and SiLU, just before "
-    "conv2": functools.partial(_resnet, dropout="before norm2"),
+    "self.dropout after conv2: it goes just before conv2, after norm2 and SiLU": (
+        functools.partial(_resnet, dropout="after conv2")
+    ),
+    "self.dropout before norm2: it goes just before conv2, after norm2 and SiLU": (
+        functools.partial(_resnet, dropout="before norm2")
+    ),
 }
 RESNET_HINTS = [
     "the block is two halves of the same three steps: normalise, activate, "
