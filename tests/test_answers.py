@@ -141,3 +141,19 @@ def test_a_file_that_no_longer_runs_is_reported(answers_home, capsys):
     path.write_text(path.read_text() + "\nthis is not python\n")
     assert answers.kept("toy2") == {}
     assert "toy2.py does not run (NameError" in capsys.readouterr().out
+
+
+def test_two_parts_with_the_same_function_name_keep_their_own(answers_home):
+    def forward(self, x):
+        return x + 1
+
+    answers.keep("toy:One.forward", forward)
+
+    def forward(self, x):  # noqa: F811  (another class's forward, same name)
+        return x + 2
+
+    answers.keep("toy:Two.forward", forward)
+    answers.keep("toy:Two.forward", forward)  # kept again: no gap grows
+    kept = answers.kept("toy")
+    assert kept["One.forward"](None, 0) == 1 and kept["Two.forward"](None, 0) == 2
+    assert "\n\n\n\n" not in (answers_home / "toy.py").read_text()

@@ -94,7 +94,8 @@ def source_of(fn: Callable) -> str:
 
 
 def _without(text: str, name: str) -> str:
-    return BLOCK.sub(lambda m: "" if m["part"] == name else m[0], text)
+    text = BLOCK.sub(lambda m: "" if m["part"] == name else m[0], text)
+    return re.sub(r"\n{4,}", "\n\n\n", text)  # no gap left behind
 
 
 def keep(part: str, fn: Callable, exercise: str = "") -> Path:
@@ -155,19 +156,21 @@ def kept(module: str) -> dict[str, Callable]:
         package = {}
     namespace.__dict__.update({k: v for k, v in package.items() if k[:2] != "__"})
     namespace.__file__ = str(path)
+    found = {}
     try:
-        exec(compile(text, str(path), "exec"), namespace.__dict__)
+        # the header, then block by block: two parts whose functions share a
+        # name (two `forward`s) each keep their own
+        exec(compile(BLOCK.sub("", text), str(path), "exec"), namespace.__dict__)
+        for block in BLOCK.finditer(text):
+            exec(compile(block["source"], str(path), "exec"), namespace.__dict__)
+            found[block["part"]] = namespace.__dict__.get(block["name"])
     except Exception as error:  # the learner's file: anything can be wrong in it
         print(
             f"ℹ️ {shown(path)} does not run ({type(error).__name__}: {error}); "
             "none of its answers are used"
         )
         return {}
-    return {
-        m["part"]: getattr(namespace, m["name"])
-        for m in BLOCK.finditer(text)
-        if hasattr(namespace, m["name"])
-    }
+    return {part: fn for part, fn in found.items() if fn is not None}
 
 
 def use(
