@@ -28,6 +28,7 @@ CHAPTERS: dict[str, int] = {
     "tokenizer": 3,  # CLIP's byte-level BPE tokenizer
     "clip": 3,  # the text encoder, and a tiny contrastive CLIP
     "interop.clip": 3,
+    "checks.tokenizer": 3,
     "checks.clip": 3,
     "spatial_transformer": 4,  # where the UNet reads the text
     "unet": 4,  # the noise predictor

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import sdlearn.checks
 from sdlearn.checks import Verdict, answers
 from sdlearn.checks import clip as checks
+from sdlearn.checks import tokenizer as bpe_checks
 from sdlearn.clip import CLIPEncoderLayer, CLIPTextModel, ContrastiveCLIP, clip_loss
 from sdlearn.tokenizer import bpe as package_bpe
 
@@ -177,9 +178,9 @@ def test_kept_forwards_run_a_model(capsys):
 # --- the usual mistakes are named --------------------------------------------------
 
 
-@pytest.mark.parametrize("message", list(checks.BPE_MISTAKES))
+@pytest.mark.parametrize("message", list(bpe_checks.BPE_MISTAKES))
 def test_bpe_mistakes_are_named(message, capsys):
-    wrong = checks.BPE_MISTAKES[message]
+    wrong = bpe_checks.BPE_MISTAKES[message]
 
     def my_bpe(word, ranks):
         return wrong(word, ranks).symbols
@@ -246,7 +247,7 @@ def test_info_nce_mistakes_are_named(message, capsys):
 
 def test_every_exercise_names_two_mistakes_and_has_three_hints():
     for mistakes in (
-        checks.BPE_MISTAKES,
+        bpe_checks.BPE_MISTAKES,
         checks.LAYER_MISTAKES,
         checks.ENCODER_MISTAKES,
         checks.POOLED_MISTAKES,
@@ -255,7 +256,7 @@ def test_every_exercise_names_two_mistakes_and_has_three_hints():
     ):
         assert len(mistakes) >= 2
     for hints in (
-        checks.BPE_HINTS,
+        bpe_checks.BPE_HINTS,
         checks.LAYER_HINTS,
         checks.ENCODER_HINTS,
         checks.POOLED_HINTS,
@@ -319,14 +320,14 @@ def test_hints_come_one_tier_per_failed_try(capsys, monkeypatch):
 
     assert not checks.check_bpe(wrong)
     out = capsys.readouterr().out
-    assert f"Hint 1 of 3: {checks.BPE_HINTS[0]}" in out
+    assert f"Hint 1 of 3: {bpe_checks.BPE_HINTS[0]}" in out
     assert not checks.check_bpe(wrong)
-    assert f"Hint 2 of 3: {checks.BPE_HINTS[1]}" in capsys.readouterr().out
+    assert f"Hint 2 of 3: {bpe_checks.BPE_HINTS[1]}" in capsys.readouterr().out
 
 
 def test_first_hints_do_not_give_the_code():
     for hints in (
-        checks.BPE_HINTS,
+        bpe_checks.BPE_HINTS,
         checks.LAYER_HINTS,
         checks.ENCODER_HINTS,
         checks.POOLED_HINTS,

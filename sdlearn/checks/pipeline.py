@@ -319,7 +319,7 @@ LEARNERS_PARTS: dict[str, tuple[str, str, str]] = {
     "clip:CLIPEncoderLayer.forward": (
         "the text encoder's layers",
         "03",
-        "clip:check_encoder_layer_forward",
+        "clip:check_encoder_layer",
     ),
     "blocks:ResnetBlock.forward": (
         "the ResnetBlocks of the VAE and the UNet",
