@@ -15,6 +15,7 @@ CHAPTERS: dict[str, int] = {
     "shapes": 0,  # the course's procedurally drawn, captioned image data
     "tour": 0,  # a map of Stable Diffusion and the shape legend
     "checks": 0,  # how the exercises' checks compare and print a verdict
+    "checks.answers": 0,  # the learner's answers, kept and run again later
     "checks.tour": 0,
     "attention": 1,  # scaled dot-product attention and the attention layer
     "checks.attention": 1,
@@ -27,6 +28,7 @@ CHAPTERS: dict[str, int] = {
     "tokenizer": 3,  # CLIP's byte-level BPE tokenizer
     "clip": 3,  # the text encoder, and a tiny contrastive CLIP
     "interop.clip": 3,
+    "checks.tokenizer": 3,
     "checks.clip": 3,
     "spatial_transformer": 4,  # where the UNet reads the text
     "unet": 4,  # the noise predictor

@@ -296,10 +296,10 @@ class Encoder(nn.Module):
             in_channels = out_channels
         self.mid_block = MidBlock(channels[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
-        # twice the latent channels: a mean and a log-variance for each
-        self.conv_out = nn.Conv2d(
-            channels[-1], 2 * config.latent_channels, 3, padding=1
-        )
+        # twice the latent channels: a mean and a log-variance for each, which
+        # DiagonalGaussian splits in two
+        moments = 2 * config.latent_channels
+        self.conv_out = nn.Conv2d(channels[-1], moments, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """

@@ -18,3 +18,15 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def answers_home(tmp_path, monkeypatch):
+    """Every test keeps the learner's answers in a folder of its own, never in
+    ~/.sdlearn: a check that passes keeps the answer it was given."""
+    from sdlearn.checks import forget_tries
+
+    home = tmp_path / "sdlearn-home"
+    monkeypatch.setenv("SDLEARN_HOME", str(home))
+    forget_tries()  # and the hints start over, as in a new session
+    return home / "answers"

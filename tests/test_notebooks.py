@@ -27,13 +27,14 @@ def repo_copy(tmp_path):
 def test_check_fails_when_a_package_line_changes(repo_copy, capsys):
     module = repo_copy / "sdlearn" / "shapes.py"
     text = module.read_text()
-    line = "    draw = ImageDraw.Draw(image)\n"
+    line = '    grid = rearrange(images, "(r c) h w ch -> (r h) (c w) ch", r=rows)\n'
     assert line in text
-    module.write_text(text.replace(line, line + "    draw.line([0, 0, 1, 1])\n"))
+    module.write_text(text.replace(line, line + "    grid = grid.copy()\n"))
 
     assert notebooks.main(["check", "--root", str(repo_copy)]) == 1
     err = capsys.readouterr().err
-    assert "solutions/00_tour.ipynb cell" in err and "sdlearn/shapes.py::render" in err
+    assert "solutions/00_tour.ipynb cell" in err
+    assert "sdlearn/shapes.py::image_grid" in err
     assert "chapters/00_tour.ipynb cell" in err
 
     # regenerating brings both forms back in line
@@ -167,3 +168,34 @@ def test_check_names_a_noisy_output(repo_copy, capsys):
     assert notebooks.main(["check", "--root", str(repo_copy)]) == 1
     err = capsys.readouterr().err
     assert "solutions/00_tour.ipynb cell" in err and "6e-06" in err
+
+
+def test_a_listing_can_show_one_method():
+    # the constructor alone, when the learner writes the forward
+    nb = build_solution(
+        _exercise_notebook("# sdlearn/attention.py::Attention.__init__"), ROOT, "nb"
+    )
+    listing = nb.cells[2].source
+    assert listing.splitlines()[1].startswith("def __init__(")
+    assert "def forward(" not in listing
+    with pytest.raises(NotebookError, match="has no method in Attention 'nothing'"):
+        build_solution(
+            _exercise_notebook("# sdlearn/attention.py::Attention.nothing"), ROOT, "nb"
+        )
+
+
+def test_contributing_shows_the_lines_each_chapter_asks_for(repo_copy, capsys):
+    shutil.copy(ROOT / "CONTRIBUTING.md", repo_copy / "CONTRIBUTING.md")
+    assert notebooks.lines_drift(repo_copy) == []
+    written, listed = notebooks.course_lines(repo_copy)["01_attention"]
+    assert written > 0 and listed > 0
+    # a chapter that asks for one line more makes the table stale
+    path = repo_copy / "solutions" / "01_attention.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "# END SOLUTION" in c.source)
+    cell.source = cell.source.replace("# END SOLUTION", "x = 1\n    # END SOLUTION", 1)
+    nbformat.write(nb, path)
+    assert notebooks.course_lines(repo_copy)["01_attention"][0] == written + 1
+    assert notebooks.lines_drift(repo_copy) == [
+        "CONTRIBUTING.md's table of lines is stale"
+    ]

@@ -144,11 +144,27 @@ def test_typical_slips_fail_with_a_hint(capsys, check, wrong):
     assert_refused(getattr(checks, check), wrong, capsys)
 
 
+@pytest.mark.parametrize(
+    ("check", "wrong", "named"),
+    [
+        ("check_classifier_free_guidance", guidance_swapped, "predictions are swapped"),
+        ("check_classifier_free_guidance", guidance_w_for_s, "guidance by s + 1"),
+        ("check_classifier_free_guidance", guidance_s_minus_one, "guidance by s - 1"),
+        ("check_img2img_start", start_steps_to_run, "the number of steps to run"),
+        ("check_img2img_start", start_rounded, "rounded to the nearest"),
+        ("check_blend_latents", blend_swapped, "keep and repaint are swapped"),
+        ("check_blend_latents", blend_average, "the average of the two latents"),
+    ],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_typical_mistakes_are_named(capsys, check, wrong, named):
+    assert not getattr(checks, check)(wrong)
+    assert named in capsys.readouterr().out
+
+
 def test_img2img_start_says_what_is_wrong(capsys):
     assert not checks.check_img2img_start(start_steps_to_run)
-    assert "returned 40 for 50 steps at strength 0.8, expected 10" in (
-        capsys.readouterr().out
-    )
+    assert "returned 40 for 50 steps at strength 0.8" in capsys.readouterr().out
     assert not checks.check_img2img_start(start_as_float)
     assert "expected an int" in capsys.readouterr().out
 
@@ -162,3 +178,97 @@ def test_unsolved_exercises_never_raise(capsys):
         ],
         capsys,
     )
+
+
+# --- the loop, and the learner's own Stable Diffusion ---
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts,
+    negative_prompt="",
+    num_inference_steps=25,
+    guidance_scale=7.5,
+    generator=None,
+):
+    B = len(prompts)
+    text = pipe.text_encoder(pipe.tokenizer(prompts))
+    uncond = pipe.text_encoder(pipe.tokenizer([negative_prompt] * B))
+    context = torch.cat([uncond, text])
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_inference_steps)
+    size = pipe.unet.config.sample_size
+    shape = (B, pipe.unet.config.in_channels, size, size)
+    latents = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        uncond_pred, text_pred = pipe.unet(model_input, t, context).chunk(2)
+        pred = uncond_pred + guidance_scale * (text_pred - uncond_pred)
+        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+    pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+    return (pixels / 2 + 0.5).clamp(0, 1)
+
+
+def generate_unscaled(
+    pipe,
+    prompts,
+    negative_prompt="",
+    num_inference_steps=25,
+    guidance_scale=7.5,
+    generator=None,
+):
+    return checks._slipped_loop(
+        pipe,
+        prompts,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        generator,
+        slip="unscaled",
+    )
+
+
+def test_the_loop_is_checked_kept_and_drawn_with(answers_home, capsys):
+    from sdlearn.checks import answers
+    from sdlearn.pipeline_io import from_pretrained
+
+    pipe = from_pretrained()
+    assert not checks.check_generate(generate_unscaled, pipe)
+    assert "without undoing the VAE's scaling factor" in capsys.readouterr().out
+    assert not (answers_home / "pipeline.py").exists()  # a wrong answer: not kept
+    assert checks.check_generate(generate, pipe)
+    assert "def generate(" in (answers_home / "pipeline.py").read_text()
+    # chapter 06's own Stable Diffusion: the kept loop draws; for the parts the
+    # learner has not written yet, the package's stand in
+    yours = from_pretrained()
+    loop = checks.use_learners_parts(yours)
+    out = capsys.readouterr().out
+    assert "1 of 9 parts are yours" in out and answers.is_learners(loop)
+    mine = loop(yours, ["a red circle"], "", 3, 7.5, torch.Generator().manual_seed(3))
+    package = checks.reference_generate(
+        pipe, ["a red circle"], "", 3, 7.5, torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(mine, package)
+
+
+def test_a_kept_forward_runs_in_that_pipeline_only():
+    from sdlearn.checks import answers
+    from sdlearn.pipeline_io import from_pretrained
+    from sdlearn.unet import UNet
+
+    calls = []
+
+    def unet_forward(self, sample, timestep, encoder_hidden_states):
+        calls.append(tuple(sample.shape))  # the learner's code runs, not the class's
+        return UNet.forward(self, sample, timestep, encoder_hidden_states)
+
+    pipe = from_pretrained()
+    answers.install_forward(pipe.unet, UNet, unet_forward)
+    pipe.progress = False
+    pipe("a red circle", num_inference_steps=2)
+    assert len(calls) == 2
+    other = from_pretrained()
+    other.progress = False
+    other("a red circle", num_inference_steps=2)
+    assert len(calls) == 2  # the package's UNet class is untouched

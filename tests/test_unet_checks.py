@@ -1,4 +1,5 @@
-"""Chapter 04's exercise checks: right answers pass, usual mistakes fail, none raise."""
+"""Chapter 04's exercise checks: right answers pass and are kept, the usual mistakes
+are named, an unsolved exercise gets no hint, a wrong answer is not kept."""
 
 import math
 
@@ -6,125 +7,364 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sdlearn.checks
 from sdlearn import unet as sd
-from sdlearn.checks import Verdict
+from sdlearn.blocks import ResnetBlock
+from sdlearn.checks import Verdict, answers
 from sdlearn.checks import unet as checks
+from sdlearn.spatial_transformer import TransformerBlock
 
 
-def unsolved(*args):
+@pytest.fixture(autouse=True)
+def first_tries(monkeypatch):
+    """Every test starts with no failed tries, so its first hint is the first tier."""
+    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
+
+
+def unsolved(*args, **kwargs):
     raise NotImplementedError
 
 
 # --- right answers, written the way a learner would ---------------------------
 
 
-def timestep_embedding(timesteps, dim, cos_first=True):
+def timestep_embedding(
+    timesteps, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0, max_period=10000.0
+):
     half = dim // 2
-    frequencies = torch.exp(-math.log(10000) * torch.arange(half) / half)
-    angles = timesteps.float()[:, None] * frequencies[None, :]
-    parts = [angles.cos(), angles.sin()] if cos_first else [angles.sin(), angles.cos()]
+    exponent = (
+        -math.log(max_period) * torch.arange(half) / (half - downscale_freq_shift)
+    )
+    angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
+    parts = [angles.cos(), angles.sin()]
+    if not flip_sin_to_cos:
+        parts = parts[::-1]
     return F.pad(torch.cat(parts, dim=-1), (0, dim % 2))
 
 
-def resnet_forward(block, x, temb, temb_after_conv2=False, residual=True):
-    h = block.conv1(F.silu(block.norm1(x)))
-    t = block.time_emb_proj(F.silu(temb))[:, :, None, None]
-    if not temb_after_conv2:
-        h = h + t
-    h = block.conv2(F.silu(block.norm2(h)))
-    if temb_after_conv2:
-        h = h + t
-    if not residual:
-        return h
-    if block.conv_shortcut is not None:
-        x = block.conv_shortcut(x)
-    return x + h
+def transformer_block_forward(self, x, context):
+    x = x + self.attn1(self.norm1(x))
+    x = x + self.attn2(self.norm2(x), context)
+    return x + self.ff(self.norm3(x))
 
 
-def transformer_block_forward(block, x, context, skip=None, attn2_context=True):
-    r = [0 if skip == i else 1 for i in range(3)]
-    x = r[0] * x + block.attn1(block.norm1(x))
-    if attn2_context:
-        x = r[1] * x + block.attn2(block.norm2(x), context)
-    else:  # cross-attention to the pixels themselves
-        x = r[1] * x + block.attn2(block.norm2(x), block.norm2(x))
-    return r[2] * x + block.ff(block.norm3(x))
+def unet_forward(self, sample, timestep, encoder_hidden_states):
+    timesteps = self._check_inputs(sample, timestep, encoder_hidden_states)
+    context = encoder_hidden_states
+    t_emb = timestep_embedding(timesteps, self.config.block_out_channels[0])
+    temb = self.time_embedding(t_emb.to(sample.dtype))
+    h = self.conv_in(sample)
+    skips = [h]
+    for block in self.down_blocks:
+        for i, resnet in enumerate(block.resnets):
+            h = resnet(h, temb)
+            if block.attentions is not None:
+                h = block.attentions[i](h, context)
+            skips.append(h)
+        if block.downsamplers is not None:
+            h = block.downsamplers[0](h)
+            skips.append(h)
+    h = self.mid_block.resnets[0](h, temb)
+    h = self.mid_block.attentions[0](h, context)
+    h = self.mid_block.resnets[1](h, temb)
+    for block in self.up_blocks:
+        for i, resnet in enumerate(block.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+            if block.attentions is not None:
+                h = block.attentions[i](h, context)
+        if block.upsamplers is not None:
+            h = block.upsamplers[0](h)
+    return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
-def test_right_answers_pass(capsys):
+EXERCISES = [
+    (checks.check_timestep_embedding, timestep_embedding, "unet:timestep_embedding"),
+    (
+        checks.check_transformer_block_forward,
+        transformer_block_forward,
+        "spatial_transformer:TransformerBlock.forward",
+    ),
+    (checks.check_unet_forward, unet_forward, "unet:UNet.forward"),
+]
+
+
+@pytest.mark.parametrize(("check", "right", "part"), EXERCISES)
+def test_a_right_answer_passes_and_is_kept(check, right, part, answers_home, capsys):
+    # the kept UNet.forward calls the learner's timestep_embedding, kept beside it
     assert checks.check_timestep_embedding(timestep_embedding)
-    assert checks.check_timestep_embedding(sd.timestep_embedding)
-    assert checks.check_resnet_forward(resnet_forward)
-    assert checks.check_resnet_forward(lambda block, x, temb: block(x, temb))
-    assert checks.check_transformer_block_forward(transformer_block_forward)
-    assert checks.check_transformer_block_forward(lambda block, x, c: block(x, c))
-    assert capsys.readouterr().out.count("✅") == 6
-
-
-# --- typical mistakes ------------------------------------------------------------
-
-
-def test_sin_and_cos_swapped_fails(capsys):
-    def swapped(t, dim):
-        return timestep_embedding(t, dim, cos_first=False)
-
-    assert not checks.check_timestep_embedding(swapped)
+    assert check(right)
     out = capsys.readouterr().out
-    assert "❌ Exercise 04.1" in out and "wrong values" in out and "Hint:" in out
+    assert "✅" in out and "Kept in" in out
+    module, name = part.split(":")
+    assert name in answers.kept(module)
+    assert answers.is_learners(answers.use(part, None, check))
 
 
-def test_embedding_without_the_odd_pad_names_the_shape(capsys):
-    def no_pad(t, dim):
+def test_the_package_passes_its_own_checks(answers_home, capsys):
+    assert checks.check_timestep_embedding(sd.timestep_embedding)
+    assert checks.check_transformer_block_forward(TransformerBlock.forward)
+    assert checks.check_unet_forward(sd.UNet.forward)
+    assert checks.check_resnet_forward(ResnetBlock.forward)
+
+
+def test_the_kept_unet_runs_with_the_kept_embedding(answers_home, capsys):
+    """The kept UNet.forward calls `timestep_embedding`: in the answers file, the
+    learner's own, kept beside it."""
+    assert checks.check_timestep_embedding(timestep_embedding)
+    assert checks.check_unet_forward(unet_forward)
+    kept = answers.kept("unet")
+    assert set(kept) == {"timestep_embedding", "UNet.forward"}
+    assert checks.check_unet_forward(kept["UNet.forward"])
+
+
+def test_a_unet_that_calls_the_package_embedding_is_not_kept(answers_home, capsys):
+    """Exercise 04.3 done while the package's embedding stands in for 04.1: the
+    kept file would have no timestep_embedding to call, so it waits for 04.1."""
+    namespace = {
+        **unet_forward.__globals__,
+        "timestep_embedding": sd.timestep_embedding,
+    }
+    with_package_embedding = type(unet_forward)(unet_forward.__code__, namespace)
+    assert checks.check_unet_forward(with_package_embedding)
+    assert "Not kept yet" in capsys.readouterr().out
+    assert "UNet.forward" not in answers.kept("unet")
+    assert checks.check_timestep_embedding(timestep_embedding)
+    assert checks.check_unet_forward(unet_forward)
+    used = answers.use("unet:UNet.forward", sd.UNet.forward, checks.check_unet_forward)
+    assert answers.is_learners(used)
+
+
+# --- typical mistakes, each named ------------------------------------------------
+
+
+def _named(check, wrong, words, capsys):
+    verdict = check(wrong)
+    assert isinstance(verdict, Verdict) and not verdict
+    out = capsys.readouterr().out
+    assert "❌" in out and words in out, out
+    assert "Hint 1 of 3" in out  # the idea first
+    return out
+
+
+@pytest.mark.parametrize(
+    ("wrong", "words"),
+    [
+        (
+            lambda t, dim, flip_sin_to_cos=True, *a, **k: timestep_embedding(
+                t, dim, not flip_sin_to_cos, *a, **k
+            ),
+            "wrong way round",
+        ),
+        (lambda t, dim, *a, **k: checks._embedding(t, dim, sign=1.0), "grow with i"),
+        (lambda t, dim, *a, **k: checks._embedding(t, dim, over="dim"), "divides i by"),
+        (
+            lambda t, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0, **k: (
+                timestep_embedding(t, dim, flip_sin_to_cos, **k)
+            ),
+            "downscale_freq_shift is ignored",
+        ),
+        (
+            lambda t, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0, **k: (
+                timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)
+            ),
+            "max_period is ignored",
+        ),
+        (
+            lambda t, dim, *a, **k: F.pad(
+                timestep_embedding(t, dim - dim % 2), (dim % 2, 0)
+            ),
+            "at the front",
+        ),
+    ],
+    ids=[
+        "sin first",
+        "minus sign",
+        "over dim",
+        "no shift",
+        "no max_period",
+        "pad front",
+    ],
+)
+def test_embedding_mistakes_are_named(wrong, words, answers_home, capsys):
+    _named(checks.check_timestep_embedding, wrong, words, capsys)
+
+
+def test_embedding_without_the_odd_pad_names_the_shape(answers_home, capsys):
+    def no_pad(t, dim, *args, **kwargs):
         return timestep_embedding(t, dim)[:, : 2 * (dim // 2)]
 
     assert not checks.check_timestep_embedding(no_pad)
     assert "expected shape" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        lambda b, x, t: resnet_forward(b, x, t, temb_after_conv2=True),
-        lambda b, x, t: resnet_forward(b, x, t, residual=False),
-        lambda b, x, t: b(x),  # no time embedding at all
-    ],
-    ids=["temb after conv2", "no residual", "no temb"],
-)
-def test_wrong_resnet_fails(wrong, capsys):
-    verdict = checks.check_resnet_forward(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "❌ Exercise 04.2" in out and "Hint:" in out
+def _post_norm(self, x, context):
+    x = self.norm1(x + self.attn1(x))
+    x = self.norm2(x + self.attn2(x, context))
+    return self.norm3(x + self.ff(x))
+
+
+def _attn2_on_pixels(self, x, context):
+    x = x + self.attn1(self.norm1(x))
+    h = self.norm2(x)
+    x = x + self.attn2(h, h)
+    return x + self.ff(self.norm3(x))
+
+
+def _no_attn1_residual(self, x, context):
+    x = self.attn1(self.norm1(x))
+    x = x + self.attn2(self.norm2(x), context)
+    return x + self.ff(self.norm3(x))
+
+
+def _no_attn2_residual(self, x, context):
+    x = x + self.attn1(self.norm1(x))
+    x = self.attn2(self.norm2(x), context)
+    return x + self.ff(self.norm3(x))
+
+
+def _no_ff_residual(self, x, context):
+    x = x + self.attn1(self.norm1(x))
+    x = x + self.attn2(self.norm2(x), context)
+    return self.ff(self.norm3(x))
+
+
+def _cross_first(self, x, context):
+    x = x + self.attn2(self.norm1(x), context)
+    x = x + self.attn1(self.norm2(x))
+    return x + self.ff(self.norm3(x))
+
+
+def _parallel(self, x, context):
+    return (
+        x
+        + self.attn1(self.norm1(x))
+        + self.attn2(self.norm2(x), context)
+        + self.ff(self.norm3(x))
+    )
 
 
 @pytest.mark.parametrize(
-    "wrong",
+    ("wrong", "words"),
     [
-        lambda b, x, c: transformer_block_forward(b, x, c, skip=0),
-        lambda b, x, c: transformer_block_forward(b, x, c, skip=1),
-        lambda b, x, c: transformer_block_forward(b, x, c, skip=2),
-        lambda b, x, c: transformer_block_forward(b, x, c, attn2_context=False),
+        (_post_norm, "post-norm"),
+        (_attn2_on_pixels, "attends to the pixels again"),
+        (_no_attn1_residual, "self-attention's result replaces x"),
+        (_no_attn2_residual, "cross-attention's result replaces x"),
+        (_no_ff_residual, "feed-forward's result replaces x"),
+        (_cross_first, "cross-attention ran before self-attention"),
+        (_parallel, "one after the other"),
     ],
-    ids=["no attn1 residual", "no attn2 residual", "no ff residual", "attn2 on x"],
 )
-def test_wrong_transformer_block_fails(wrong, capsys):
-    verdict = checks.check_transformer_block_forward(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "❌ Exercise 04.3" in out and "Hint:" in out
+def test_transformer_block_mistakes_are_named(wrong, words, answers_home, capsys):
+    _named(checks.check_transformer_block_forward, wrong, words, capsys)
+
+
+def _unet_with(mistake):
+    def wrong(self, sample, timestep, encoder_hidden_states):
+        return checks._unet_forward(
+            self, sample, timestep, encoder_hidden_states, mistake=mistake
+        )
+
+    return wrong
+
+
+@pytest.mark.parametrize(
+    ("mistake", "words"),
+    [
+        ("fifo", "first-in, first-out"),
+        ("skip first", "the skip came first"),
+        ("push before attention", "pushed before its SpatialTransformer"),
+        ("no mid attention", "the middle skipped its SpatialTransformer"),
+        ("no out norm", "without conv_norm_out"),
+        ("silu first", "SiLU ran before conv_norm_out"),
+    ],
+)
+def test_unet_mistakes_are_named(mistake, words, answers_home, capsys):
+    _named(checks.check_unet_forward, _unet_with(mistake), words, capsys)
+
+
+# --- a wrong answer is not kept, an unsolved one gets no hint ---------------------
+
+
+@pytest.mark.parametrize(
+    ("check", "wrong", "part"),
+    [
+        (
+            checks.check_timestep_embedding,
+            lambda t, dim, *a, **k: checks._embedding(t, dim, sign=1.0),
+            "unet:timestep_embedding",
+        ),
+        (
+            checks.check_transformer_block_forward,
+            _post_norm,
+            "spatial_transformer:TransformerBlock.forward",
+        ),
+        (checks.check_unet_forward, _unet_with("fifo"), "unet:UNet.forward"),
+    ],
+)
+def test_a_wrong_answer_is_not_kept(check, wrong, part, answers_home, capsys):
+    right = {e[0]: e[1] for e in EXERCISES}[check]
+    assert check(right)  # kept ...
+    assert not check(wrong)  # ... and forgotten when a later try fails
+    module, name = part.split(":")
+    assert name not in answers.kept(module)
+    fallback = object()
+    assert answers.use(part, fallback) is fallback
+    assert "the package's stands in" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "check",
     [
         checks.check_timestep_embedding,
-        checks.check_resnet_forward,
         checks.check_transformer_block_forward,
+        checks.check_unet_forward,
     ],
 )
-def test_unsolved_exercises_print_a_reminder(check, capsys):
+def test_unsolved_exercises_print_a_reminder_and_no_hint(check, answers_home, capsys):
     verdict = check(unsolved)
     assert isinstance(verdict, Verdict) and not verdict
     out = capsys.readouterr().out
     assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint:" in out
+    assert "Hint" not in out
+
+
+def test_a_forward_that_ignores_the_time_is_not_used(answers_home, capsys):
+    def no_temb(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+    assert not checks.check_resnet_forward(no_temb)
+
+
+def test_hints_come_on_request_one_tier_more_each_time(capsys):
+    assert not checks.check_transformer_block_forward(_post_norm)
+    capsys.readouterr()
+    checks.hint("Exercise 04.2")
+    out = capsys.readouterr().out
+    assert "Hint 2 of 3" in out and "attn2" in out
+
+
+def test_the_kept_answers_are_drop_ins_for_the_package(answers_home, capsys):
+    """What chapter 06 does: install the kept forwards in a UNet of the course's
+    shape; it gives the package's numbers, in float32 and in bfloat16."""
+    for check, right, _ in EXERCISES:
+        assert check(right)
+    kept = {**answers.kept("unet"), **answers.kept("spatial_transformer")}
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = sd.UNet(sd.UNetConfig.tiny()).eval().to(dtype)
+        inputs = (latents.to(dtype), torch.tensor(500), text.to(dtype))
+        with torch.no_grad():
+            expected = model(*inputs)
+            answers.install_forward(model, sd.UNet, kept["UNet.forward"])
+            answers.install_forward(
+                model, TransformerBlock, kept["TransformerBlock.forward"]
+            )
+            actual = model(*inputs)
+        assert model.forward.__func__ is kept["UNet.forward"]
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)

@@ -1,4 +1,6 @@
-"""Chapter 02's exercise checks: right answers pass, typical slips fail, none raise."""
+"""Chapter 02's exercise checks: right answers pass and are kept, every named
+mistake is recognised by name, an untouched exercise gets no hint, a wrong answer
+is not kept, and no check raises."""
 
 from __future__ import annotations
 
@@ -6,194 +8,295 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlearn.checks import Verdict
+from sdlearn import blocks, vae
+from sdlearn import checks as framework
+from sdlearn.checks import Verdict, answers
 from sdlearn.checks import vae as checks
-from sdlearn.vae import DiagonalGaussian
 
 
-def unsolved(*args):
+def unsolved(*args, **kwargs):
     raise NotImplementedError
 
 
-# --- right answers, written as a learner would ---
+# --- right answers, written as a learner would -------------------------------------
 
 
-def resnet_forward(block, x, act=F.silu, shortcut=True, order="norm-act-conv"):
-    def layer(norm, conv, h):
-        if order == "act-norm-conv":
-            return conv(norm(act(h)))
-        if order == "no-affine":  # GroupNorm without its learned scale and shift
-            return conv(act(F.group_norm(h, norm.num_groups, eps=norm.eps)))
-        return conv(act(norm(h)))
-
-    h = layer(block.norm1, block.conv1, x)
-    h = layer(block.norm2, block.conv2, h)
-    if shortcut and block.conv_shortcut is not None:
-        x = block.conv_shortcut(x)
+def resnet_forward(self, x, temb=None):
+    h = self.conv1(F.silu(self.norm1(x)))
+    if self.time_emb_proj is not None:
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+    h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+    if self.conv_shortcut is not None:
+        x = self.conv_shortcut(x)
     return x + h
 
 
-def downsample(conv, x, pad=(0, 1, 0, 1)):
-    return conv(F.pad(x, pad))
+def downsample(conv, x):
+    return conv(F.pad(x, (0, 1, 0, 1)))
 
 
-def sample_and_kl(mean, logvar, noise):
-    std = torch.exp(0.5 * logvar)
-    z = mean + std * noise
-    kl = 0.5 * (mean**2 + std**2 - 1 - logvar).sum(dim=(1, 2, 3))
-    return z, kl
+def encoder_forward(self, x):
+    x = self.conv_in(x)
+    for block in self.down_blocks:
+        for resnet in block.resnets:
+            x = resnet(x)
+        if block.downsamplers is not None:
+            x = block.downsamplers[0](x)
+    x = self.mid_block.resnets[0](x)
+    x = self.mid_block.attentions[0](x)
+    x = self.mid_block.resnets[1](x)
+    return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
-def sample_and_kl_with_package(mean, logvar, noise):
-    posterior = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
-    return posterior.mean + posterior.std * noise, posterior.kl()
+def decoder_forward(self, z):
+    x = self.conv_in(z)
+    x = self.mid_block(x)
+    for block in self.up_blocks:
+        for resnet in block.resnets:
+            x = resnet(x)
+        if block.upsamplers is not None:
+            x = block.upsamplers[0](x)
+    return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
-def test_right_answers_pass(capsys):
-    assert checks.check_resnet_forward(resnet_forward)
-    assert checks.check_resnet_forward(lambda block, x: block(x))
+def sample(self, generator=None):
+    device = self.mean.device if generator is None else generator.device
+    eps = torch.randn(
+        self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype
+    ).to(self.mean.device)
+    return self.mean + self.std * eps
+
+
+def kl(self):
+    return 0.5 * (self.mean**2 + self.var - 1 - self.logvar).sum(dim=(1, 2, 3))
+
+
+# (check, right answer, the package's own, the part it is kept as)
+EXERCISES = [
+    (
+        checks.check_resnet_forward,
+        resnet_forward,
+        blocks.ResnetBlock.forward,
+        checks.RESNET_PART,
+    ),
+    (
+        checks.check_encoder_forward,
+        encoder_forward,
+        vae.Encoder.forward,
+        checks.ENCODER_PART,
+    ),
+    (
+        checks.check_decoder_forward,
+        decoder_forward,
+        vae.Decoder.forward,
+        checks.DECODER_PART,
+    ),
+    (checks.check_sample, sample, vae.DiagonalGaussian.sample, checks.SAMPLE_PART),
+    (checks.check_kl, kl, vae.DiagonalGaussian.kl, checks.KL_PART),
+]
+IDS = ["resnet", "encoder", "decoder", "sample", "kl"]
+
+
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    assert check(package)  # the package's own code is a right answer
+    assert check(right)
+    out = capsys.readouterr().out
+    assert out.count("✅") == 2 and "Kept in" in out
+    module, name = part.split(":")
+    kept = answers.kept(module)[name]
+    assert kept.__name__ == right.__name__
+    # read back from the file (a kernel restart), it passes again and is used
+    used = answers.use(part, package, check)
+    assert answers.is_learners(used)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_downsample_right_answer_passes(capsys):
     assert checks.check_downsample(downsample)
     # the conv's own padding set to 0 explicitly, through the functional form
     assert checks.check_downsample(
         lambda conv, x: F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, 2)
     )
-    assert checks.check_sample_and_kl(sample_and_kl)
-    assert checks.check_sample_and_kl(sample_and_kl_with_package)
-    assert capsys.readouterr().out.count("✅") == 6
+    assert capsys.readouterr().out.count("✅") == 2
 
 
-# --- typical slips ---
+def test_kept_answers_run_the_real_tiny_vae(capsys):
+    for check, right, _, _ in EXERCISES:
+        assert check(right)
+    model = vae.AutoencoderKL.pretrained_tiny()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        expected = model(x).reconstruction
+        kept = answers.kept("blocks") | answers.kept("vae")
+        assert (
+            answers.install_forward(
+                model, blocks.ResnetBlock, kept["ResnetBlock.forward"]
+            )
+            > 0
+        )
+        answers.install_forward(model, vae.Encoder, kept["Encoder.forward"])
+        answers.install_forward(model, vae.Decoder, kept["Decoder.forward"])
+        torch.testing.assert_close(model(x).reconstruction, expected)
+        posterior = model.encode(x)
+        torch.testing.assert_close(
+            kept["DiagonalGaussian.sample"](
+                posterior, torch.Generator().manual_seed(3)
+            ),
+            posterior.sample(torch.Generator().manual_seed(3)),
+        )
+        torch.testing.assert_close(
+            kept["DiagonalGaussian.kl"](posterior), posterior.kl()
+        )
+
+
+# --- every named mistake is recognised by name --------------------------------------
+
+MISTAKES = [
+    (checks.check_resnet_forward, "Exercise 02.1", checks.RESNET_MISTAKES),
+    (checks.check_downsample, "Exercise 02.2", checks.DOWNSAMPLE_MISTAKES),
+    (checks.check_encoder_forward, "Exercise 02.3", checks.ENCODER_MISTAKES),
+    (checks.check_decoder_forward, "Exercise 02.4", checks.DECODER_MISTAKES),
+    (checks.check_sample, "Exercise 02.5", checks.SAMPLE_MISTAKES),
+    (checks.check_kl, "Exercise 02.6", checks.KL_MISTAKES),
+]
+NAMED = [
+    (check, name, message, wrong)
+    for check, name, mistakes in MISTAKES
+    for message, wrong in mistakes.items()
+]
+
+
+def test_every_exercise_names_at_least_two_mistakes():
+    assert all(len(mistakes) >= 2 for _, _, mistakes in MISTAKES)
 
 
 @pytest.mark.parametrize(
-    "wrong",
-    [
-        lambda block, x: resnet_forward(block, x, act=F.relu),
-        lambda block, x: resnet_forward(block, x, order="act-norm-conv"),
-        lambda block, x: resnet_forward(block, x) - x,  # no residual at all
-        lambda block, x: resnet_forward(block, x, order="no-affine"),
-    ],
-    ids=["relu", "norm after activation", "no residual", "norm without affine"],
+    "check, name, message, wrong",
+    NAMED,
+    ids=[f"{n[-4:]}: {m[:40]}" for _, n, m, _ in NAMED],
 )
-def test_wrong_resnet_forward_fails_with_the_reason(wrong, capsys):
-    verdict = checks.check_resnet_forward(wrong)
+def test_each_named_mistake_is_recognised(check, name, message, wrong, capsys):
+    verdict = check(wrong)
     assert isinstance(verdict, Verdict) and not verdict
     out = capsys.readouterr().out
-    assert "❌ Exercise 02.1" in out and "Hint:" in out
+    assert f"❌ {name}" in out and message in out
+    assert "Hint 1 of 3" in out or "Hint 2 of 3" in out or "Hint 3 of 3" in out
 
 
-def test_resnet_forward_without_the_shortcut_conv_names_the_line(capsys):
+# --- a learner's slips, written as a learner would ----------------------------------
+
+
+def test_a_resnet_forward_with_relu_is_named_and_not_kept(answers_home, capsys):
+    def relu_forward(self, x, temb=None):
+        h = self.conv1(F.relu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.relu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.relu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+    assert not checks.check_resnet_forward(relu_forward)
+    assert "ReLU where the block uses SiLU" in capsys.readouterr().out
+    assert "ResnetBlock.forward" not in answers.kept("blocks")
+
+
+def test_a_resnet_forward_without_the_shortcut_conv_names_the_line(capsys):
+    def no_shortcut(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
     # right when the channels stay the same, an error when they change
-    assert not checks.check_resnet_forward(
-        lambda block, x: resnet_forward(block, x, shortcut=False)
-    )
+    assert not checks.check_resnet_forward(no_shortcut)
     out = capsys.readouterr().out
     assert "raised RuntimeError" in out and "return x + h" in out
-    assert "conv_shortcut" in out
 
 
-def test_resnet_failure_message_describes_the_block_briefly(capsys):
-    checks.check_resnet_forward(lambda block, x: x)
+def test_the_resnet_failure_message_describes_the_block_briefly(capsys):
+    checks.check_resnet_forward(lambda self, x, temb=None: x)
     out = capsys.readouterr().out
     assert "ResnetBlock with 8 -> 8 channels" in out
     assert "GroupNorm" not in out  # not the module's many-line repr
 
 
-@pytest.mark.parametrize(
-    "pad, why",
-    [
-        ((1, 1, 1, 1), "wrong values"),  # symmetric padding: same shape, shifted
-        ((1, 0, 1, 0), "wrong values"),  # left and top instead of right and bottom
-        ((0, 0, 0, 0), "expected shape"),  # no padding: one pixel short
-        ((0, 1, 0, 0), "expected shape"),  # only the right column
-    ],
-)
-def test_wrong_downsample_fails_with_the_reason(pad, why, capsys):
-    assert not checks.check_downsample(lambda conv, x: downsample(conv, x, pad))
+def test_an_encoder_that_forgets_the_mid_block_is_named(capsys):
+    def encoder_without_mid(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    assert not checks.check_encoder_forward(encoder_without_mid)
+    assert "the mid block is left out" in capsys.readouterr().out
+
+
+def test_a_sample_with_randn_like_is_named(capsys):
+    def sample_ignoring_generator(self, generator=None):
+        return self.mean + self.std * torch.randn_like(self.mean)
+
+    assert not checks.check_sample(sample_ignoring_generator)
+    assert "draw it with `generator`" in capsys.readouterr().out
+
+
+def test_a_kl_summed_over_everything_is_named(capsys):
+    assert not checks.check_kl(lambda self: kl(self).sum())
     out = capsys.readouterr().out
-    assert "❌ Exercise 02.2" in out and why in out and "Hint:" in out
+    assert "summed over the batch too" in out
 
 
-def test_downsample_with_the_unets_padding_fails(capsys):
-    # padding=1 inside the convolution: what the UNet's Downsample does
-    assert not checks.check_downsample(
-        lambda conv, x: F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
-    )
-    assert "wrong values" in capsys.readouterr().out
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
+    check, right, package, part, capsys
+):
+    module, name = part.split(":")
+    assert check(right)
+    assert name in answers.kept(module)
+
+    def wrong(self, *args):
+        return package(self, *args) * 1.5
+
+    assert not check(wrong)
+    assert name not in answers.kept(module)
+    assert answers.use(part, package, check) is package
+    assert "the package's stands in" in capsys.readouterr().out
 
 
-def std_is_variance(mean, logvar, noise):
-    z = mean + torch.exp(logvar) * noise
-    return z, sample_and_kl(mean, logvar, noise)[1]
+# --- untouched exercises ---------------------------------------------------------
+
+ALL_CHECKS = [
+    checks.check_resnet_forward,
+    checks.check_downsample,
+    checks.check_encoder_forward,
+    checks.check_decoder_forward,
+    checks.check_sample,
+    checks.check_kl,
+]
 
 
-def std_is_logvar(mean, logvar, noise):
-    return mean + logvar * noise, sample_and_kl(mean, logvar, noise)[1]
-
-
-def kl_without_half(mean, logvar, noise):
-    z, kl = sample_and_kl(mean, logvar, noise)
-    return z, 2 * kl
-
-
-def kl_mean_over_values(mean, logvar, noise):
-    z, _ = sample_and_kl(mean, logvar, noise)
-    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean(dim=(1, 2, 3))
-    return z, kl
-
-
-def kl_with_std_for_var(mean, logvar, noise):
-    z, _ = sample_and_kl(mean, logvar, noise)
-    kl = 0.5 * (mean**2 + torch.exp(0.5 * logvar) - 1 - logvar).sum(dim=(1, 2, 3))
-    return z, kl
-
-
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        std_is_variance,
-        std_is_logvar,
-        kl_without_half,
-        kl_mean_over_values,
-        kl_with_std_for_var,
-    ],
-)
-def test_wrong_sample_and_kl_fails_with_the_reason(wrong, capsys):
-    assert not checks.check_sample_and_kl(wrong)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 02.3" in out and "wrong values" in out and "Hint:" in out
-
-
-def test_kl_summed_over_the_batch_too_names_the_shape(capsys):
-    def kl_over_everything(mean, logvar, noise):
-        z, kl = sample_and_kl(mean, logvar, noise)
-        return z, kl.sum()
-
-    assert not checks.check_sample_and_kl(kl_over_everything)
-    out = capsys.readouterr().out
-    assert "value 1: returned shape (), expected shape (2,)" in out
-
-
-def test_sample_and_kl_must_return_two_values(capsys):
-    assert not checks.check_sample_and_kl(lambda mean, logvar, noise: mean)
-    assert "expected 2 values" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    "check",
-    [checks.check_resnet_forward, checks.check_downsample, checks.check_sample_and_kl],
-)
-def test_unsolved_exercises_print_a_reminder(check, capsys):
+@pytest.mark.parametrize("check", ALL_CHECKS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
     verdict = check(unsolved)
     assert isinstance(verdict, Verdict) and not verdict
     out = capsys.readouterr().out
     assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint:" in out
+    assert "Hint" not in out  # no hint before a first try
+
+
+@pytest.mark.parametrize("check", ALL_CHECKS)
+def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check):
+    name = check.__doc__.split(":")[0]  # "Exercise 02.1"
+    check(unsolved)
+    tiers = framework._HINTS[name]  # what the check registered
+    assert len(tiers) == 3
+    assert "self." not in tiers[0] and "F." not in tiers[0] and "(" not in tiers[0]
 
 
 def test_checks_leave_the_global_random_state_alone():
     state = torch.get_rng_state()
     checks.check_resnet_forward(resnet_forward)
     checks.check_downsample(downsample)
-    checks.check_sample_and_kl(sample_and_kl)
+    checks.check_sample(sample)
+    checks.check_kl(kl)
     assert torch.equal(torch.get_rng_state(), state)

@@ -34,6 +34,7 @@ import ast
 import copy
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HEADER = re.compile(r"^# (sdlearn/[\w/]+\.py)::(\w+)\s*$")
+HEADER = re.compile(r"^# (sdlearn/[\w/]+\.py)::(\w+(?:\.\w+)?)\s*$")
 CODE_BEGIN = re.compile(r"^(\s*)# BEGIN SOLUTION\s*$")
 CODE_END = re.compile(r"^\s*# END SOLUTION\s*$")
 MD_SOLUTION = re.compile(
@@ -56,18 +57,29 @@ class NotebookError(ValueError):
 
 
 def object_source(root: Path, module: str, name: str) -> str:
-    """The source of top-level function or class `name` in `root/module`."""
+    """The source of top-level function or class `name` in `root/module`, or of
+    one method, `Class.method` (a listing can show a class's constructor alone
+    when the learner writes its forward)."""
     path = root / module
     if not path.exists():
         raise NotebookError(f"{module} does not exist")
     text = path.read_text()
-    for node in ast.parse(text).body:
+    body, where = ast.parse(text).body, "top-level function or class"
+    *owner, name = name.split(".")
+    if owner:
+        classes = [
+            n for n in body if isinstance(n, ast.ClassDef) and n.name == owner[0]
+        ]
+        if not classes:
+            raise NotebookError(f"{module} has no top-level class {owner[0]!r}")
+        body, where = classes[0].body, f"method in {owner[0]}"
+    for node in body:
         is_def = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
         if is_def and node.name == name:
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             lines = text.splitlines()[start - 1 : node.end_lineno]
-            return "\n".join(lines)
-    raise NotebookError(f"{module} has no top-level function or class {name!r}")
+            return textwrap.dedent("\n".join(lines))
+    raise NotebookError(f"{module} has no {where} {name!r}")
 
 
 def stub_code(source: str, where: str) -> str:
@@ -246,6 +258,57 @@ def noisy_outputs(root: Path) -> list[str]:
     return problems
 
 
+def course_lines(root: Path) -> dict[str, tuple[int, int]]:
+    """Per chapter, the lines the learner writes (between the answer markers of
+    its solution) and the lines of package listings it shows (cells that start
+    with a `# sdlearn/...` header)."""
+    table = {}
+    for path in sorted((root / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        written = listed = 0
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            lines = cell.source.splitlines()
+            if lines and HEADER.match(lines[0]):
+                listed += len(lines) - 1
+            inside = False
+            for line in lines:
+                if CODE_BEGIN.match(line):
+                    inside = True
+                elif CODE_END.match(line):
+                    inside = False
+                elif inside and line.strip():
+                    written += 1
+        table[path.stem] = (written, listed)
+    return table
+
+
+def lines_table(root: Path) -> str:
+    """`course_lines` as the markdown table CONTRIBUTING shows."""
+    rows = ["| chapter | lines you write | lines of listings |", "|---|---:|---:|"]
+    table = course_lines(root)
+    for name, (written, listed) in table.items():
+        rows.append(f"| {name} | {written} | {listed} |")
+    total_written = sum(w for w, _ in table.values())
+    total_listed = sum(listed for _, listed in table.values())
+    rows.append(f"| all | {total_written} | {total_listed} |")
+    return "\n".join(rows)
+
+
+LINES_BLOCK = re.compile(r"(<!-- lines -->\n)(?:.*?\n)?(<!-- /lines -->)", flags=re.S)
+
+
+def lines_drift(root: Path) -> list[str]:
+    """CONTRIBUTING's table of lines, if it is not the one the chapters give."""
+    path = root / "CONTRIBUTING.md"
+    text = path.read_text() if path.exists() else ""
+    match = LINES_BLOCK.search(text)
+    if match is None:
+        return []
+    expected = LINES_BLOCK.sub(lambda m: m[1] + lines_table(root) + "\n" + m[2], text)
+    return [] if expected == text else ["CONTRIBUTING.md's table of lines is stale"]
+
+
 def execute(path: Path, timeout: int = 600) -> float:
     """Runs a notebook top to bottom in a fresh kernel and stores its outputs."""
     from nbclient import NotebookClient
@@ -264,6 +327,13 @@ def execute(path: Path, timeout: int = 600) -> float:
 
 
 def build(root: Path, run: list[str] | None) -> None:
+    contributing = root / "CONTRIBUTING.md"
+    if contributing.exists() and lines_drift(root):
+        text = contributing.read_text()
+        table = lines_table(root)
+        table_block = LINES_BLOCK.sub(lambda m: m[1] + table + "\n" + m[2], text)
+        contributing.write_text(table_block)
+        print("wrote CONTRIBUTING.md's table of lines")
     for path, text in planned(root).items():
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text() != text:
@@ -291,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             build(args.root, args.names if args.execute else None)
             return 0
-        problems = drift(args.root)
+        problems = drift(args.root) + lines_drift(args.root)
         noise = noisy_outputs(args.root)
     except NotebookError as error:
         print(f"error: {error}", file=sys.stderr)

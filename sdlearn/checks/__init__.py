@@ -14,13 +14,15 @@ Each chapter's checks live in a submodule named like the chapter's module:
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from sdlearn.checks import answers
 
 
 class Verdict:
@@ -62,6 +64,8 @@ class Case:
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if " at 0x" in repr(value):  # an object with no repr of its own: its kind
+        return f"a {type(value).__name__}"
     return f"{type(value).__name__} {value!r}"[:200]
 
 
@@ -116,6 +120,57 @@ def compare_values(actual: Any, expected: Any, atol: float, rtol: float) -> str 
     return None
 
 
+# failed tries per exercise, this session: how far into its hints to go
+_FAILED_TRIES: dict[str, int] = {}
+# the hints of every exercise checked so far, for `hint(name)`
+_HINTS: dict[str, list[str]] = {}
+
+
+def forget_tries() -> None:
+    """Start every exercise's hints over, as a new session does."""
+    _FAILED_TRIES.clear()
+
+
+def hint(name: str) -> None:
+    """Print the next hint of an exercise ("Exercise 01.1"), on request."""
+    tiers = _HINTS.get(name, [])
+    if not tiers:
+        print(f"{name} has no hints (run its check first).")
+        return
+    _FAILED_TRIES[name] = _FAILED_TRIES.get(name, 0) + 1
+    _print_hint(name)
+
+
+def _print_hint(name: str) -> None:
+    tiers = _HINTS.get(name, [])
+    tries = _FAILED_TRIES.get(name, 0)
+    if not tiers or tries == 0:
+        return
+    level = min(tries, len(tiers))
+    label = "Hint" if len(tiers) == 1 else f"Hint {level} of {len(tiers)}"
+    print(f"   {label}: {tiers[level - 1]}")
+    if level < len(tiers):
+        print(f'   (another failed try, or checks.hint("{name}"), shows the next)')
+
+
+def _named_mistake(
+    actual: Any,
+    case: Case,
+    mistakes: Mapping[str, Callable],
+    atol: float,
+    rtol: float,
+) -> str | None:
+    """The message of the first known mistake whose result `actual` equals."""
+    for message, wrong in mistakes.items():
+        try:
+            expected = wrong(*case.args, **case.kwargs)
+        except Exception:  # a mistake that cannot run on this case
+            continue
+        if compare_values(actual, expected, atol, rtol) is None:
+            return message
+    return None
+
+
 def check(
     name: str,
     fn: Callable,
@@ -124,51 +179,86 @@ def check(
     atol: float = 1e-5,
     rtol: float = 1.3e-6,
     compare: Callable[[Any, Case], str | None] | None = None,
+    *,
+    hints: Sequence[str] = (),
+    mistakes: Mapping[str, Callable] | None = None,
+    keep: str | None = None,
 ) -> Verdict:
     """Runs `fn` on every case and prints whether it matches the reference.
+
+    An untouched exercise (`raise NotImplementedError`) gets a reminder and no
+    hint. A wrong answer is named when it is a known mistake, and each failed
+    try shows one hint more: the idea first, code last.
 
     Args:
         name: the exercise, as the chapter numbers it, e.g. "Exercise 00.1".
         fn: the learner's function.
         cases: inputs with the expected results.
-        hint: printed when the exercise fails, to point the way.
+        hint: one hint (older checks); `hints` takes tiers.
         atol, rtol: tolerances for tensors, as in `torch.testing.assert_close`.
         compare: `(actual, case) -> problem or None`, for an exercise whose
             mistakes are best described another way than by a max error.
+        hints: hints in tiers, shown one more per failed try.
+        mistakes: {what the mistake is: a function that makes it}, run on the
+            same arguments; a wrong answer equal to one of them is named.
+        keep: the part of the package `fn` stands for, "attention:Attention.forward"
+            (module, colon, function or Class.method): a passing `fn` is kept
+            in the learner's answers file, and later chapters run it
+            (`checks.answers`); a failing one is not, and an earlier answer
+            to it is forgotten: the learner's answer is still wrong.
 
     Returns:
         A `Verdict`, true when every case matches. Never raises.
     """
+    _HINTS[name] = list(hints) or ([hint] if hint else [])
     what = f"{name} ({getattr(fn, '__name__', 'your function')})"
+
+    def failed(message: str) -> Verdict:
+        print(message)
+        _FAILED_TRIES[name] = _FAILED_TRIES.get(name, 0) + 1
+        _print_hint(name)
+        if keep is not None:
+            # still wrong: the package's version stands in later, not an
+            # earlier answer the learner has since changed
+            answers.forget(keep)
+        return Verdict(False)
+
     for i, case in enumerate(cases):
         try:
             actual = fn(*case.args, **case.kwargs)
         except NotImplementedError:
             print(f"⏳ {what} is not done yet: replace `raise NotImplementedError`.")
-            if hint:
-                print(f"   Hint: {hint}")
             return Verdict(False)
         except Exception as error:  # the learner's code may fail in any way
             frame = traceback.extract_tb(error.__traceback__)[-1]
-            print(
+            return failed(
                 f"❌ {what} raised {type(error).__name__}: {error}\n"
                 f"   at line {frame.lineno}: {frame.line}"
             )
-            if hint:
-                print(f"   Hint: {hint}")
-            return Verdict(False)
         if compare is None:
             problem = compare_values(actual, case.expected, atol, rtol)
         else:
             problem = compare(actual, case)
+        if problem and mistakes:
+            problem = _named_mistake(actual, case, mistakes, atol, rtol) or problem
         if problem:
             inputs = ", ".join(_describe(a) for a in case.args)
-            print(f"❌ {what} on case {i + 1} of {len(cases)} ({inputs}): {problem}.")
-            if hint:
-                print(f"   Hint: {hint}")
-            return Verdict(False)
+            return failed(
+                f"❌ {what} on case {i + 1} of {len(cases)} ({inputs}): {problem}."
+            )
     print(f"✅ {what} matches the reference on {len(cases)} cases.")
+    if keep is not None:
+        _keep(keep, fn, name)
     return Verdict(True)
+
+
+def _keep(part: str, fn: Callable, exercise: str) -> None:
+    """Keep a passing answer, and say where; never raises."""
+    try:
+        path = answers.keep(part, fn, exercise=exercise)
+        print(f"   Kept in {answers.shown(path)}: later chapters run your code.")
+    except (OSError, TypeError) as error:  # no source (a lambda), no disk
+        print(f"   (not kept: {error})")
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
