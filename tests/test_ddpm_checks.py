@@ -1,173 +1,160 @@
-"""Chapter 05's exercise checks: right answers pass, typical slips fail, none raise."""
+"""Chapter 05's exercise checks: right answers pass and are kept, each named
+mistake is named, an untouched exercise gets no hint, and a wrong answer is not
+kept."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
+from sdlearn.checks import answers
 from sdlearn.checks import ddpm as checks
+from sdlearn.schedulers import common
+from sdlearn.schedulers.ddpm import DDPMScheduler
 from tests.helpers import assert_refused, assert_unsolved_never_raise
 
 # --- right answers, written as a learner would ---
 
 
-def add_noise(x0, noise, t, alphas_cumprod):
-    alpha_bar_t = alphas_cumprod[t].view(-1, 1, 1, 1)
-    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise
+def add_noise(alphas_cumprod, original_samples, noise, timesteps):
+    alpha_bar_t = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    return alpha_bar_t.sqrt() * original_samples + (1 - alpha_bar_t).sqrt() * noise
 
 
-def alpha_bars(t, alphas_cumprod):
-    alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0)
-    return alphas_cumprod[t], alpha_bar_prev
+def ddpm_step(self, model_output, timestep, sample, generator=None):
+    from sdlearn.schedulers.ddpm import DDPMSchedulerOutput
 
-
-def posterior(x0, x_t, t, alphas_cumprod):
-    alpha_bar_t, alpha_bar_prev = alpha_bars(t, alphas_cumprod)
+    t = int(timestep)
+    prev_t = self.previous_timestep(t)
+    alpha_bar_t = self.alphas_cumprod[t]
+    alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
     alpha_t = alpha_bar_t / alpha_bar_prev
     beta_t = 1 - alpha_t
+    x0 = (sample - (1 - alpha_bar_t).sqrt() * model_output) / alpha_bar_t.sqrt()
+    if self.config.clip_sample:
+        bound = self.config.clip_sample_range
+        x0 = x0.clamp(-bound, bound)
     mean = (
         alpha_bar_prev.sqrt() * beta_t / (1 - alpha_bar_t) * x0
-        + alpha_t.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * x_t
+        + alpha_t.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * sample
     )
-    variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
-    return mean, variance
+    if prev_t >= 0:  # no draw on the last step: allowed, its variance is 0
+        noise = torch.randn(model_output.shape, generator=generator)
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
+        mean = mean + variance.sqrt() * noise
+    return DDPMSchedulerOutput(prev_sample=mean, pred_original_sample=x0)
 
 
-def reverse_step(eps, t, x_t, alphas_cumprod, noise):
-    alpha_bar_t = alphas_cumprod[t]
-    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
-    mean, variance = posterior(x0, x_t, t, alphas_cumprod)
-    return mean + variance.sqrt() * noise
-
-
-def reverse_step_eq11(eps, t, x_t, alphas_cumprod, noise):
-    # Algorithm 2 of Ho et al. 2020: the same step without x0 in between
-    alpha_bar_t, alpha_bar_prev = alpha_bars(t, alphas_cumprod)
-    alpha_t = alpha_bar_t / alpha_bar_prev
-    beta_t = 1 - alpha_t
-    mean = (x_t - beta_t / (1 - alpha_bar_t).sqrt() * eps) / alpha_t.sqrt()
-    variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
-    return mean + variance.sqrt() * noise
-
-
-def test_right_answers_pass(capsys):
+def test_right_answers_pass_and_are_kept(answers_home, capsys):
     assert checks.check_add_noise(add_noise)
-    assert checks.check_posterior(posterior)
-    assert checks.check_reverse_step(reverse_step)
-    assert checks.check_reverse_step(reverse_step_eq11)
-    assert capsys.readouterr().out.count("✅") == 4
+    assert checks.check_ddpm_step(ddpm_step)
+    out = capsys.readouterr().out
+    assert out.count("✅") == 2 and "Hint" not in out
+    kept = answers.kept("ddpm")
+    assert set(kept) == {"add_noise", "DDPMScheduler.step"}
+    # the kept copies run on their own, as the chapter (and chapter 06) use them
+    used = answers.use(checks.ADD_NOISE_PART, common.add_noise, checks.check_add_noise)
+    assert answers.is_learners(used)
+    step = answers.use(checks.STEP_PART, DDPMScheduler.step, checks.check_ddpm_step)
+    assert answers.is_learners(step)
 
 
-def test_references_are_the_papers_formulas():
-    # the check's references, read off DDPMScheduler.step, against eq. 7 in float64
-    for name in checks.SCHEDULES:
-        alphas_cumprod = checks.scheduler(name).alphas_cumprod
-        # not t = 1...49, where float32 rounding alone reaches 2e-4 (see the module)
-        for t in (0, 50, 500, 999):
-            x0, x_t = torch.randn(2, *checks.SHAPE, dtype=torch.float64)
-            mean, variance = posterior(x0, x_t, t, alphas_cumprod.double())
-            torch.testing.assert_close(
-                checks.posterior_mean(name, x0.float(), x_t.float(), t),
-                mean.float(),
-                atol=1e-5,
-                rtol=1e-5,
-            )
-            torch.testing.assert_close(
-                checks.posterior_variance(name, t), variance.float()
-            )
+def test_the_kept_step_samples_as_the_package_does(answers_home):
+    assert checks.check_ddpm_step(ddpm_step)
+    step = answers.kept("ddpm")["DDPMScheduler.step"]
+    loops = []
+    for fn in (DDPMScheduler.step, step):
+        scheduler = DDPMScheduler(**checks.PIXEL_SETTINGS)
+        scheduler.set_timesteps(20)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 8, 8, generator=g)
+        for t in scheduler.timesteps:
+            x = fn(scheduler, torch.tanh(x) * 0.5, t, x, g).prev_sample
+        loops.append(x)
+    torch.testing.assert_close(loops[1], loops[0], atol=1e-5, rtol=1e-5)
 
 
-# --- typical slips ---
+def test_the_checks_step_without_a_mistake_is_the_packages():
+    for case in checks._step_cases():
+        actual = checks._run(checks.reference_step)(*case.args)
+        for a, e in zip(actual, case.expected, strict=True):
+            torch.testing.assert_close(a, e)
 
 
-def add_noise_without_sqrt(x0, noise, t, alphas_cumprod):
-    alpha_bar_t = alphas_cumprod[t].view(-1, 1, 1, 1)
-    return alpha_bar_t * x0 + (1 - alpha_bar_t) * noise
+# --- the named mistakes: each one made, each one named ---
 
 
-def add_noise_off_by_one(x0, noise, t, alphas_cumprod):
-    return add_noise(x0, noise, t - 1, alphas_cumprod)
+@pytest.mark.parametrize("message", list(checks.ADD_NOISE_MISTAKES))
+def test_add_noise_mistakes_are_named(answers_home, capsys, message):
+    wrong = checks.ADD_NOISE_MISTAKES[message]
+    out = assert_refused(checks.check_add_noise, wrong, capsys)
+    assert message in out
+    assert "add_noise" not in answers.kept("ddpm")
 
 
-def add_noise_with_alpha(x0, noise, t, alphas_cumprod):
-    # alpha_t = 1 - beta_t, the one step's keep rate, instead of alpha_bar_t
-    previous = torch.cat([torch.ones(1), alphas_cumprod[:-1]])
-    alpha_t = (alphas_cumprod / previous)[t].view(-1, 1, 1, 1)
-    return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+@pytest.mark.parametrize("message", list(checks.STEP_MISTAKES))
+def test_step_mistakes_are_named(answers_home, capsys, message):
+    wrong = checks.STEP_MISTAKES[message].__wrapped__  # a step, as a learner's
+
+    out = assert_refused(checks.check_ddpm_step, wrong, capsys)
+    assert message in out
+    assert "DDPMScheduler.step" not in answers.kept("ddpm")
 
 
-def posterior_with_alpha_bar(x0, x_t, t, alphas_cumprod):
-    # sqrt(alpha_bar_t) where eq. 7 has sqrt(alpha_t)
-    alpha_bar_t, alpha_bar_prev = alpha_bars(t, alphas_cumprod)
-    beta_t = 1 - alpha_bar_t / alpha_bar_prev
-    mean = (
-        alpha_bar_prev.sqrt() * beta_t / (1 - alpha_bar_t) * x0
-        + alpha_bar_t.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * x_t
+def _without_noise(self, model_output, timestep, sample, generator=None):
+    return checks.reference_step(
+        self, model_output, timestep, sample, mistake="no noise"
     )
-    return mean, (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
 
 
-def posterior_off_by_one(x0, x_t, t, alphas_cumprod):
-    # reads alpha_bar_{t-1} at index t and alpha_bar_t at index t + 1
-    padded = torch.cat([alphas_cumprod, alphas_cumprod[-1:]])
-    return posterior(x0, x_t, t + 1, padded)
-
-
-def posterior_wrapping_at_zero(x0, x_t, t, alphas_cumprod):
-    # alphas_cumprod[t - 1] at t = 0 is the last entry, not 1
-    alpha_bar_t, alpha_bar_prev = alphas_cumprod[t], alphas_cumprod[t - 1]
-    alpha_t = alpha_bar_t / alpha_bar_prev
-    beta_t = 1 - alpha_t
-    mean = (
-        alpha_bar_prev.sqrt() * beta_t / (1 - alpha_bar_t) * x0
-        + alpha_t.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * x_t
+def _global_noise(self, model_output, timestep, sample, generator=None):
+    return checks.reference_step(
+        self, model_output, timestep, sample, torch.Generator().manual_seed(123)
     )
-    return mean, (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
 
 
-def reverse_step_fixed_large(eps, t, x_t, alphas_cumprod, noise):
-    alpha_bar_t, alpha_bar_prev = alpha_bars(t, alphas_cumprod)
-    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
-    mean, _ = posterior(x0, x_t, t, alphas_cumprod)
-    return mean + (1 - alpha_bar_t / alpha_bar_prev).sqrt() * noise
+def _draws_twice(self, model_output, timestep, sample, generator=None):
+    out = checks.reference_step(self, model_output, timestep, sample, generator)
+    torch.randn(model_output.shape, generator=generator)
+    return out
 
 
-def reverse_step_clipped(eps, t, x_t, alphas_cumprod, noise):
-    alpha_bar_t = alphas_cumprod[t]
-    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
-    mean, variance = posterior(x0.clamp(-1, 1), x_t, t, alphas_cumprod)
-    return mean + variance.sqrt() * noise
-
-
-def reverse_step_without_noise(eps, t, x_t, alphas_cumprod, noise):
-    return reverse_step(eps, t, x_t, alphas_cumprod, torch.zeros_like(noise))
+def _a_tensor(self, model_output, timestep, sample, generator=None):
+    return checks.reference_step(
+        self, model_output, timestep, sample, generator
+    ).prev_sample
 
 
 @pytest.mark.parametrize(
-    ("check", "wrong"),
+    ("wrong", "words"),
     [
-        ("check_add_noise", add_noise_without_sqrt),
-        ("check_add_noise", add_noise_off_by_one),
-        ("check_add_noise", add_noise_with_alpha),
-        ("check_posterior", posterior_with_alpha_bar),
-        ("check_posterior", posterior_off_by_one),
-        ("check_posterior", posterior_wrapping_at_zero),
-        ("check_reverse_step", reverse_step_fixed_large),
-        ("check_reverse_step", reverse_step_clipped),
-        ("check_reverse_step", reverse_step_without_noise),
+        (_without_noise, "the posterior mean alone"),
+        (_global_noise, "not the generator's draw"),
+        (_draws_twice, "a different number of times"),
+        (_a_tensor, "return DDPMSchedulerOutput"),
     ],
     ids=lambda v: getattr(v, "__name__", v),
 )
-def test_typical_slips_fail_with_a_hint(capsys, check, wrong):
-    assert_refused(getattr(checks, check), wrong, capsys)
+def test_other_step_slips_are_described(answers_home, capsys, wrong, words):
+    out = assert_refused(checks.check_ddpm_step, wrong, capsys)
+    assert words in out
 
 
-def test_posterior_wants_a_tuple():
-    assert not checks.check_posterior(lambda x0, x_t, t, ac: x0)
+def test_a_wrong_answer_replaces_a_kept_one(answers_home, capsys):
+    assert checks.check_ddpm_step(ddpm_step)
+    wrong = functools.partial(checks.reference_step, mistake="fixed_large")
+    wrong.__name__ = "ddpm_step"
+    assert not checks.check_ddpm_step(wrong)
+    assert "DDPMScheduler.step" not in answers.kept("ddpm")
+    step = answers.use(checks.STEP_PART, DDPMScheduler.step, checks.check_ddpm_step)
+    assert step is DDPMScheduler.step
+    assert "the package's stands in" in capsys.readouterr().out
 
 
-def test_unsolved_exercises_never_raise(capsys):
+def test_unsolved_exercises_never_raise_nor_hint(answers_home, capsys):
     assert_unsolved_never_raise(
-        [checks.check_add_noise, checks.check_posterior, checks.check_reverse_step],
-        capsys,
+        [checks.check_add_noise, checks.check_ddpm_step], capsys
     )
+    assert answers.kept("ddpm") == {}
