@@ -217,10 +217,11 @@ def check(
         print(message)
         _FAILED_TRIES[name] = _FAILED_TRIES.get(name, 0) + 1
         _print_hint(name)
-        if keep is not None:
-            # still wrong: the package's version stands in later, not an
-            # earlier answer the learner has since changed
-            answers.forget(keep)
+        # still wrong: the package's version stands in later, not an earlier
+        # answer the learner has since changed
+        if keep is not None and answers.forget(keep):
+            print("   Your earlier answer, kept when it passed, is set aside: the")
+            print("   package's version stands in until this check passes again.")
         return Verdict(False)
 
     for i, case in enumerate(cases):

@@ -123,11 +123,15 @@ def keep(part: str, fn: Callable, exercise: str = "") -> Path:
     return path
 
 
-def forget(part: str) -> None:
-    """Remove a kept answer (a check that fails again calls this)."""
+def forget(part: str) -> bool:
+    """Remove a kept answer (a check that fails again calls this); true when
+    there was one."""
     path, name = _split(part)
-    if path.exists():
-        path.write_text(_without(path.read_text(), name))
+    if not path.exists():
+        return False
+    text = path.read_text()
+    path.write_text(_without(text, name))
+    return any(m["part"] == name for m in BLOCK.finditer(text))
 
 
 # answers files whose package module is not sdlearn.<name>
