@@ -157,3 +157,26 @@ def test_two_parts_with_the_same_function_name_keep_their_own(answers_home):
     kept = answers.kept("toy")
     assert kept["One.forward"](None, 0) == 1 and kept["Two.forward"](None, 0) == 2
     assert "\n\n\n\n" not in (answers_home / "toy.py").read_text()
+
+
+def test_checking_a_kept_answer_again_leaves_the_file_as_it_was(answers_home):
+    import inspect
+
+    def my_scale(x):
+        return x / math.sqrt(x.shape[-1])
+
+    assert _check_scaled(my_scale, keep="toy:scale")
+
+    def other(x):
+        return x
+
+    answers.keep("toy:other", other)
+    before = (answers_home / "toy.py").read_text()
+    for _ in range(2):  # a later chapter's answers.use re-checks it
+        used = answers.use(
+            "toy:scale", _scaled, lambda fn: _check_scaled(fn, keep="toy:scale")
+        )
+        assert answers.is_learners(used)
+    assert (answers_home / "toy.py").read_text() == before
+    # and a kept function's source is its own, read from the file
+    assert inspect.getsource(answers.kept("toy")["other"]).startswith("def other(x):")

@@ -166,7 +166,10 @@ def kept(module: str) -> dict[str, Callable]:
         # name (two `forward`s) each keep their own
         exec(compile(BLOCK.sub("", text), str(path), "exec"), namespace.__dict__)
         for block in BLOCK.finditer(text):
-            exec(compile(block["source"], str(path), "exec"), namespace.__dict__)
+            # padded to its place in the file, so that its line numbers (in a
+            # traceback, in inspect.getsource) are the file's
+            padded = "\n" * text[: block.start("source")].count("\n") + block["source"]
+            exec(compile(padded, str(path), "exec"), namespace.__dict__)
             found[block["part"]] = namespace.__dict__.get(block["name"])
     except Exception as error:  # the learner's file: anything can be wrong in it
         print(
@@ -199,7 +202,7 @@ def use(
         print(f"ℹ️ {name}: no answer of yours is kept; the package's stands in")
         return fallback
     if check is not None:
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
+        with contextlib.redirect_stdout(io.StringIO()) as printed, replaying():
             passed = bool(check(answer))
         if not passed:
             # the check's verdict says why: often a name the notebook had and
@@ -215,6 +218,25 @@ def use(
             return fallback
     answer.__sdlearn_learners__ = True
     return answer
+
+
+_REPLAYING = [False]
+
+
+@contextlib.contextmanager
+def replaying():
+    """While a kept answer is checked again, the check neither keeps nor
+    forgets anything: the file stays as the learner's own checks left it."""
+    _REPLAYING[0] = True
+    try:
+        yield
+    finally:
+        _REPLAYING[0] = False
+
+
+def is_replaying() -> bool:
+    """Whether a check now runs a kept answer again (see `replaying`)."""
+    return _REPLAYING[0]
 
 
 def is_learners(fn: Callable) -> bool:
