@@ -59,6 +59,7 @@ def _choose_scheduler(pipe, args: argparse.Namespace) -> None:
 
 
 def tour(args: argparse.Namespace) -> int:
+    """`sdlearn tour`: print the four parts and draw a grid of the shapes dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +163,7 @@ def _train_config(name: str, args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> int:
+    """`sdlearn train STAGE`: train a stage (or all three) into a run folder."""
     from sdlearn.fine_tune_io import shipped_fine_tune_files
     from sdlearn.fine_tuning import FINE_TUNES
     from sdlearn.stages import STAGES, check_can_ship, shipped_files
@@ -260,6 +262,7 @@ def _shipped_file(value: str, method: str) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
+    """`sdlearn generate PROMPT`: draw images and print the PNGs' paths."""
     import torch
     from PIL import Image
 
@@ -318,6 +321,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    """`sdlearn evaluate`: score a model on the evaluation prompts, print a table."""
     import statistics
     import time
 
@@ -375,6 +379,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `sdlearn` command; errors print one line and return 1."""
     args = build_parser().parse_args(argv)
     if args.command == "train" and args.out is None:
         args.out = "runs" if args.stage == "all" else f"runs/{args.stage}"

@@ -26,6 +26,7 @@ SCHEDULER_NAMES = {
 
 
 def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
@@ -33,6 +34,7 @@ def positive(text: str) -> int:
 
 
 def non_negative(text: str) -> int:
+    """argparse type: an integer of at least 0."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
@@ -311,6 +313,7 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+# the `sdlearn` command's parser: one subcommand each, every option with its default
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlearn", description="Stable Diffusion from scratch in PyTorch."
