@@ -30,6 +30,7 @@ CHAPTERS: dict[str, int] = {
     "interop.clip": 3,
     "checks.tokenizer": 3,
     "checks.clip": 3,
+    "checks.contrastive": 3,
     "spatial_transformer": 4,  # where the UNet reads the text
     "unet": 4,  # the noise predictor
     "interop.unet": 4,

@@ -61,7 +61,7 @@ _WHITESPACE = (
     "\t\n\x0b\x0c\r \x85\xa0\u1680"  # ASCII, next line, no-break, ogham
     "\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # typographic spaces, separators
 )
-_WHITESPACE_RUN = re.compile(f"[{_WHITESPACE}]+")
+WHITESPACE_RUN = re.compile(f"[{_WHITESPACE}]+")
 _SPECIAL_TOKEN = re.compile(f"({re.escape(BOS_TOKEN)}|{re.escape(EOS_TOKEN)})")
 
 
@@ -197,7 +197,7 @@ def clean_text(text: str) -> str:
         replaced by one space, lower-cased.
     """
     text = unicodedata.normalize("NFC", text)
-    text = _WHITESPACE_RUN.sub(" ", text)
+    text = WHITESPACE_RUN.sub(" ", text)
     # Character by character, as Rust's tokenizers does: str.lower() turns a
     # word-final "Σ" into "ς", transformers gives "σ".
     return "".join(ch.lower() for ch in text)
@@ -462,6 +462,17 @@ class CLIPTokenizer:
             )
         if not prompts:
             raise ValueError("expected at least one prompt, got an empty list")
+        return self.encode_batch(prompts)
+
+    def encode_batch(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The (B, 77) layout: start, tokens cut to 75, end, then padding.
+
+        Args:
+            prompts: B prompts.
+
+        Returns:
+            LongTensor of shape (B, 77).
+        """
         B, T = len(prompts), self.model_max_length
         ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)  # (B, T)
         for row, prompt in enumerate(prompts):

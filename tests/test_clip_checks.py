@@ -187,7 +187,7 @@ def test_bpe_mistakes_are_named(message, capsys):
 
     assert not checks.check_bpe(my_bpe)
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.1" in out and message in out
+    assert "❌ Exercise 03.3" in out and message in out
 
 
 @pytest.mark.parametrize("message", list(checks.LAYER_MISTAKES))
@@ -199,7 +199,7 @@ def test_layer_mistakes_are_named(message, capsys):
 
     assert not checks.check_encoder_layer(my_forward)
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.2" in out and message in out
+    assert "❌ Exercise 03.7" in out and message in out
 
 
 @pytest.mark.parametrize("message", list(checks.ENCODER_MISTAKES))
@@ -211,7 +211,7 @@ def test_encoder_mistakes_are_named(message, capsys):
 
     assert not checks.check_text_encoder(my_forward)
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.3" in out and message in out
+    assert "❌ Exercise 03.8" in out and message in out
 
 
 @pytest.mark.parametrize("message", list(checks.POOLED_MISTAKES))
@@ -223,7 +223,7 @@ def test_pooled_mistakes_are_named(message, capsys):
 
     assert not checks.check_pooled(my_pooled)
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.4" in out and message in out
+    assert "❌ Exercise 03.9" in out and message in out
 
 
 @pytest.mark.parametrize("message", list(checks.LOGITS_MISTAKES))
@@ -235,14 +235,14 @@ def test_logits_mistakes_are_named(message, capsys):
 
     assert not checks.check_clip_logits(my_forward)
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.5" in out and message in out
+    assert "❌ Exercise 03.12" in out and message in out
 
 
 @pytest.mark.parametrize("message", list(checks.INFO_NCE_MISTAKES))
 def test_info_nce_mistakes_are_named(message, capsys):
     assert not checks.check_info_nce(checks.INFO_NCE_MISTAKES[message])
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.6" in out and message in out
+    assert "❌ Exercise 03.13" in out and message in out
 
 
 def test_every_exercise_names_two_mistakes_and_has_three_hints():
@@ -344,7 +344,7 @@ def test_a_failing_forward_shows_its_error_and_a_short_message(capsys):
 
     assert not checks.check_encoder_layer(broken)
     out = capsys.readouterr().out
-    assert "❌ Exercise 03.2 (broken) raised" in out and len(out) < 2000
+    assert "❌ Exercise 03.7 (broken) raised" in out and len(out) < 2000
 
     assert not checks.check_bpe(lambda word, ranks: tuple(word))
     out = capsys.readouterr().out

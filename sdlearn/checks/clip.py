@@ -1,6 +1,7 @@
-"""Checks for chapter 03's exercises: the BPE merge loop, the text encoder's
-layer and its forward pass, the pooled vector, the tiny CLIP's logits, CLIP's
-contrastive loss.
+"""Checks for chapter 03's exercises: the text encoder's layer and its forward
+pass, the pooled vector, the tiny CLIP's logits, CLIP's contrastive loss (the
+tokenizer's are in sdlearn.checks.tokenizer, the MLP's and the tiny CLIP's
+towers, step and zero-shot classification in sdlearn.checks.contrastive).
 
 The references are sdlearn's own `bpe`, `CLIPEncoderLayer`, `CLIPTextModel`,
 `ContrastiveCLIP` and `clip_loss`, which the test suite holds to transformers'
@@ -24,7 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.checks import Case, Verdict, check, randn, seeded
-from sdlearn.checks.tokenizer import check_bpe  # noqa: F401  (the chapter calls it here)
+from sdlearn.checks.tokenizer import (  # noqa: F401  (the chapter calls them here)
+    check_bpe,
+    check_bytes_to_unicode,
+    check_clean_text,
+    check_encode_batch,
+    check_tokenize,
+)
 from sdlearn.clip import (
     CLIPEncoderLayer,
     CLIPTextConfig,
@@ -48,7 +55,7 @@ class Inputs:
         return self.description
 
 
-# --- Exercise 03.2: the text encoder's layer ----------------------------------------
+# --- Exercise 03.7: the text encoder's layer ----------------------------------------
 
 # (config, B, T, lengths of the prompts or None for no padding mask, seed)
 LAYER_CASES = [
@@ -88,7 +95,7 @@ def _layer_cases() -> list[Case]:
     return cases
 
 
-def _run_on(fn: Callable) -> Callable:
+def run_on(fn: Callable) -> Callable:
     """The learner's forward, run as a method of the case's module."""
 
     @functools.wraps(fn)
@@ -180,11 +187,11 @@ LAYER_HINTS = (
 
 
 def check_encoder_layer(fn: Callable) -> Verdict:
-    """Exercise 03.2: the forward of `CLIPEncoderLayer`, written as a function
+    """Exercise 03.7: the forward of `CLIPEncoderLayer`, written as a function
     taking `self` (kept as "clip:CLIPEncoderLayer.forward")."""
     return check(
-        "Exercise 03.2",
-        _run_on(fn),
+        "Exercise 03.7",
+        run_on(fn),
         _layer_cases(),
         hints=LAYER_HINTS,
         mistakes=LAYER_MISTAKES,
@@ -192,7 +199,7 @@ def check_encoder_layer(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 03.3: the text encoder ----------------------------------------------
+# --- Exercise 03.8: the text encoder ----------------------------------------------
 
 
 def _encoder_cases() -> list[Case]:
@@ -281,11 +288,11 @@ ENCODER_HINTS = (
 
 
 def check_text_encoder(fn: Callable) -> Verdict:
-    """Exercise 03.3: the forward of `CLIPTextModel`, written as a function
+    """Exercise 03.8: the forward of `CLIPTextModel`, written as a function
     taking `self` (kept as "clip:CLIPTextModel.forward")."""
     return check(
-        "Exercise 03.3",
-        _run_on(fn),
+        "Exercise 03.8",
+        run_on(fn),
         _encoder_cases(),
         hints=ENCODER_HINTS,
         mistakes=ENCODER_MISTAKES,
@@ -293,7 +300,7 @@ def check_text_encoder(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 03.4: the pooled vector ---------------------------------------------
+# --- Exercise 03.9: the pooled vector ---------------------------------------------
 
 # a model whose end token (50) is not the highest id, as in SD 1.x's older config
 POOLED_CONFIG = CLIPTextConfig(
@@ -378,11 +385,11 @@ POOLED_HINTS = (
 
 
 def check_pooled(fn: Callable) -> Verdict:
-    """Exercise 03.4: `CLIPTextModel.pooled`, written as a function taking
+    """Exercise 03.9: `CLIPTextModel.pooled`, written as a function taking
     `self` (kept as "clip:CLIPTextModel.pooled")."""
     return check(
-        "Exercise 03.4",
-        _run_on(fn),
+        "Exercise 03.9",
+        run_on(fn),
         _pooled_cases(),
         hints=POOLED_HINTS,
         mistakes=POOLED_MISTAKES,
@@ -390,7 +397,7 @@ def check_pooled(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 03.5: the tiny CLIP's logits ---------------------------------------
+# --- Exercise 03.12: the tiny CLIP's logits ---------------------------------------
 
 # a tiny CLIP of the chapter's shape, smaller: 16x16 images, a vocabulary of 100
 LOGITS_CONFIG = ContrastiveCLIPConfig(
@@ -491,11 +498,11 @@ LOGITS_HINTS = (
 
 
 def check_clip_logits(fn: Callable) -> Verdict:
-    """Exercise 03.5: the forward of `ContrastiveCLIP`, written as a function
+    """Exercise 03.12: the forward of `ContrastiveCLIP`, written as a function
     taking `self` (kept as "clip:ContrastiveCLIP.forward")."""
     return check(
-        "Exercise 03.5",
-        _run_on(fn),
+        "Exercise 03.12",
+        run_on(fn),
         _logits_cases(),
         hints=LOGITS_HINTS,
         mistakes=LOGITS_MISTAKES,
@@ -503,7 +510,7 @@ def check_clip_logits(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 03.6: the contrastive loss ------------------------------------------
+# --- Exercise 03.13: the contrastive loss ------------------------------------------
 
 # (B, seed): B = 1 has loss 0
 INFO_NCE_SIZES = [(4, 0), (8, 1), (5, 2), (1, 3)]
@@ -537,7 +544,7 @@ INFO_NCE_HINTS = (
 
 
 def check_info_nce(fn: Callable) -> Verdict:
-    """Exercise 03.6: the symmetric InfoNCE loss of a (B, B) logits matrix
+    """Exercise 03.13: the symmetric InfoNCE loss of a (B, B) logits matrix
     (kept as "clip:clip_loss")."""
     cases = [Case((torch.zeros(3, 3),), clip_loss(torch.zeros(3, 3)))]
     for B, seed in INFO_NCE_SIZES:
@@ -545,7 +552,7 @@ def check_info_nce(fn: Callable) -> Verdict:
         logits = 5 * randn(B, B, seed=seed) + 4 * torch.eye(B)
         cases.append(Case((logits,), clip_loss(logits)))
     return check(
-        "Exercise 03.6",
+        "Exercise 03.13",
         fn,
         cases,
         hints=INFO_NCE_HINTS,
