@@ -235,8 +235,8 @@ def _spatial_mistake(mistake: str) -> Callable:
 
 SPATIAL_MISTAKES = {
     "the residual added the normalised map; add x, the input from before the "
-    "GroupNorm, so that the block starts close to the identity": _spatial_mistake(
-        "normed residual"
+    "GroupNorm, so that the map keeps its own features and scale": (
+        _spatial_mistake("normed residual")
     ),
     "the input is not added back: the block returns x + its output": (
         _spatial_mistake("no residual")
