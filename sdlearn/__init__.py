@@ -35,6 +35,8 @@ CHAPTERS: dict[str, int] = {
     "unet": 4,  # the noise predictor
     "interop.unet": 4,
     "checks.unet": 4,
+    "checks.spatial_transformer": 4,
+    "checks.unet_blocks": 4,
     "schedulers.common": 5,  # what every noise scheduler shares
     "schedulers.ddpm": 5,  # DDPM
     "checks.ddpm": 5,

@@ -46,8 +46,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
-        # a list only so that the weights are named net.0.proj and net.2 as in
-        # diffusers (net.1 is a dropout, a no-op in Stable Diffusion)
+        # a list for diffusers' weight names, net.0.proj and net.2 (net.1: dropout)
         self.net = nn.ModuleList(
             [GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim)]
         )

@@ -262,20 +262,15 @@ class DownBlock(nn.Module):
     ) -> None:
         super().__init__()
         layers = config.layers_per_block
-        self.resnets = nn.ModuleList(
-            [
-                _resnet(config, in_channels if i == 0 else out_channels, out_channels)
-                for i in range(layers)
-            ]
-        )
+        inputs = [in_channels] + [out_channels] * (layers - 1)
+        self.resnets = nn.ModuleList([_resnet(config, c, out_channels) for c in inputs])
         self.attentions = None
         if cross_attention:
             self.attentions = nn.ModuleList(
                 [_transformer(config, out_channels, num_heads) for _ in range(layers)]
             )
         self.downsamplers = None
-        if add_downsample:
-            # a list of one only for the weight names: downsamplers.0.conv
+        if add_downsample:  # a list of one, for the weight name downsamplers.0.conv
             self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=1)])
 
     def skip_channels(self) -> list[int]:
@@ -378,7 +373,6 @@ class UpBlock(nn.Module):
             )
         self.upsamplers = None
         if add_upsample:
-            # a list of one only for the weight names: upsamplers.0.conv
             self.upsamplers = nn.ModuleList([Upsample(out_channels)])
 
     def forward(
@@ -430,8 +424,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim)
 
-        # the way down, keeping track of the channels of every skip it pushes:
-        # conv_in's output first, then each layer's
+        # the way down, noting the channels of every skip it pushes, conv_in's first
         skip_channels = [channels[0]]
         self.down_blocks = nn.ModuleList()
         for level in range(levels):
@@ -452,19 +445,17 @@ class UNet(nn.Module):
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
             pops = [skip_channels.pop() for _ in range(config.layers_per_block + 1)]
-            self.up_blocks.append(
-                UpBlock(
-                    config,
-                    # what comes from below: the level below's output, or the
-                    # middle's at the coarsest level
-                    in_channels=channels[min(level + 1, levels - 1)],
-                    skip_channels=pops,
-                    out_channels=channels[level],
-                    num_heads=config.num_heads[level],
-                    cross_attention=config.cross_attention_levels[level],
-                    add_upsample=level > 0,
-                )
+            block = UpBlock(
+                config,
+                # from below: the level below's output, or the middle's
+                in_channels=channels[min(level + 1, levels - 1)],
+                skip_channels=pops,
+                out_channels=channels[level],
+                num_heads=config.num_heads[level],
+                cross_attention=config.cross_attention_levels[level],
+                add_upsample=level > 0,
             )
+            self.up_blocks.append(block)
 
         self.conv_norm_out = nn.GroupNorm(
             config.norm_num_groups, channels[0], eps=config.norm_eps

@@ -1,12 +1,15 @@
-"""Checks for chapter 04's UNet exercises: the timestep embedding, the transformer
-block's forward and the UNet's forward with its skip stack.
+"""Checks for chapter 04's UNet exercises: the timestep embedding and its MLP,
+the transformer block's forward and the UNet's forward. The chapter imports this
+module as `checks`: it also holds the checks of `checks.spatial_transformer`
+(04.3, 04.4, 04.6) and `checks.unet_blocks` (04.7 to 04.9).
 
-The references are sdlearn's own `timestep_embedding`, `TransformerBlock` and
-`UNet`, which the test suite holds to diffusers' number for number. The
-learner's function gets the very same modules, with seeded weights far from
-their initial values (norm scales away from 1, biases away from 0), so that
-leaving out a step shows. A forward is written as a function taking `self`; the
-check binds it to the module (`types.MethodType`), as the later chapters run it.
+The references are sdlearn's own `timestep_embedding`, `TimestepEmbedding`,
+`TransformerBlock` and `UNet`, which the test suite holds to diffusers' number
+for number. The learner's function gets the very same modules, with seeded
+weights far from their initial values (norm scales away from 1, biases away
+from 0), so that leaving out a step shows. A forward is written as a function
+taking `self`; the check binds it to the module (`as_method`), as the later
+chapters run it.
 
 Every check names the usual mistakes: each is a function computing what that
 mistake gives, and a wrong answer equal to one of them gets its message.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 from collections.abc import Callable
 
 import torch
@@ -27,6 +29,21 @@ from sdlearn.checks import Case, Verdict, check, randn, seeded
 
 # the chapter imports this module as `checks`: `checks.hint("Exercise 04.1")`
 from sdlearn.checks import hint as hint
+from sdlearn.checks.spatial_transformer import as_method
+from sdlearn.checks.spatial_transformer import check_feed_forward as check_feed_forward
+from sdlearn.checks.spatial_transformer import (
+    check_geglu_forward as check_geglu_forward,
+)
+from sdlearn.checks.spatial_transformer import (
+    check_spatial_transformer_forward as check_spatial_transformer_forward,
+)
+from sdlearn.checks.unet_blocks import (
+    check_down_block_forward as check_down_block_forward,
+)
+from sdlearn.checks.unet_blocks import (
+    check_mid_block_forward as check_mid_block_forward,
+)
+from sdlearn.checks.unet_blocks import check_up_block_forward as check_up_block_forward
 
 
 class ResnetBlock(blocks.ResnetBlock):
@@ -52,16 +69,6 @@ class UNet(unet.UNet):
             f"UNet(block_out_channels={config.block_out_channels}, "
             f"layers_per_block={config.layers_per_block})"
         )
-
-
-def _as_method(fn: Callable) -> Callable:
-    """`fn(self, ...)` called as the module's own method, as later chapters run it."""
-
-    @functools.wraps(fn)
-    def call(module, *args, **kwargs):
-        return types.MethodType(fn, module)(*args, **kwargs)
-
-    return call
 
 
 # --- Exercise 04.1: the timestep embedding ----------------------------------------
@@ -171,6 +178,75 @@ def check_timestep_embedding(fn: Callable) -> Verdict:
     )
 
 
+# --- Exercise 04.2: the time MLP ---------------------------------------------------
+
+
+class TimestepEmbedding(unet.TimestepEmbedding):
+    """sdlearn's time MLP with a one-line repr, for short failure messages."""
+
+    def __repr__(self) -> str:
+        return (
+            f"TimestepEmbedding({self.linear_1.in_features} -> "
+            f"{self.linear_2.out_features})"
+        )
+
+
+# (in_dim, time_embed_dim, B)
+TIME_MLP_CASES = [(8, 32, 2), (5, 20, 3), (16, 64, 1)]
+
+
+def _time_mlp(self, x, *, activation=F.silu, at_the_end=False):
+    """The time MLP, or what one of the usual mistakes makes of it."""
+    h = self.linear_2(activation(self.linear_1(x)))
+    return F.silu(h) if at_the_end else h
+
+
+TIME_MLP_MISTAKES = {
+    "no activation between the two linear layers: two linear maps in a row are "
+    "one linear map; a SiLU goes between them": functools.partial(
+        _time_mlp, activation=lambda h: h
+    ),
+    "a ReLU where Stable Diffusion has a SiLU, x * sigmoid(x)": functools.partial(
+        _time_mlp, activation=F.relu
+    ),
+    "a GELU where Stable Diffusion has a SiLU, x * sigmoid(x)": functools.partial(
+        _time_mlp, activation=F.gelu
+    ),
+    "a SiLU after linear_2 too: the MLP ends with the linear layer (each "
+    "ResnetBlock applies its own SiLU to temb)": functools.partial(
+        _time_mlp, at_the_end=True
+    ),
+}
+
+TIME_MLP_HINTS = [
+    "A two-layer MLP: a linear layer, a non-linearity, a linear layer.",
+    "linear_1 widens the sinusoidal code to time_embed_dim; SiLU (F.silu, "
+    "x * sigmoid(x)) between the two; linear_2 keeps the width.",
+    "return self.linear_2(F.silu(self.linear_1(x))).",
+]
+
+
+def check_time_mlp_forward(fn: Callable) -> Verdict:
+    """Exercise 04.2: `time_mlp_forward(self, x)`, TimestepEmbedding.forward."""
+    cases = []
+    for seed, (in_dim, out_dim, B) in enumerate(TIME_MLP_CASES):
+        with torch.device("meta"):
+            mlp = TimestepEmbedding(in_dim, out_dim)
+        mlp = seeded(mlp, 180 + seed)
+        x = randn(B, in_dim, seed=190 + seed)
+        with torch.no_grad():
+            cases.append(Case((mlp, x), mlp(x)))
+    with torch.no_grad():
+        return check(
+            "Exercise 04.2",
+            as_method(fn),
+            cases,
+            hints=TIME_MLP_HINTS,
+            mistakes=TIME_MLP_MISTAKES,
+            keep="unet:TimestepEmbedding.forward",
+        )
+
+
 # --- the ResnetBlock's forward, written in chapter 02 -------------------------------
 
 # (C_in, C_out, temb width, groups, x shape): the first keeps the channels, the
@@ -200,7 +276,7 @@ def check_resnet_forward(fn: Callable) -> Verdict:
         return check("ResnetBlock.forward, with a time embedding", fn, cases)
 
 
-# --- Exercise 04.2: the transformer block ------------------------------------------
+# --- Exercise 04.5: the transformer block ------------------------------------------
 
 # (D, nh, context width, B, T, S): S != T catches attn2 run on the pixels; the
 # first has text as wide as the pixels, so that attn2(h, h) runs (and is named)
@@ -263,7 +339,7 @@ TRANSFORMER_HINTS = [
 
 
 def check_transformer_block_forward(fn: Callable) -> Verdict:
-    """Exercise 04.2: `transformer_block_forward(self, x, context)`,
+    """Exercise 04.5: `transformer_block_forward(self, x, context)`,
     TransformerBlock.forward."""
     cases = []
     for seed, (dim, heads, c_dim, B, T, S) in enumerate(TRANSFORMER_CASES):
@@ -277,8 +353,8 @@ def check_transformer_block_forward(fn: Callable) -> Verdict:
         cases.append(Case((block, x, context), expected))
     with torch.no_grad():
         return check(
-            "Exercise 04.2",
-            _as_method(fn),
+            "Exercise 04.5",
+            as_method(fn),
             cases,
             atol=1e-4,  # three residual branches of unit-scale seeded weights
             rtol=1e-5,
@@ -288,12 +364,11 @@ def check_transformer_block_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 04.3: the UNet's forward --------------------------------------------
+# --- Exercise 04.10: the UNet's forward -------------------------------------------
 
-# small UNets, each with its input. The first has one level, so that skips popped
-# in the wrong order still fit and give wrong numbers rather than an error; the
-# others have levels without cross-attention, two ResnetBlocks per level, H != W,
-# and timesteps given as a (B,) tensor, a number and a 0-d tensor.
+# small UNets, each with its input: one level; a level without cross-attention;
+# three levels with two ResnetBlocks each and H != W; timesteps given as a (B,)
+# tensor, a number and a 0-d tensor.
 UNET_CASES = [
     (
         {
@@ -338,31 +413,11 @@ def _unet_forward(self, sample, timestep, encoder_hidden_states, *, mistake=""):
     h = self.conv_in(sample)
     skips = [h]
     for block in self.down_blocks:
-        for i, resnet in enumerate(block.resnets):
-            h = resnet(h, temb)
-            if mistake == "push before attention":
-                skips.append(h)
-            if block.attentions is not None:
-                h = block.attentions[i](h, context)
-            if mistake != "push before attention":
-                skips.append(h)
-        if block.downsamplers is not None:
-            h = block.downsamplers[0](h)
-            skips.append(h)
-    mid = self.mid_block
-    h = mid.resnets[0](h, temb)
-    if mistake != "no mid attention":
-        h = mid.attentions[0](h, context)
-    h = mid.resnets[1](h, temb)
+        h = block(h, temb, context, skips)
+    if mistake != "no middle":
+        h = self.mid_block(h, temb, context)
     for block in self.up_blocks:
-        for i, resnet in enumerate(block.resnets):
-            skip = skips.pop(0) if mistake == "fifo" else skips.pop()
-            pair = [skip, h] if mistake == "skip first" else [h, skip]
-            h = resnet(torch.cat(pair, dim=1), temb)
-            if block.attentions is not None:
-                h = block.attentions[i](h, context)
-        if block.upsamplers is not None:
-            h = block.upsamplers[0](h)
+        h = block(h, temb, context, skips)
     if mistake == "no out norm":
         return self.conv_out(h)
     if mistake == "silu first":
@@ -371,20 +426,10 @@ def _unet_forward(self, sample, timestep, encoder_hidden_states, *, mistake=""):
 
 
 UNET_MISTAKES = {
-    "the skips came back first-in, first-out: the way up pops the last feature "
-    "map pushed first (skips.pop(), not skips.pop(0))": functools.partial(
-        _unet_forward, mistake="fifo"
+    "the middle is missing: between the way down and the way up, "
+    "self.mid_block(h, temb, context)": functools.partial(
+        _unet_forward, mistake="no middle"
     ),
-    "the skip came first in the concatenation: h first, then the skip, "
-    "torch.cat([h, skip], dim=1), the order the weights were trained on": (
-        functools.partial(_unet_forward, mistake="skip first")
-    ),
-    "a feature map was pushed before its SpatialTransformer ran: push what the "
-    "layer gives, after the attention": functools.partial(
-        _unet_forward, mistake="push before attention"
-    ),
-    "the middle skipped its SpatialTransformer: ResnetBlock, SpatialTransformer, "
-    "ResnetBlock": functools.partial(_unet_forward, mistake="no mid attention"),
     "conv_out read h without conv_norm_out and SiLU before it": functools.partial(
         _unet_forward, mistake="no out norm"
     ),
@@ -394,20 +439,17 @@ UNET_MISTAKES = {
 }
 
 UNET_HINTS = [
-    "Follow the U. Embed the timestep once. Go down, pushing every feature map "
-    "onto a list. Run the middle. Go up, popping one feature map per ResnetBlock, "
-    "the last pushed first. End with the output layers.",
+    "Follow the U. Embed the timestep once. Start the skip stack with conv_in's "
+    "map, run the down blocks (they push), the middle, the up blocks (they "
+    "pop), and end with the output layers.",
     "temb: timestep_embedding(timesteps, block_out_channels[0]), cast to "
-    "sample.dtype, through self.time_embedding. Push conv_in's output. Down: per "
-    "ResnetBlock, resnet(h, temb), then attentions[i](h, context) where the block "
-    "has attentions, then push; then downsamplers[0] if any, and push. Middle: "
-    "resnets[0], attentions[0], resnets[1]. Up: per ResnetBlock, concatenate h "
-    "and the popped skip on the channel axis, then resnet and attention; then "
-    "upsamplers[0] if any. Out: conv_norm_out, SiLU, conv_out.",
-    "skips = [h]; for block in self.down_blocks: for i, resnet in "
-    "enumerate(block.resnets): h = resnet(h, temb); if block.attentions is not "
-    "None: h = block.attentions[i](h, context); skips.append(h) ... and on the "
-    "way up h = torch.cat([h, skips.pop()], dim=1) before each resnet; return "
+    "sample.dtype, through self.time_embedding. h = self.conv_in(sample) and "
+    "skips = [h]. Each down and up block is called as block(h, temb, context, "
+    "skips); the mid block as self.mid_block(h, temb, context). Out: "
+    "conv_norm_out, SiLU, conv_out.",
+    "skips = [h]; for block in self.down_blocks: h = block(h, temb, context, "
+    "skips); h = self.mid_block(h, temb, context); for block in "
+    "self.up_blocks: h = block(h, temb, context, skips); return "
     "self.conv_out(F.silu(self.conv_norm_out(h))).",
 ]
 
@@ -434,7 +476,7 @@ def _unet_cases() -> list[Case]:
 
 
 def check_unet_forward(fn: Callable) -> Verdict:
-    """Exercise 04.3: `unet_forward(self, sample, timestep, encoder_hidden_states)`,
+    """Exercise 04.10: `unet_forward(self, sample, timestep, encoder_hidden_states)`,
     UNet.forward."""
     # the kept UNet.forward calls the learner's timestep_embedding, kept beside
     # it; while the package's stands in for exercise 04.1, there is none to call
@@ -442,8 +484,8 @@ def check_unet_forward(fn: Callable) -> Verdict:
     with_package_embedding = embedding is unet.timestep_embedding
     with torch.no_grad():
         verdict = check(
-            "Exercise 04.3",
-            _as_method(fn),
+            "Exercise 04.10",
+            as_method(fn),
             _unet_cases(),
             atol=1e-4,  # a dozen blocks of unit-scale seeded weights
             rtol=1e-5,
