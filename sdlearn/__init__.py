@@ -47,6 +47,7 @@ CHAPTERS: dict[str, int] = {
     "original_checkpoint": 6,  # SD 1.x's original single-file layout
     "single_file": 6,  # reading and writing such files
     "checks.pipeline": 6,
+    "checks.editing": 6,
     "image_measures": 7,  # what the scorer measures in a picture, in numpy
     "evaluate": 7,  # a non-learned scorer of generated shapes images
     "diffusion_loss": 7,  # how a diffusion model learns: DiffusionLoss

@@ -167,26 +167,16 @@ def check_generate(fn: Callable, pipe: StableDiffusionPipeline) -> Verdict:
     for prompts, negative, steps, scale, seed in runs:
         args = (pipe, prompts, negative, steps, scale)
         expected = reference_generate(*args, torch.Generator().manual_seed(seed))
-        cases.append(Case(args, expected, {"generator": _Seed(seed)}))
-
-    def seeded(call: Callable, **options) -> Callable:
-        # every case gets a generator of its own, fresh for each attempt
-        def run(*args, generator: _Seed):
-            seed = torch.Generator().manual_seed(generator.seed)
-            return call(*args, generator=seed, **options)
-
-        run.__name__ = getattr(call, "__name__", "generate")
-        run.__wrapped__ = call  # what a passing check keeps: the learner's own
-        return run
+        cases.append(Case(args, expected, {"generator": Seed(seed)}))
 
     mistakes = {
-        message: seeded(_slipped_loop, slip=slip)
+        message: with_seeds(_slipped_loop, slip=slip)
         for message, slip in GENERATE_SLIPS.items()
     }
     with torch.no_grad():
         return check(
             "Exercise 06.2",
-            seeded(fn),
+            with_seeds(fn),
             cases,
             atol=1e-5,
             rtol=1e-5,  # the pipeline skips the unconditional half at scale 1
@@ -206,7 +196,7 @@ def check_generate(fn: Callable, pipe: StableDiffusionPipeline) -> Verdict:
         )
 
 
-class _Seed:
+class Seed:
     """A case's seed, shown in a few words when a case fails."""
 
     def __init__(self, seed: int) -> None:
@@ -214,6 +204,19 @@ class _Seed:
 
     def __repr__(self) -> str:
         return f"a generator seeded {self.seed}"
+
+
+def with_seeds(call: Callable, **options) -> Callable:
+    """`call` that takes a case's `Seed` as its generator: every case gets a
+    generator of its own, fresh for each attempt (the mistakes' too)."""
+
+    def run(*args, generator: Seed):
+        seed = torch.Generator().manual_seed(generator.seed)
+        return call(*args, generator=seed, **options)
+
+    run.__name__ = getattr(call, "__name__", "generate")
+    run.__wrapped__ = call  # what a passing check keeps: the learner's own
+    return run
 
 
 # --- Exercises 06.3 and 06.4: img2img's start, the inpainting blend ---------------
