@@ -95,6 +95,20 @@ def test_a_loop_that_forgets_the_callback_is_told(answers_home, capsys):
     assert "callback(i, t, out) after every step" in out
 
 
+def test_a_loop_that_gives_the_model_one_timestep_is_told(answers_home, capsys):
+    def one_timestep(model, scheduler, noise, steps, generator=None, callback=None):
+        scheduler.set_timesteps(steps)
+        x = noise
+        for i, t in enumerate(scheduler.timesteps):
+            out = scheduler.step(model(x, t), t, x, generator=generator)
+            callback(i, t, out)
+            x = out.prev_sample
+        return x
+
+    out = assert_refused(checks.check_ddpm_sample, one_timestep, capsys)
+    assert "one timestep per image" in out
+
+
 def test_a_wrong_answer_replaces_a_kept_one(answers_home, capsys):
     assert checks.check_ddpm_loss(ddpm_loss)
 

@@ -37,8 +37,14 @@ SAMPLE_PART = "pixel_ddpm:ddpm_sample"
 
 def stand_in_model(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """A fixed 'denoiser' for the checks: its answer depends on each image's
-    own timestep, so a loop or a loss that mixes timesteps up shows."""
-    t = timesteps.float().view(-1, 1, 1, 1)  # (B, 1, 1, 1), or (1, 1, 1, 1)
+    own timestep, so a loop or a loss that mixes timesteps up shows. Like the
+    chapter's denoiser, it wants one timestep per image."""
+    if timesteps.shape != (len(x_t),):
+        raise ValueError(
+            f"the model wants one timestep per image, shape (B,) = ({len(x_t)},), "
+            f"got shape {tuple(timesteps.shape)}"
+        )
+    t = timesteps.float().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     return 0.4 * torch.tanh(x_t) + 3e-4 * t - 0.1
 
 
