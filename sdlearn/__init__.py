@@ -39,7 +39,10 @@ CHAPTERS: dict[str, int] = {
     "checks.unet_blocks": 4,
     "schedulers.common": 5,  # what every noise scheduler shares
     "schedulers.ddpm": 5,  # DDPM
+    "pixel_ddpm": 5,  # DDPM's training loss and sampling loop, on pixels
+    "checks.schedule": 5,
     "checks.ddpm": 5,
+    "checks.pixel_ddpm": 5,
     "devices": 6,  # where a model runs and in which precision
     "images": 6,  # images in and out of the pipeline
     "attention_maps": 6,  # where each prompt token's attention falls

@@ -47,13 +47,31 @@ def ddpm_step(self, model_output, timestep, sample, generator=None):
     return DDPMSchedulerOutput(prev_sample=mean, pred_original_sample=x0)
 
 
+def previous_timestep(self, timestep):
+    if self.num_inference_steps is None:
+        return timestep - 1
+    i = self.timesteps.tolist().index(timestep) + 1
+    return int(self.timesteps[i]) if i < len(self.timesteps) else -1
+
+
 def test_right_answers_pass_and_are_kept(answers_home, capsys):
     assert checks.check_add_noise(add_noise)
+    assert checks.check_previous_timestep(previous_timestep)
     assert checks.check_ddpm_step(ddpm_step)
     out = capsys.readouterr().out
-    assert out.count("✅") == 2 and "Hint" not in out
+    assert out.count("✅") == 3 and "Hint" not in out
     kept = answers.kept("ddpm")
-    assert set(kept) == {"add_noise", "DDPMScheduler.step"}
+    assert set(kept) == {
+        "add_noise",
+        "DDPMScheduler.previous_timestep",
+        "DDPMScheduler.step",
+    }
+    previous = answers.use(
+        checks.PREVIOUS_PART,
+        DDPMScheduler.previous_timestep,
+        checks.check_previous_timestep,
+    )
+    assert answers.is_learners(previous)
     # the kept copies run on their own, as the chapter (and chapter 06) use them
     used = answers.use(checks.ADD_NOISE_PART, common.add_noise, checks.check_add_noise)
     assert answers.is_learners(used)
@@ -92,6 +110,20 @@ def test_add_noise_mistakes_are_named(answers_home, capsys, message):
     out = assert_refused(checks.check_add_noise, wrong, capsys)
     assert message in out
     assert "add_noise" not in answers.kept("ddpm")
+
+
+def test_the_package_passes(answers_home):
+    assert checks.check_add_noise(common.add_noise)
+    assert checks.check_previous_timestep(DDPMScheduler.previous_timestep)
+    assert checks.check_ddpm_step(DDPMScheduler.step)
+
+
+@pytest.mark.parametrize("message", list(checks.PREVIOUS_MISTAKES))
+def test_previous_timestep_mistakes_are_named(answers_home, capsys, message):
+    wrong = checks.PREVIOUS_MISTAKES[message].__wrapped__  # a method, as a learner's
+    out = assert_refused(checks.check_previous_timestep, wrong, capsys)
+    assert message in out
+    assert "DDPMScheduler.previous_timestep" not in answers.kept("ddpm")
 
 
 @pytest.mark.parametrize("message", list(checks.STEP_MISTAKES))
@@ -155,6 +187,11 @@ def test_a_wrong_answer_replaces_a_kept_one(answers_home, capsys):
 
 def test_unsolved_exercises_never_raise_nor_hint(answers_home, capsys):
     assert_unsolved_never_raise(
-        [checks.check_add_noise, checks.check_ddpm_step], capsys
+        [
+            checks.check_add_noise,
+            checks.check_previous_timestep,
+            checks.check_ddpm_step,
+        ],
+        capsys,
     )
     assert answers.kept("ddpm") == {}

@@ -135,7 +135,10 @@ def forget(part: str) -> bool:
 
 
 # answers files whose package module is not sdlearn.<name>
-PACKAGE_MODULES = {"ddpm": "sdlearn.schedulers.ddpm"}
+PACKAGE_MODULES = {
+    "ddpm": "sdlearn.schedulers.ddpm",
+    "schedule": "sdlearn.schedulers.common",
+}
 
 
 def kept(module: str) -> dict[str, Callable]:

@@ -1,9 +1,11 @@
-"""Checks for chapter 05's DDPM exercises: noising in one jump, and one reverse step.
+"""Checks for chapter 05's DDPM exercises: noising in one jump, where a step
+lands, and one reverse step.
 
 Every reference is sdlearn's own code, which tests/test_ddpm.py holds to diffusers'
 `DDPMScheduler` number for number: `sdlearn.schedulers.common.add_noise` for
-exercise 05.1 and `DDPMScheduler.step` for exercise 05.2. A passing answer is kept
-under the part of the package it stands for ("ddpm:add_noise",
+exercise 05.4, `DDPMScheduler.previous_timestep` for 05.7 and `DDPMScheduler.step`
+for 05.8. A passing answer is kept under the part of the package it stands for
+("ddpm:add_noise", "ddpm:DDPMScheduler.previous_timestep",
 "ddpm:DDPMScheduler.step"), so that the chapter's demo, and chapter 06's pipeline,
 run it.
 
@@ -53,7 +55,7 @@ def _alphas_cumprod(name: str) -> torch.Tensor:
     return make_alphas_cumprod(betas)
 
 
-# --- Exercise 05.1: add_noise --------------------------------------------------
+# --- Exercise 05.4: add_noise --------------------------------------------------
 
 ADD_NOISE_HINTS = (
     "Each image has its own timestep, so each needs its own alpha_bar_t: pick "
@@ -106,7 +108,7 @@ ADD_NOISE_MISTAKES: dict[str, Callable] = {
 
 
 def check_add_noise(fn: Callable) -> Verdict:
-    """Exercise 05.1: `add_noise(alphas_cumprod, original_samples, noise,
+    """Exercise 05.4: `add_noise(alphas_cumprod, original_samples, noise,
     timesteps)`, a drop-in for `sdlearn.schedulers.common.add_noise`."""
     cases = []
     # (schedule, timesteps): one per image, a single int for all, a (1,) tensor
@@ -121,7 +123,7 @@ def check_add_noise(fn: Callable) -> Verdict:
         args = (alphas_cumprod(name), x0, noise, timesteps)
         cases.append(Case(args, package_add_noise(*args)))
     return check(
-        "Exercise 05.1",
+        "Exercise 05.4",
         fn,
         cases,
         hints=ADD_NOISE_HINTS,
@@ -130,7 +132,7 @@ def check_add_noise(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 05.2: one DDPM step ----------------------------------------------
+# --- Exercise 05.8: one DDPM step ----------------------------------------------
 
 # Stable Diffusion 1.x's settings (DDPMScheduler's defaults), and the chapter's
 # pixel model's: the linear schedule, clipping, "trailing" spacing
@@ -416,10 +418,10 @@ STEP_MISTAKES: dict[str, Callable] = {
 
 
 def check_ddpm_step(fn: Callable) -> Verdict:
-    """Exercise 05.2: one reverse step, a drop-in for `DDPMScheduler.step` with
+    """Exercise 05.8: one reverse step, a drop-in for `DDPMScheduler.step` with
     epsilon prediction and the fixed_small variance, clipping or not."""
     return check(
-        "Exercise 05.2",
+        "Exercise 05.8",
         _run(fn),
         _step_cases(),
         hints=STEP_HINTS,
@@ -428,4 +430,99 @@ def check_ddpm_step(fn: Callable) -> Verdict:
         atol=1e-4,
         rtol=1e-4,
         keep=STEP_PART,
+    )
+
+
+# --- Exercise 05.7: where a step lands ------------------------------------------
+
+PREVIOUS_PART = "ddpm:DDPMScheduler.previous_timestep"
+
+PREVIOUS_HINTS = (
+    "Before set_timesteps (self.num_inference_steps is None) the sampler walks "
+    "every training timestep, so a step from t lands on t - 1. After it, a step "
+    "lands on the next entry of self.timesteps, and after the last entry on -1.",
+    "Find t's position in self.timesteps: (self.timesteps == timestep)"
+    ".nonzero() gives it. The next position holds the answer, unless t is the "
+    "last entry. Return a plain int.",
+    "(index,) = (self.timesteps == timestep).nonzero(as_tuple=True); next_index "
+    "= index[0].item() + 1; return -1 if next_index == len(self.timesteps) else "
+    "int(self.timesteps[next_index]).",
+)
+
+
+def _landings(previous_timestep: Callable) -> Callable:
+    """`previous_timestep` (taking the scheduler as `self`) from every timestep
+    of a scheduler with `settings`, after set_timesteps(steps) (None: not
+    called, and a few timesteps instead)."""
+
+    @functools.wraps(previous_timestep)
+    def run(settings: dict[str, Any], steps: int | None) -> Any:
+        scheduler = DDPMScheduler(**settings)
+        if steps is None:
+            timesteps = [999, 500, 1, 0]
+        else:
+            scheduler.set_timesteps(steps)
+            timesteps = scheduler.timesteps.tolist()
+        landed = [previous_timestep(scheduler, t) for t in timesteps]
+        return [int(t) if isinstance(t, int | torch.Tensor) else t for t in landed]
+
+    return run
+
+
+def _t_minus_one(self, timestep):
+    return timestep - 1
+
+
+def _minus_ratio(self, timestep):
+    if self.num_inference_steps is None:
+        return timestep - 1
+    return timestep - self.config.num_train_timesteps // self.num_inference_steps
+
+
+def _earlier_entry(self, timestep):
+    if self.num_inference_steps is None:
+        return timestep - 1
+    (index,) = (self.timesteps == timestep).nonzero(as_tuple=True)
+    i = index[0].item() - 1
+    return -1 if i < 0 else int(self.timesteps[i])
+
+
+def _last_lands_on_0(self, timestep):
+    landed = DDPMScheduler.previous_timestep(self, timestep)
+    return 0 if landed == -1 and timestep != 0 else landed
+
+
+PREVIOUS_MISTAKES: dict[str, Callable] = {
+    "always t - 1: after set_timesteps(n) a step jumps to the next of "
+    "self.timesteps, many training timesteps earlier": _landings(_t_minus_one),
+    "t - T // n: right for most of 'leading', but 'trailing' and 'linspace' do "
+    "not space their timesteps T // n apart, and the last step lands on -1": (
+        _landings(_minus_ratio)
+    ),
+    "the entry before t in self.timesteps: the timesteps go down, so the step "
+    "lands on the entry *after* t": _landings(_earlier_entry),
+    "the last step lands on 0; it lands on -1, 'before timestep 0', where the "
+    "sample is clean": _landings(_last_lands_on_0),
+}
+
+
+def check_previous_timestep(fn: Callable) -> Verdict:
+    """Exercise 05.7: `previous_timestep(self, timestep)`, a drop-in for
+    `DDPMScheduler.previous_timestep`."""
+    runs = [
+        (SD_SETTINGS, 10),
+        (PIXEL_SETTINGS, 7),
+        ({**PIXEL_SETTINGS, "timestep_spacing": "linspace"}, 7),
+        (SD_SETTINGS, None),
+        (PIXEL_SETTINGS, 100),
+    ]
+    reference = _landings(DDPMScheduler.previous_timestep)
+    cases = [Case(args, reference(*args)) for args in runs]
+    return check(
+        "Exercise 05.7",
+        _landings(fn),
+        cases,
+        hints=PREVIOUS_HINTS,
+        mistakes=PREVIOUS_MISTAKES,
+        keep=PREVIOUS_PART,
     )
