@@ -51,6 +51,7 @@ CHAPTERS: dict[str, int] = {
     "single_file": 6,  # reading and writing such files
     "checks.pipeline": 6,
     "checks.editing": 6,
+    "checks.learners_pipeline": 6,
     "image_measures": 7,  # what the scorer measures in a picture, in numpy
     "evaluate": 7,  # a non-learned scorer of generated shapes images
     "diffusion_loss": 7,  # how a diffusion model learns: DiffusionLoss

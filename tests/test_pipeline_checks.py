@@ -231,6 +231,7 @@ def generate_unscaled(
 
 def test_the_loop_is_checked_kept_and_drawn_with(answers_home, capsys):
     from sdlearn.checks import answers
+    from sdlearn.checks.learners_pipeline import LEARNERS_PARTS, use_learners_parts
     from sdlearn.pipeline_io import from_pretrained
 
     pipe = from_pretrained()
@@ -242,9 +243,10 @@ def test_the_loop_is_checked_kept_and_drawn_with(answers_home, capsys):
     # chapter 06's own Stable Diffusion: the kept loop draws; for the parts the
     # learner has not written yet, the package's stand in
     yours = from_pretrained()
-    loop = checks.use_learners_parts(yours)
+    loop = use_learners_parts(yours)
     out = capsys.readouterr().out
-    assert "1 of 9 parts are yours" in out and answers.is_learners(loop)
+    assert f"1 of {len(LEARNERS_PARTS)} parts are yours" in out
+    assert answers.is_learners(loop)
     mine = loop(yours, ["a red circle"], "", 3, 7.5, torch.Generator().manual_seed(3))
     package = checks.reference_generate(
         pipe, ["a red circle"], "", 3, 7.5, torch.Generator().manual_seed(3)
@@ -272,3 +274,43 @@ def test_a_kept_forward_runs_in_that_pipeline_only():
     other.progress = False
     other("a red circle", num_inference_steps=2)
     assert len(calls) == 2  # the package's UNet class is untouched
+
+
+def test_with_every_part_kept_every_part_is_the_learners(answers_home, capsys):
+    """The package's own code kept as the answers: every part of chapters 01-06
+    is then the learner's, installed where it belongs, and draws the package's
+    pixels."""
+    from sdlearn.checks import answers
+    from sdlearn.checks.learners_pipeline import (
+        _PACKAGE_FORWARDS,
+        _SCHEDULER_PARTS,
+        _TOKENIZER_PARTS,
+        LEARNERS_PARTS,
+        use_learners_parts,
+    )
+    from sdlearn.pipeline_io import from_pretrained
+
+    package_code = {
+        **_TOKENIZER_PARTS,
+        **_SCHEDULER_PARTS,
+        **{part: cls.forward for part, (cls, _) in _PACKAGE_FORWARDS.items()},
+        "pipeline:generate": generate,
+    }
+    assert set(package_code) == set(LEARNERS_PARTS)
+    for part, code in package_code.items():
+        answers.keep(part, code)
+    pipe = from_pretrained()
+    yours = from_pretrained()
+    loop = use_learners_parts(yours)
+    out = capsys.readouterr().out
+    assert f"{len(LEARNERS_PARTS)} of {len(LEARNERS_PARTS)} parts are yours" in out
+    assert "the package" not in out
+    # installed in this pipeline's own objects
+    assert yours.tokenizer.merge_word is not pipe.tokenizer.merge_word
+    assert "step" in vars(yours.scheduler) and "forward" in vars(yours.unet)
+    prompts = ["a red circle", "a small blue square on the left"]
+    mine = loop(yours, prompts, "", 3, 7.5, torch.Generator().manual_seed(4))
+    package = checks.reference_generate(
+        pipe, prompts, "", 3, 7.5, torch.Generator().manual_seed(4)
+    )
+    torch.testing.assert_close(mine, package, atol=1e-4, rtol=0)

@@ -1,42 +1,30 @@
-"""Checks for chapter 06's exercises, and the learner's own Stable Diffusion.
+"""Checks for chapter 06's exercises.
 
 Exercises: guidance (06.1), the sampling loop (06.2), img2img's start (06.3)
-and the inpainting blend (06.4). Every reference is sdlearn's own code in
+and the inpainting blend (06.4); img2img and inpainting as one loop (06.5) are
+checked in `sdlearn.checks.editing`; the learner's own Stable Diffusion is put
+together in `sdlearn.checks.learners_pipeline`. Every reference is sdlearn's own code in
 `sdlearn.pipeline`, which the test suite holds to diffusers' pipelines image for
 image. The cases are chosen so that the usual slips show: guidance scales of 0
 and 1 (where the formula must give the unconditional and the conditional
 prediction exactly), strengths whose number of steps is not a whole number
 (diffusers rounds it down), masks that are not symmetric, so that swapping
 "keep" and "repaint" cannot pass.
-
-`use_learners_parts` puts the learner's kept answers of chapters 01 to 06 into
-a pipeline: its tokenizer, attention layers, text encoder layers, ResnetBlocks,
-VAE decoder, transformer blocks, UNet and DDPM step become the learner's code,
-and the loop that draws is the learner's too.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 
-from sdlearn.attention import Attention
-from sdlearn.blocks import ResnetBlock
-from sdlearn.checks import Case, Verdict, answers, check, randn
-from sdlearn.clip import CLIPEncoderLayer
+from sdlearn.checks import Case, Verdict, check, randn
 from sdlearn.pipeline import (
     StableDiffusionPipeline,
     blend_latents,
     classifier_free_guidance,
     img2img_start,
 )
-from sdlearn.schedulers.ddpm import DDPMScheduler
-from sdlearn.spatial_transformer import TransformerBlock
-from sdlearn.tokenizer import bpe
-from sdlearn.unet import UNet
-from sdlearn.vae import Decoder
 
 SHAPE = (2, 4, 8, 8)  # (B, C, h, w): the tiny model's latents
 
@@ -303,115 +291,3 @@ def check_blend_latents(fn: Callable) -> Verdict:
         },
         keep="pipeline:blend_latents",
     )
-
-
-# --- the learner's own Stable Diffusion --------------------------------------------
-
-# part -> (what it is, the chapter, the check that holds it to the package's, as
-# "module:function" of sdlearn.checks, called with the part alone)
-LEARNERS_PARTS: dict[str, tuple[str, str, str]] = {
-    "tokenizer:bpe": ("the BPE merge loop", "03", "clip:check_bpe"),
-    "attention:Attention.forward": (
-        "every attention layer",
-        "01",
-        "attention:check_attention_forward",
-    ),
-    "clip:CLIPEncoderLayer.forward": (
-        "the text encoder's layers",
-        "03",
-        "clip:check_encoder_layer",
-    ),
-    "blocks:ResnetBlock.forward": (
-        "the ResnetBlocks of the VAE and the UNet",
-        "02",
-        "vae:check_resnet_forward",
-    ),
-    "vae:Decoder.forward": ("the VAE's decoder", "02", "vae:check_decoder_forward"),
-    "spatial_transformer:TransformerBlock.forward": (
-        "the UNet's transformer blocks",
-        "04",
-        "unet:check_transformer_block_forward",
-    ),
-    "unet:UNet.forward": (
-        "the UNet's forward, with its skips",
-        "04",
-        "unet:check_unet_forward",
-    ),
-    "ddpm:DDPMScheduler.step": ("the DDPM step", "05", "ddpm:check_ddpm_step"),
-    # checked on the pipeline it draws with (see use_learners_parts)
-    "pipeline:generate": ("the sampling loop, with guidance", "06", ""),
-}
-
-# what each part replaces in a pipeline, when it is the learner's
-_PACKAGE_FORWARDS = {
-    "attention:Attention.forward": (Attention, ("text_encoder", "vae", "unet")),
-    "clip:CLIPEncoderLayer.forward": (CLIPEncoderLayer, ("text_encoder",)),
-    "blocks:ResnetBlock.forward": (ResnetBlock, ("vae", "unet")),
-    "vae:Decoder.forward": (Decoder, ("vae",)),
-    "spatial_transformer:TransformerBlock.forward": (TransformerBlock, ("unet",)),
-    "unet:UNet.forward": (UNet, ("unet",)),
-}
-
-
-def _check_function(name: str) -> Callable | None:
-    """The check `module:function` of sdlearn.checks, or None if there is none."""
-    if not name:
-        return None
-    module, function = name.split(":")
-    try:
-        return getattr(importlib.import_module(f"sdlearn.checks.{module}"), function)
-    except (ImportError, AttributeError):
-        return None
-
-
-def use_learners_parts(pipe: StableDiffusionPipeline) -> Callable:
-    """Run the learner's kept answers in `pipe`, in place of the package's code,
-    and print which parts are whose.
-
-    Every part that is kept and still passes its check replaces the package's
-    in this pipeline only (the package's classes are not touched); the others
-    stay the package's, each with a one-line notice.
-
-    Returns:
-        the loop to draw with: the learner's `generate` or the package's.
-    """
-    fallbacks: dict[str, Callable] = {
-        "tokenizer:bpe": bpe,
-        "ddpm:DDPMScheduler.step": DDPMScheduler.step,
-        "pipeline:generate": reference_generate,
-        **{part: cls.forward for part, (cls, _) in _PACKAGE_FORWARDS.items()},
-    }
-    mine, loop = {}, reference_generate
-
-    def check_loop(fn: Callable) -> Verdict:
-        return check_generate(fn, pipe)
-
-    for part, (_, _, check_name) in LEARNERS_PARTS.items():
-        recheck = check_loop if part == "pipeline:generate" else None
-        code = answers.use(
-            part, fallbacks[part], recheck or _check_function(check_name)
-        )
-        mine[part] = answers.is_learners(code)
-        if not mine[part]:
-            continue
-        if part == "tokenizer:bpe":
-            pipe.tokenizer.merge_word = code
-            pipe.tokenizer.cache.clear()
-        elif part == "ddpm:DDPMScheduler.step":
-            if type(pipe.scheduler) is not DDPMScheduler:
-                raise ValueError(
-                    f"your DDPM step runs a DDPMScheduler, this pipeline has "
-                    f"{type(pipe.scheduler).__name__}"
-                )
-            pipe.scheduler.step = code.__get__(pipe.scheduler)
-        elif part == "pipeline:generate":
-            loop = code
-        else:
-            cls, models = _PACKAGE_FORWARDS[part]
-            for model in models:
-                answers.install_forward(getattr(pipe, model), cls, code)
-    print(f"{'part':<42} {'chapter':>7}  whose")
-    for part, (what, chapter, _) in LEARNERS_PARTS.items():
-        print(f"{what:<42} {chapter:>7}  {'yours' if mine[part] else 'the package'}")
-    print(f"{sum(mine.values())} of {len(mine)} parts are yours")
-    return loop
