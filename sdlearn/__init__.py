@@ -25,6 +25,8 @@ CHAPTERS: dict[str, int] = {
     "interop": 2,  # interop with diffusers and transformers, a module per model
     "interop.vae": 2,
     "checks.vae": 2,
+    "checks.vae_blocks": 2,
+    "checks.vae_model": 2,
     "tokenizer": 3,  # CLIP's byte-level BPE tokenizer
     "clip": 3,  # the text encoder, and a tiny contrastive CLIP
     "interop.clip": 3,
