@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 
 import sdlearn.checks
 from sdlearn import blocks, vae
@@ -30,6 +31,17 @@ def unsolved(*args, **kwargs):
 
 
 # --- right answers, written as a learner would -------------------------------------
+
+
+def group_norm_forward(self, x):
+    B, C, H, W = x.shape
+    g = x.reshape(B, self.num_groups, -1)
+    mean = g.mean(dim=-1, keepdim=True)
+    var = g.var(dim=-1, correction=0, keepdim=True)
+    x = ((g - mean) / torch.sqrt(var + self.eps)).reshape(B, C, H, W)
+    if self.affine:
+        x = x * self.weight[:, None, None] + self.bias[:, None, None]
+    return x
 
 
 def downsample_forward(self, x):
@@ -67,6 +79,12 @@ def attention_with_torch(self, x):
 # (check, right answer, the package's own, the part it is kept as)
 EXERCISES = [
     (
+        checks.check_group_norm_forward,
+        group_norm_forward,
+        nn.GroupNorm.forward,
+        checks.GROUP_NORM_PART,
+    ),
+    (
         checks.check_downsample_forward,
         downsample_forward,
         blocks.Downsample.forward,
@@ -85,7 +103,7 @@ EXERCISES = [
         checks.ATTENTION_PART,
     ),
 ]
-IDS = ["downsample", "upsample", "attention"]
+IDS = ["group_norm", "downsample", "upsample", "attention"]
 
 
 @pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
@@ -116,6 +134,7 @@ def test_kept_answers_run_the_real_tiny_vae_and_a_unet(capsys):
     with torch.no_grad():
         expected = model(x).reconstruction
         for cls, part in (
+            (nn.GroupNorm, "GroupNorm.forward"),
             (blocks.Downsample, "Downsample.forward"),
             (blocks.Upsample, "Upsample.forward"),
             (vae.AttentionBlock, "AttentionBlock.forward"),
@@ -142,9 +161,10 @@ def test_kept_answers_run_the_real_tiny_vae_and_a_unet(capsys):
 # --- every named mistake is recognised by name --------------------------------------
 
 MISTAKES = [
-    (checks.check_downsample_forward, "Exercise 02.2", checks.DOWNSAMPLE_MISTAKES),
-    (checks.check_upsample_forward, "Exercise 02.3", checks.UPSAMPLE_MISTAKES),
-    (checks.check_attention_block_forward, "Exercise 02.4", checks.ATTENTION_MISTAKES),
+    (checks.check_group_norm_forward, "Exercise 02.2", checks.GROUP_NORM_MISTAKES),
+    (checks.check_downsample_forward, "Exercise 02.3", checks.DOWNSAMPLE_MISTAKES),
+    (checks.check_upsample_forward, "Exercise 02.4", checks.UPSAMPLE_MISTAKES),
+    (checks.check_attention_block_forward, "Exercise 02.5", checks.ATTENTION_MISTAKES),
 ]
 NAMED = [
     (check, name, message, wrong)
@@ -233,7 +253,7 @@ def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=IDS)
 def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check):
-    name = check.__doc__.split(":")[0]  # "Exercise 02.2"
+    name = check.__doc__.split(":")[0]  # "Exercise 02.3"
     check(unsolved)
     tiers = framework._HINTS[name]  # what the check registered
     assert len(tiers) == 3

@@ -141,10 +141,10 @@ def test_kept_answers_run_the_real_tiny_vae(capsys):
 
 MISTAKES = [
     (checks.check_resnet_forward, "Exercise 02.1", checks.RESNET_MISTAKES),
-    (checks.check_encoder_forward, "Exercise 02.5", checks.ENCODER_MISTAKES),
-    (checks.check_decoder_forward, "Exercise 02.6", checks.DECODER_MISTAKES),
-    (checks.check_sample, "Exercise 02.7", checks.SAMPLE_MISTAKES),
-    (checks.check_kl, "Exercise 02.8", checks.KL_MISTAKES),
+    (checks.check_encoder_forward, "Exercise 02.6", checks.ENCODER_MISTAKES),
+    (checks.check_decoder_forward, "Exercise 02.7", checks.DECODER_MISTAKES),
+    (checks.check_sample, "Exercise 02.8", checks.SAMPLE_MISTAKES),
+    (checks.check_kl, "Exercise 02.9", checks.KL_MISTAKES),
 ]
 NAMED = [
     (check, name, message, wrong)

@@ -111,11 +111,11 @@ def test_kept_answers_run_the_real_tiny_vae_and_its_loss(capsys):
 # --- every named mistake is recognised by name --------------------------------------
 
 MISTAKES = [
-    (checks.check_encode, "Exercise 02.9", checks.ENCODE_MISTAKES),
-    (checks.check_decode, "Exercise 02.10", checks.DECODE_MISTAKES),
-    (checks.check_forward, "Exercise 02.11", checks.FORWARD_MISTAKES),
-    (checks.check_vae_loss, "Exercise 02.12", checks.LOSS_MISTAKES),
-    (checks.check_psnr, "Exercise 02.13", checks.PSNR_MISTAKES),
+    (checks.check_encode, "Exercise 02.10", checks.ENCODE_MISTAKES),
+    (checks.check_decode, "Exercise 02.11", checks.DECODE_MISTAKES),
+    (checks.check_forward, "Exercise 02.12", checks.FORWARD_MISTAKES),
+    (checks.check_vae_loss, "Exercise 02.13", checks.LOSS_MISTAKES),
+    (checks.check_psnr, "Exercise 02.14", checks.PSNR_MISTAKES),
 ]
 NAMED = [
     (check, name, message, wrong)
@@ -210,7 +210,7 @@ def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=IDS)
 def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check):
-    name = check.__doc__.split(":")[0]  # "Exercise 02.9"
+    name = check.__doc__.split(":")[0]  # "Exercise 02.10"
     check(unsolved)
     tiers = framework._HINTS[name]  # what the check registered
     assert len(tiers) == 3

@@ -205,7 +205,7 @@ def check_resnet_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercises 02.5 and 02.6: the encoder's and the decoder's forward -------------
+# --- Exercises 02.6 and 02.7: the encoder's and the decoder's forward -------------
 
 # small autoencoders: (levels, ResnetBlocks per level in the encoder, groups,
 # latent channels, image shape). The first keeps its channels, so that a forward
@@ -357,10 +357,10 @@ def _coder_cases(cls: type, decoder: bool) -> list[Case]:
 
 
 def check_encoder_forward(fn: Callable) -> Verdict:
-    """Exercise 02.5: `Encoder.forward(self, x)`, from its layers."""
+    """Exercise 02.6: `Encoder.forward(self, x)`, from its layers."""
     with torch.no_grad():
         return check(
-            "Exercise 02.5",
+            "Exercise 02.6",
             fn,
             _coder_cases(Encoder, decoder=False),
             atol=CODER_ATOL,
@@ -372,10 +372,10 @@ def check_encoder_forward(fn: Callable) -> Verdict:
 
 
 def check_decoder_forward(fn: Callable) -> Verdict:
-    """Exercise 02.6: `Decoder.forward(self, z)`, from its layers."""
+    """Exercise 02.7: `Decoder.forward(self, z)`, from its layers."""
     with torch.no_grad():
         return check(
-            "Exercise 02.6",
+            "Exercise 02.7",
             fn,
             _coder_cases(Decoder, decoder=True),
             atol=CODER_ATOL,
@@ -386,7 +386,7 @@ def check_decoder_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercises 02.7 and 02.8: the reparameterisation and the KL -------------------
+# --- Exercises 02.8 and 02.9: the reparameterisation and the KL -------------------
 
 # (B, C, h, w) of the latents
 POSTERIOR_SHAPES = [(2, 4, 8, 8), (1, 4, 3, 5), (3, 2, 4, 4)]
@@ -450,7 +450,7 @@ SAMPLE_HINTS = [
 
 
 def check_sample(fn: Callable) -> Verdict:
-    """Exercise 02.7: `DiagonalGaussian.sample(self, generator=None)`."""
+    """Exercise 02.8: `DiagonalGaussian.sample(self, generator=None)`."""
     cases = []
     for seed, shape in enumerate(POSTERIOR_SHAPES):
         posterior = _posterior(seed, shape)
@@ -461,7 +461,7 @@ def check_sample(fn: Callable) -> Verdict:
     expected = _with_generator(vae.DiagonalGaussian.sample)(posterior, -1)
     cases.append(Case((posterior, -1), expected))
     return check(
-        "Exercise 02.7",
+        "Exercise 02.8",
         _with_generator(fn),
         cases,
         hints=SAMPLE_HINTS,
@@ -507,13 +507,13 @@ KL_HINTS = [
 
 
 def check_kl(fn: Callable) -> Verdict:
-    """Exercise 02.8: `DiagonalGaussian.kl(self)`, per item."""
+    """Exercise 02.9: `DiagonalGaussian.kl(self)`, per item."""
     cases = []
     for seed, shape in enumerate(POSTERIOR_SHAPES):
         posterior = _posterior(seed, shape)
         cases.append(Case((posterior,), vae.DiagonalGaussian.kl(posterior)))
     return check(
-        "Exercise 02.8",
+        "Exercise 02.9",
         fn,
         cases,
         hints=KL_HINTS,

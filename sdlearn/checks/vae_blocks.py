@@ -19,11 +19,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 
 from sdlearn import blocks, vae
 from sdlearn.checks import Case, Verdict, check, randn, seeded
 
-# the parts of the package the kept answers stand for
+# the parts of the package the kept answers stand for; GroupNorm is torch's
+# nn.GroupNorm, which the package's blocks build (norm1, norm2, group_norm)
+GROUP_NORM_PART = "blocks:GroupNorm.forward"
 DOWNSAMPLE_PART = "blocks:Downsample.forward"
 UPSAMPLE_PART = "blocks:Upsample.forward"
 ATTENTION_PART = "vae:AttentionBlock.forward"
@@ -55,7 +58,120 @@ class AttentionBlock(vae.AttentionBlock):
         return f"over {self.query_dim} channels"
 
 
-# --- Exercise 02.2: the Downsample's forward --------------------------------------
+class GroupNorm(nn.GroupNorm):
+    """torch's GroupNorm with a one-line repr."""
+
+    def __repr__(self) -> str:
+        return f"with {self.num_groups} groups of {self.num_channels} channels"
+
+
+# --- Exercise 02.2: GroupNorm -----------------------------------------------------
+
+# (groups, x shape, eps, affine): H != W, B > 1, one group (LayerNorm over C, H,
+# W), a large eps that shows where it goes, and no scale and shift
+GROUP_NORM_CASES = [
+    (4, (2, 8, 3, 5), 1e-6, True),
+    (3, (1, 6, 4, 4), 0.5, True),
+    (1, (3, 4, 2, 2), 1e-5, True),
+    (2, (2, 4, 3, 3), 1e-6, False),
+]
+
+
+def _group_norm(
+    self,
+    x,
+    channels="adjacent",
+    over_batch=False,
+    correction=0,
+    eps="inside",
+    affine=True,
+):
+    """GroupNorm written out, or one of its typical mistakes."""
+    B, C = x.shape[:2]
+    G = C if channels == "one each" else self.num_groups
+    if channels == "strided":  # every G-th channel in one group
+        groups = x.reshape(B, C // G, G, -1).transpose(1, 2).reshape(B, G, -1)
+    else:
+        groups = x.reshape(B, G, -1)
+    dims = (0, 2) if over_batch else (2,)
+    mean = groups.mean(dim=dims, keepdim=True)
+    var = groups.var(dim=dims, correction=correction, keepdim=True)
+    if eps == "inside":
+        groups = (groups - mean) / torch.sqrt(var + self.eps)
+    else:
+        groups = (groups - mean) / (var.sqrt() + self.eps)
+    if channels == "strided":
+        groups = groups.reshape(B, G, C // G, -1).transpose(1, 2)
+    out = groups.reshape(x.shape)
+    if self.affine and affine:
+        out = out * self.weight[:, None, None] + self.bias[:, None, None]
+    return out
+
+
+GROUP_NORM_MISTAKES = {
+    "the unbiased variance, divided by N - 1: GroupNorm divides by N "
+    "(var(..., correction=0))": functools.partial(_group_norm, correction=1),
+    "each channel normalised on its own: a group holds C/G neighbouring "
+    "channels, normalised together": functools.partial(
+        _group_norm, channels="one each"
+    ),
+    "every G-th channel went into one group: a group is a run of C/G "
+    "neighbouring channels, x.reshape(B, G, -1)": functools.partial(
+        _group_norm, channels="strided"
+    ),
+    "the statistics mixed the images of the batch: each image is normalised on "
+    "its own": functools.partial(_group_norm, over_batch=True),
+    "eps was added to the standard deviation: it goes under the square root, "
+    "sqrt(var + eps)": functools.partial(_group_norm, eps="outside"),
+    "the learned scale and shift are left out: when self.affine, multiply by "
+    "self.weight and add self.bias, per channel": functools.partial(
+        _group_norm, affine=False
+    ),
+}
+GROUP_NORM_HINTS = [
+    "split each image's channels into G runs of neighbouring channels; every "
+    "run, over all its pixels, gets mean 0 and variance 1; then every channel "
+    "gets its learned scale and shift.",
+    "reshape x to (B, G, C/G·H·W); mean and variance, divided by N, over the "
+    "last axis; (x − mean) / sqrt(var + eps); back to x's shape; if self.affine, "
+    "x · weight + bias with both shaped (C, 1, 1).",
+    "B, C, H, W = x.shape; g = x.reshape(B, self.num_groups, -1); mean = "
+    "g.mean(dim=-1, keepdim=True); var = g.var(dim=-1, correction=0, "
+    "keepdim=True); x = ((g - mean) / torch.sqrt(var + self.eps)).reshape(B, C, "
+    "H, W); if self.affine: x = x * self.weight[:, None, None] + "
+    "self.bias[:, None, None]; return x",
+]
+
+
+def check_group_norm_forward(fn: Callable) -> Verdict:
+    """Exercise 02.2: `GroupNorm.forward(self, x)`, torch's nn.GroupNorm."""
+    cases = []
+    for seed, (groups, shape, eps, affine) in enumerate(GROUP_NORM_CASES):
+        norm = GroupNorm(groups, shape[1], eps=eps, affine=affine)
+        if affine:
+            g = torch.Generator().manual_seed(60 + seed)
+            with torch.no_grad():
+                norm.weight.copy_(1 + 0.3 * torch.randn(shape[1], generator=g))
+                norm.bias.copy_(0.3 * torch.randn(shape[1], generator=g))
+        # far from mean 0 and variance 1, a little different in every channel
+        x = 3 * randn(*shape, seed=170 + seed) + randn(1, shape[1], 1, 1, seed=seed)
+        with torch.no_grad():
+            expected = F.group_norm(x, groups, norm.weight, norm.bias, eps)
+        cases.append(Case((norm, x), expected))
+    with torch.no_grad():
+        return check(
+            "Exercise 02.2",
+            fn,
+            cases,
+            atol=1e-5,
+            rtol=1e-5,
+            hints=GROUP_NORM_HINTS,
+            mistakes=GROUP_NORM_MISTAKES,
+            keep=GROUP_NORM_PART,
+        )
+
+
+# --- Exercise 02.3: the Downsample's forward --------------------------------------
 
 # (C_in, C_out, padding, x shape): the VAE's (padding 0), even sides as in the
 # VAE and odd ones, where a missing pad gives a different shape; then the UNet's
@@ -103,7 +219,7 @@ DOWNSAMPLE_HINTS = [
 
 
 def check_downsample_forward(fn: Callable) -> Verdict:
-    """Exercise 02.2: `Downsample.forward(self, x)`, SD's VAE padding included."""
+    """Exercise 02.3: `Downsample.forward(self, x)`, SD's VAE padding included."""
     cases = []
     for seed, (c_in, c_out, padding, shape) in enumerate(DOWNSAMPLE_CASES):
         with torch.device("meta"):
@@ -115,7 +231,7 @@ def check_downsample_forward(fn: Callable) -> Verdict:
         cases.append(Case((block, x), expected))
     with torch.no_grad():
         return check(
-            "Exercise 02.2",
+            "Exercise 02.3",
             fn,
             cases,
             hints=DOWNSAMPLE_HINTS,
@@ -124,7 +240,7 @@ def check_downsample_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 02.3: the Upsample's forward ----------------------------------------
+# --- Exercise 02.4: the Upsample's forward ----------------------------------------
 
 # (C_in, C_out, x shape, output_size): doubling, H != W, one that changes the
 # channels, and one to a given size (a UNet on sides that do not halve evenly)
@@ -177,7 +293,7 @@ UPSAMPLE_HINTS = [
 
 
 def check_upsample_forward(fn: Callable) -> Verdict:
-    """Exercise 02.3: `Upsample.forward(self, x, output_size=None)`."""
+    """Exercise 02.4: `Upsample.forward(self, x, output_size=None)`."""
     cases = []
     for seed, (c_in, c_out, shape, size) in enumerate(UPSAMPLE_CASES):
         with torch.device("meta"):
@@ -190,7 +306,7 @@ def check_upsample_forward(fn: Callable) -> Verdict:
         cases.append(Case(args, expected))
     with torch.no_grad():
         return check(
-            "Exercise 02.3",
+            "Exercise 02.4",
             fn,
             cases,
             hints=UPSAMPLE_HINTS,
@@ -199,7 +315,7 @@ def check_upsample_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 02.4: the VAE's attention over pixels -------------------------------
+# --- Exercise 02.5: the VAE's attention over pixels -------------------------------
 
 # (C, groups, x shape): H != W catches a swapped axis, B > 1 a mixed batch
 ATTENTION_CASES = [(8, 4, (2, 8, 3, 5)), (16, 4, (1, 16, 4, 4)), (6, 3, (3, 6, 2, 3))]
@@ -277,7 +393,7 @@ ATTENTION_HINTS = [
 
 
 def check_attention_block_forward(fn: Callable) -> Verdict:
-    """Exercise 02.4: `AttentionBlock.forward(self, x)`, over a map's pixels."""
+    """Exercise 02.5: `AttentionBlock.forward(self, x)`, over a map's pixels."""
     cases = []
     for seed, (channels, groups, shape) in enumerate(ATTENTION_CASES):
         with torch.device("meta"):
@@ -289,7 +405,7 @@ def check_attention_block_forward(fn: Callable) -> Verdict:
         cases.append(Case((block, x), expected))
     with torch.no_grad():
         return check(
-            "Exercise 02.4",
+            "Exercise 02.5",
             fn,
             cases,
             atol=ATTENTION_ATOL,

@@ -87,7 +87,7 @@ def _compared(fn: Callable) -> Callable:
     return call
 
 
-# --- Exercise 02.9: encode --------------------------------------------------------
+# --- Exercise 02.10: encode --------------------------------------------------------
 
 
 def _encode(self, x, quant=True, scaled=False, wrap=True):
@@ -119,7 +119,7 @@ ENCODE_HINTS = [
 
 
 def check_encode(fn: Callable) -> Verdict:
-    """Exercise 02.9: `AutoencoderKL.encode(self, x)` -> the posterior."""
+    """Exercise 02.10: `AutoencoderKL.encode(self, x)` -> the posterior."""
     cases = []
     for seed, shape in enumerate(IMAGE_SHAPES):
         model = _model(seed)
@@ -129,7 +129,7 @@ def check_encode(fn: Callable) -> Verdict:
         cases.append(Case((model, x), expected))
     with torch.no_grad():
         return check(
-            "Exercise 02.9",
+            "Exercise 02.10",
             _compared(fn),
             cases,
             atol=ATOL,
@@ -140,7 +140,7 @@ def check_encode(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 02.10: decode -------------------------------------------------------
+# --- Exercise 02.11: decode -------------------------------------------------------
 
 
 def _decode(self, z, quant=True, unscale=False, clamp=False):
@@ -170,7 +170,7 @@ DECODE_HINTS = [
 
 
 def check_decode(fn: Callable) -> Verdict:
-    """Exercise 02.10: `AutoencoderKL.decode(self, z)` -> images."""
+    """Exercise 02.11: `AutoencoderKL.decode(self, z)` -> images."""
     cases = []
     for seed, (B, _, H, W) in enumerate(IMAGE_SHAPES):
         model = _model(seed)
@@ -182,7 +182,7 @@ def check_decode(fn: Callable) -> Verdict:
         cases.append(Case((model, z), expected))
     with torch.no_grad():
         return check(
-            "Exercise 02.10",
+            "Exercise 02.11",
             fn,
             cases,
             atol=ATOL,
@@ -193,7 +193,7 @@ def check_decode(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 02.11: forward ------------------------------------------------------
+# --- Exercise 02.12: forward ------------------------------------------------------
 
 
 def _seeded(fn: Callable) -> Callable:
@@ -242,7 +242,7 @@ FORWARD_HINTS = [
 
 
 def check_forward(fn: Callable) -> Verdict:
-    """Exercise 02.11: `AutoencoderKL.forward(self, x, sample_posterior=False,
+    """Exercise 02.12: `AutoencoderKL.forward(self, x, sample_posterior=False,
     generator=None)`."""
     cases = []
     for seed, shape in enumerate(IMAGE_SHAPES):
@@ -255,7 +255,7 @@ def check_forward(fn: Callable) -> Verdict:
             cases.append(Case(args, expected))
     with torch.no_grad():
         return check(
-            "Exercise 02.11",
+            "Exercise 02.12",
             _seeded(_compared(fn)),
             cases,
             atol=ATOL,
@@ -266,7 +266,7 @@ def check_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 02.12: the training loss --------------------------------------------
+# --- Exercise 02.13: the training loss --------------------------------------------
 
 
 def _loss(self, batch, generator=None, per_value=True, batch_sum=False, mode=False):
@@ -322,7 +322,7 @@ def _seeded_loss(fn: Callable) -> Callable:
 
 
 def check_vae_loss(fn: Callable) -> Verdict:
-    """Exercise 02.12: `VAELoss.forward(self, batch, generator=None)`."""
+    """Exercise 02.13: `VAELoss.forward(self, batch, generator=None)`."""
     cases = []
     weights = (0.1, 1.0)
     for seed, (shape, kl_weight) in enumerate(zip(IMAGE_SHAPES, weights, strict=True)):
@@ -334,7 +334,7 @@ def check_vae_loss(fn: Callable) -> Verdict:
         cases.append(Case(args, expected))
     with torch.no_grad():
         return check(
-            "Exercise 02.12",
+            "Exercise 02.13",
             _seeded_loss(_compared(fn)),
             cases,
             atol=ATOL,
@@ -345,7 +345,7 @@ def check_vae_loss(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 02.13: PSNR ---------------------------------------------------------
+# --- Exercise 02.14: PSNR ---------------------------------------------------------
 
 # (B, C, H, W): colour images, and grey ones with H != W
 PSNR_SHAPES = [(3, 3, 8, 8), (2, 1, 4, 6)]
@@ -387,7 +387,7 @@ PSNR_HINTS = [
 
 
 def check_psnr(fn: Callable) -> Verdict:
-    """Exercise 02.13: `psnr(images, references)` in dB, per image."""
+    """Exercise 02.14: `psnr(images, references)` in dB, per image."""
     cases = []
     for seed, shape in enumerate(PSNR_SHAPES):
         references = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
@@ -397,7 +397,7 @@ def check_psnr(fn: Callable) -> Verdict:
         images[0] = references[0]  # a perfect copy: 100 dB
         cases.append(Case((images, references), vae.psnr(images, references)))
     return check(
-        "Exercise 02.13",
+        "Exercise 02.14",
         fn,
         cases,
         hints=PSNR_HINTS,
