@@ -22,9 +22,13 @@ CHAPTERS: dict[str, int] = {
     "weights": 2,  # checked loading, checkpoint files, the shipped tiny models
     "blocks": 2,  # ResnetBlock, Downsample, Upsample: the VAE's and the UNet's
     "vae": 2,  # the autoencoder
+    "interpolation": 2,  # slerp: walking between latents on a sphere
     "interop": 2,  # interop with diffusers and transformers, a module per model
     "interop.vae": 2,
     "checks.vae": 2,
+    "checks.vae_blocks": 2,
+    "checks.vae_model": 2,
+    "checks.interpolation": 2,
     "tokenizer": 3,  # CLIP's byte-level BPE tokenizer
     "clip": 3,  # the text encoder, and a tiny contrastive CLIP
     "interop.clip": 3,

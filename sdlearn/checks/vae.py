@@ -1,8 +1,9 @@
-"""Checks for chapter 02's VAE exercises: the ResnetBlock, the asymmetric
-downsample, the encoder's and the decoder's forward passes, the
-reparameterisation and the KL of the posterior.
+"""Checks for chapter 02's VAE exercises: the ResnetBlock, the encoder's and
+the decoder's forward passes, the reparameterisation and the KL of the
+posterior (`vae_blocks` checks the resampling and the attention, `vae_model`
+the whole autoencoder and its loss).
 
-The references are sdlearn's own `ResnetBlock`, `Downsample`, `Encoder`,
+The references are sdlearn's own `ResnetBlock`, `Encoder`,
 `Decoder` and `DiagonalGaussian`, which the test suite holds to diffusers'
 numbers. The learner's function gets the very same modules, with seeded weights
 far from their initial values (norm scales away from 1, biases away from 0), so
@@ -204,56 +205,7 @@ def check_resnet_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 02.2: the VAE's downsampling ----------------------------------------
-
-# (C_in, C_out, x shape): even sides as in the VAE, and odd ones, where a missing
-# pad gives a different shape
-DOWNSAMPLE_CASES = [(4, 4, (2, 4, 8, 8)), (3, 6, (1, 3, 6, 10)), (2, 2, (2, 2, 7, 5))]
-DOWNSAMPLE_MISTAKES = {
-    # on an even side, left-and-top padding and every-side padding read the same
-    # windows: the last padded row and column are never reached
-    "the padding went before the image (every side, as the UNet pads, or left "
-    "and top): SD's VAE pads only the right and the bottom": (
-        lambda conv, x: conv(F.pad(x, (1, 1, 1, 1)))
-    ),
-    "only the right column padded: pad one row at the bottom too": (
-        lambda conv, x: conv(F.pad(x, (0, 1, 0, 0)))
-    ),
-    "no padding: the stride-2 window then misses the last row and column": (
-        lambda conv, x: conv(x)
-    ),
-}
-DOWNSAMPLE_HINTS = [
-    "one row and one column of zeros go after the image, none before it; then "
-    "the convolution, whose own padding is 0.",
-    "F.pad's tuple starts with the last axis: (left, right, top, bottom). You "
-    "want 0 left, 1 right, 0 top, 1 bottom.",
-    "return conv(F.pad(x, (0, 1, 0, 1)))",
-]
-
-
-def check_downsample(fn: Callable) -> Verdict:
-    """Exercise 02.2: pad right and bottom by one, then a stride-2 3x3 conv."""
-    cases = []
-    for seed, (c_in, c_out, shape) in enumerate(DOWNSAMPLE_CASES):
-        with torch.device("meta"):
-            block = blocks.Downsample(c_in, c_out, padding=0)
-        block = seeded(block, 10 + seed)
-        x = randn(*shape, seed=110 + seed)
-        with torch.no_grad():
-            expected = block(x)
-        cases.append(Case((block.conv, x), expected))
-    with torch.no_grad():
-        return check(
-            "Exercise 02.2",
-            fn,
-            cases,
-            hints=DOWNSAMPLE_HINTS,
-            mistakes=DOWNSAMPLE_MISTAKES,
-        )
-
-
-# --- Exercises 02.3 and 02.4: the encoder's and the decoder's forward -------------
+# --- Exercises 02.6 and 02.7: the encoder's and the decoder's forward -------------
 
 # small autoencoders: (levels, ResnetBlocks per level in the encoder, groups,
 # latent channels, image shape). The first keeps its channels, so that a forward
@@ -405,10 +357,10 @@ def _coder_cases(cls: type, decoder: bool) -> list[Case]:
 
 
 def check_encoder_forward(fn: Callable) -> Verdict:
-    """Exercise 02.3: `Encoder.forward(self, x)`, from its layers."""
+    """Exercise 02.6: `Encoder.forward(self, x)`, from its layers."""
     with torch.no_grad():
         return check(
-            "Exercise 02.3",
+            "Exercise 02.6",
             fn,
             _coder_cases(Encoder, decoder=False),
             atol=CODER_ATOL,
@@ -420,10 +372,10 @@ def check_encoder_forward(fn: Callable) -> Verdict:
 
 
 def check_decoder_forward(fn: Callable) -> Verdict:
-    """Exercise 02.4: `Decoder.forward(self, z)`, from its layers."""
+    """Exercise 02.7: `Decoder.forward(self, z)`, from its layers."""
     with torch.no_grad():
         return check(
-            "Exercise 02.4",
+            "Exercise 02.7",
             fn,
             _coder_cases(Decoder, decoder=True),
             atol=CODER_ATOL,
@@ -434,7 +386,7 @@ def check_decoder_forward(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercises 02.5 and 02.6: the reparameterisation and the KL -------------------
+# --- Exercises 02.8 and 02.9: the reparameterisation and the KL -------------------
 
 # (B, C, h, w) of the latents
 POSTERIOR_SHAPES = [(2, 4, 8, 8), (1, 4, 3, 5), (3, 2, 4, 4)]
@@ -498,7 +450,7 @@ SAMPLE_HINTS = [
 
 
 def check_sample(fn: Callable) -> Verdict:
-    """Exercise 02.5: `DiagonalGaussian.sample(self, generator=None)`."""
+    """Exercise 02.8: `DiagonalGaussian.sample(self, generator=None)`."""
     cases = []
     for seed, shape in enumerate(POSTERIOR_SHAPES):
         posterior = _posterior(seed, shape)
@@ -509,7 +461,7 @@ def check_sample(fn: Callable) -> Verdict:
     expected = _with_generator(vae.DiagonalGaussian.sample)(posterior, -1)
     cases.append(Case((posterior, -1), expected))
     return check(
-        "Exercise 02.5",
+        "Exercise 02.8",
         _with_generator(fn),
         cases,
         hints=SAMPLE_HINTS,
@@ -555,13 +507,13 @@ KL_HINTS = [
 
 
 def check_kl(fn: Callable) -> Verdict:
-    """Exercise 02.6: `DiagonalGaussian.kl(self)`, per item."""
+    """Exercise 02.9: `DiagonalGaussian.kl(self)`, per item."""
     cases = []
     for seed, shape in enumerate(POSTERIOR_SHAPES):
         posterior = _posterior(seed, shape)
         cases.append(Case((posterior,), vae.DiagonalGaussian.kl(posterior)))
     return check(
-        "Exercise 02.6",
+        "Exercise 02.9",
         fn,
         cases,
         hints=KL_HINTS,
