@@ -276,6 +276,17 @@ def test_a_kept_forward_runs_in_that_pipeline_only():
     assert len(calls) == 2  # the package's UNet class is untouched
 
 
+def attention_block_forward(self, x):
+    from einops import rearrange
+
+    from sdlearn.attention import Attention
+
+    H, W = x.shape[-2:]
+    h = rearrange(self.group_norm(x), "B C H W -> B (H W) C")
+    h = Attention.forward(self, h)
+    return x + rearrange(h, "B (H W) C -> B C H W", H=H, W=W)
+
+
 def test_with_every_part_kept_every_part_is_the_learners(answers_home, capsys):
     """The package's own code kept as the answers: every part of chapters 01-06
     is then the learner's, installed where it belongs, and draws the package's
@@ -285,6 +296,7 @@ def test_with_every_part_kept_every_part_is_the_learners(answers_home, capsys):
         _PACKAGE_FORWARDS,
         _SCHEDULER_PARTS,
         _TOKENIZER_PARTS,
+        _VAE_METHODS,
         LEARNERS_PARTS,
         use_learners_parts,
     )
@@ -293,10 +305,13 @@ def test_with_every_part_kept_every_part_is_the_learners(answers_home, capsys):
     package_code = {
         **_TOKENIZER_PARTS,
         **_SCHEDULER_PARTS,
+        **_VAE_METHODS,
         **{part: cls.forward for part, (cls, _) in _PACKAGE_FORWARDS.items()},
         "pipeline:generate": generate,
     }
     assert set(package_code) == set(LEARNERS_PARTS)
+    # the package's calls super(), which only works inside its class
+    package_code["vae:AttentionBlock.forward"] = attention_block_forward
     for part, code in package_code.items():
         answers.keep(part, code)
     pipe = from_pretrained()

@@ -2,9 +2,10 @@
 
 `use_learners_parts` puts the learner's kept answers of chapters 01 to 06 into
 one pipeline with the shipped weights: its tokenizer, every attention layer and
-MLP of the text encoder, the VAE's ResnetBlocks and decoder, every block of the
-UNet, the DDPM scheduler's tables, timesteps and step, and the loop that draws
-become the learner's code. A part that is kept and still passes its check is
+MLP of the text encoder, the group norms, ResnetBlocks, down- and upsamplers of
+the VAE and the UNet, the VAE's attention, decoder, encode and decode, every
+block of the UNet, the DDPM scheduler's tables, timesteps and step, and the loop
+that draws become the learner's code. A part that is kept and still passes its check is
 the learner's; any other stays the package's, and the table it prints says
 which.
 """
@@ -15,9 +16,11 @@ import importlib
 import types
 from collections.abc import Callable
 
+from torch import nn
+
 from sdlearn import tokenizer
 from sdlearn.attention import Attention
-from sdlearn.blocks import ResnetBlock
+from sdlearn.blocks import Downsample, ResnetBlock, Upsample
 from sdlearn.checks import Verdict, answers
 from sdlearn.checks.pipeline import check_generate, reference_generate
 from sdlearn.checks.pixel_ddpm import install_scheduler_parts
@@ -32,7 +35,7 @@ from sdlearn.spatial_transformer import (
     TransformerBlock,
 )
 from sdlearn.unet import DownBlock, MidBlock, TimestepEmbedding, UNet, UpBlock
-from sdlearn.vae import Decoder
+from sdlearn.vae import AttentionBlock, AutoencoderKL, Decoder
 
 # part -> (what it is, the chapter, the check that holds it to the package's, as
 # "module:function" of sdlearn.checks, called with the part alone)
@@ -64,12 +67,34 @@ LEARNERS_PARTS: dict[str, tuple[str, str, str]] = {
         "03",
         "clip:check_encoder_layer",
     ),
+    "blocks:GroupNorm.forward": (
+        "every group norm of the VAE and the UNet",
+        "02",
+        "vae_blocks:check_group_norm_forward",
+    ),
     "blocks:ResnetBlock.forward": (
         "the ResnetBlocks of the VAE and the UNet",
         "02",
         "vae:check_resnet_forward",
     ),
+    "blocks:Downsample.forward": (
+        "the downsamplers of the VAE and the UNet",
+        "02",
+        "vae_blocks:check_downsample_forward",
+    ),
+    "blocks:Upsample.forward": (
+        "the upsamplers of the VAE and the UNet",
+        "02",
+        "vae_blocks:check_upsample_forward",
+    ),
+    "vae:AttentionBlock.forward": (
+        "the VAE's attention over pixels",
+        "02",
+        "vae_blocks:check_attention_block_forward",
+    ),
     "vae:Decoder.forward": ("the VAE's decoder", "02", "vae:check_decoder_forward"),
+    "vae:AutoencoderKL.encode": ("the VAE's encode", "02", "vae_model:check_encode"),
+    "vae:AutoencoderKL.decode": ("the VAE's decode", "02", "vae_model:check_decode"),
     "unet:TimestepEmbedding.forward": (
         "the UNet's time MLP",
         "04",
@@ -141,7 +166,11 @@ _PACKAGE_FORWARDS = {
     "attention:Attention.forward": (Attention, ("text_encoder", "vae", "unet")),
     "clip:CLIPMLP.forward": (CLIPMLP, ("text_encoder",)),
     "clip:CLIPEncoderLayer.forward": (CLIPEncoderLayer, ("text_encoder",)),
+    "blocks:GroupNorm.forward": (nn.GroupNorm, ("vae", "unet")),
     "blocks:ResnetBlock.forward": (ResnetBlock, ("vae", "unet")),
+    "blocks:Downsample.forward": (Downsample, ("vae", "unet")),
+    "blocks:Upsample.forward": (Upsample, ("vae", "unet")),
+    "vae:AttentionBlock.forward": (AttentionBlock, ("vae",)),
     "vae:Decoder.forward": (Decoder, ("vae",)),
     "unet:TimestepEmbedding.forward": (TimestepEmbedding, ("unet",)),
     "spatial_transformer:GEGLU.forward": (GEGLU, ("unet",)),
@@ -152,6 +181,11 @@ _PACKAGE_FORWARDS = {
     "unet:MidBlock.forward": (MidBlock, ("unet",)),
     "unet:UpBlock.forward": (UpBlock, ("unet",)),
     "unet:UNet.forward": (UNet, ("unet",)),
+}
+# methods of the VAE that are not its forward
+_VAE_METHODS = {
+    "vae:AutoencoderKL.encode": AutoencoderKL.encode,
+    "vae:AutoencoderKL.decode": AutoencoderKL.decode,
 }
 # the tokenizer's parts: functions it holds, or methods of its own
 _TOKENIZER_PARTS = {
@@ -212,6 +246,7 @@ def use_learners_parts(pipe: StableDiffusionPipeline) -> Callable:
         "pipeline:generate": reference_generate,
         **_TOKENIZER_PARTS,
         **_SCHEDULER_PARTS,
+        **_VAE_METHODS,
         **{part: cls.forward for part, (cls, _) in _PACKAGE_FORWARDS.items()},
     }
 
@@ -231,6 +266,9 @@ def use_learners_parts(pipe: StableDiffusionPipeline) -> Callable:
             _install_in_tokenizer(pipe, part, code)
         elif part in _SCHEDULER_PARTS:
             scheduler_parts[part] = code
+        elif part in _VAE_METHODS:
+            method = part.rpartition(".")[2]
+            setattr(pipe.vae, method, types.MethodType(code, pipe.vae))
         elif part == "pipeline:generate":
             loop = code
         else:
