@@ -70,3 +70,36 @@ def test_verdict_shows_nothing_more_in_a_notebook():
     assert verdict and not Verdict(False)
     assert verdict._ipython_display_() is None
     assert repr(verdict) == "Verdict(passed=True)"
+
+
+def test_every_chapters_checks_module_offers_hint():
+    # a failed check says `checks.hint("Exercise NN.M")`, and chapters import
+    # their checks module as `checks`: every such module must have it
+    import importlib
+    import pkgutil
+
+    import sdlearn.checks
+    from sdlearn.checks import hint
+
+    names = [m.name for m in pkgutil.iter_modules(sdlearn.checks.__path__)]
+    missing = [
+        name
+        for name in names
+        if name != "answers"
+        and getattr(importlib.import_module(f"sdlearn.checks.{name}"), "hint", None)
+        is not hint
+    ]
+    assert names and not missing
+
+
+def test_an_error_points_at_the_learners_line_not_torchs(capsys):
+    from sdlearn.checks import Case, check
+
+    def project(x):
+        weight = torch.ones(3, 5)
+        return torch.nn.functional.linear(x, weight)  # 4 features in, 5 expected
+
+    assert not check("Exercise 99.1", project, [Case((torch.ones(2, 4),), None)])
+    out = capsys.readouterr().out
+    assert "raised RuntimeError" in out
+    assert "of your code: return torch.nn.functional.linear(x, weight)" in out

@@ -82,3 +82,16 @@ def test_hints_come_in_three_tiers_and_the_first_gives_no_code():
     tiers = framework._HINTS["Exercise 02.15"]
     assert len(tiers) == 3
     assert "torch." not in tiers[0] and "(" not in tiers[0]
+
+
+def test_a_slerp_without_the_straight_line_is_refused(capsys):
+    # exactly parallel inputs: sin θ = 0, and the arc's formula divides by it
+    def arc_only(a, b, weights, threshold=0.9995):
+        w = weights.view(-1, *[1] * a.ndim)
+        theta = torch.nn.functional.cosine_similarity(
+            a.flatten(), b.flatten(), dim=0
+        ).acos()
+        return (((1 - w) * theta).sin() * a + (w * theta).sin() * b) / theta.sin()
+
+    assert not checks.check_slerp(arc_only)
+    assert "NaN" in capsys.readouterr().out

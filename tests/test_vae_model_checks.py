@@ -152,13 +152,15 @@ def test_a_decode_that_unscales_is_named(capsys):
     assert "the pipeline unscales them" in capsys.readouterr().out
 
 
-def test_a_forward_that_returns_a_plain_tuple_passes(capsys):
+def test_a_forward_that_returns_a_plain_tuple_is_refused(capsys):
+    # later cells read vae(x).reconstruction: a plain tuple would crash there
     def plain(self, x, sample_posterior=False, generator=None):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mean
         return self.decode(z), posterior
 
-    assert checks.check_forward(plain)
+    assert not checks.check_forward(plain)
+    assert "return AutoencoderOutput(" in capsys.readouterr().out
 
 
 def test_a_psnr_on_the_whole_batch_is_named(capsys):

@@ -13,9 +13,11 @@ Each chapter's checks live in a submodule named like the chapter's module:
 
 from __future__ import annotations
 
+import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,9 @@ class Case:
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, dict):  # a batch: its tensors by shape, not by value
+        items = ", ".join(f"{key!r}: {_describe(v)}" for key, v in value.items())
+        return f"a dict {{{items}}}"[:300]
     if " at 0x" in repr(value):  # an object with no repr of its own: its kind
         return f"a {type(value).__name__}"
     return f"{type(value).__name__} {value!r}"[:200]
@@ -231,10 +236,8 @@ def check(
             print(f"⏳ {what} is not done yet: replace `raise NotImplementedError`.")
             return Verdict(False)
         except Exception as error:  # the learner's code may fail in any way
-            frame = traceback.extract_tb(error.__traceback__)[-1]
             return failed(
-                f"❌ {what} raised {type(error).__name__}: {error}\n"
-                f"   at line {frame.lineno}: {frame.line}"
+                f"❌ {what} raised {type(error).__name__}: {error}\n   {_where(error)}"
             )
         if compare is None:
             problem = compare_values(actual, case.expected, atol, rtol)
@@ -251,6 +254,26 @@ def check(
     if keep is not None and not answers.is_replaying():
         _keep(keep, fn, name)
     return Verdict(True)
+
+
+# code that is not the learner's: this package, and Python's and torch's own
+_LIBRARIES = (str(Path(__file__).parents[1]), sys.prefix, sys.base_prefix)
+
+
+def _where(error: Exception) -> str:
+    """Where `error` came from, in the learner's code: the last line of theirs
+    it passed through (not torch's or the package's), and the library line
+    that raised it when that is another."""
+    frames = traceback.extract_tb(error.__traceback__)
+    theirs = [f for f in frames if not f.filename.startswith(_LIBRARIES)]
+    if not theirs:
+        return f"at line {frames[-1].lineno}: {frames[-1].line}"
+    frame, last = theirs[-1], frames[-1]
+    where = f"at line {frame.lineno} of your code: {frame.line}"
+    if last is not frame:
+        library = f"{Path(last.filename).name}, line {last.lineno}"
+        where += f"\n   (raised in {library}: {last.line})"
+    return where
 
 
 def _keep(part: str, fn: Callable, exercise: str) -> None:

@@ -32,6 +32,7 @@ from sdlearn.checks import (
     randn,
     seeded,
 )
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 
 ATOL, RTOL = 1e-5, 1.3e-6  # float32 tolerance, as torch.testing.assert_close
 

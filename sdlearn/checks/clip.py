@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.checks import Case, Verdict, check, randn, seeded
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.checks.tokenizer import (  # noqa: F401  (the chapter calls them here)
     check_bpe,
     check_bytes_to_unicode,

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.checks import Case, Verdict, check, compare_values, randn, seeded
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.checks.clip import LOGITS_CONFIG, Inputs, run_on
 from sdlearn.clip import (
     CLIPMLP,

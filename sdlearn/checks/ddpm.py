@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sdlearn.checks import Case, Verdict, check, randn, tensor_form_problem
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.schedulers.common import add_noise as package_add_noise
 from sdlearn.schedulers.common import make_alphas_cumprod, make_betas
 from sdlearn.schedulers.ddpm import DDPMScheduler, DDPMSchedulerOutput

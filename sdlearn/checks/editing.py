@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.checks import Case, Verdict, check
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.checks.pipeline import Seed, with_seeds
 from sdlearn.images import to_pixels
 from sdlearn.pipeline import (

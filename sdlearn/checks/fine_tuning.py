@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sdlearn.checks import Case, Verdict, check, compare_values, randn
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.lora import LoRALinear
 from sdlearn.textual_inversion import NewTokenEmbedding
 

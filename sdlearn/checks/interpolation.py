@@ -15,6 +15,7 @@ import torch
 
 from sdlearn import interpolation
 from sdlearn.checks import Case, Verdict, check, randn
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 
 SLERP_PART = "interpolation:slerp"
 
@@ -77,6 +78,8 @@ def check_slerp(fn: Callable) -> Verdict:
     a = randn(3, 2, 2, seed=224)  # b nearly parallel to a: the straight line
     b = 2 * a + 1e-3 * randn(3, 2, 2, seed=225)
     cases.append(Case((a, b, torch.tensor([0.3, 0.7])), None))
+    a = randn(2, 3, 3, seed=226)  # exactly parallel: sin θ is 0, no arc at all
+    cases.append(Case((a, 2 * a, torch.tensor([0.0, 0.4, 1.0])), None))
     for case in cases:
         case.expected = interpolation.slerp(*case.args)
     return check(

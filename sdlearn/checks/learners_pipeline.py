@@ -22,6 +22,7 @@ from sdlearn import tokenizer
 from sdlearn.attention import Attention
 from sdlearn.blocks import Downsample, ResnetBlock, Upsample
 from sdlearn.checks import Verdict, answers
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.checks.pipeline import check_generate, reference_generate
 from sdlearn.checks.pixel_ddpm import install_scheduler_parts
 from sdlearn.clip import CLIPMLP, CLIPEncoderLayer

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from sdlearn.checks import Case, Verdict, check, randn
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.pipeline import (
     StableDiffusionPipeline,
     blend_latents,

@@ -27,6 +27,7 @@ from sdlearn.checks import (
     schedule,
 )
 from sdlearn.checks import ddpm as ddpm_checks
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.pixel_ddpm import ddpm_loss, ddpm_sample
 from sdlearn.schedulers import common
 from sdlearn.schedulers.ddpm import DDPMScheduler

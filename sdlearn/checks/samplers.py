@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from sdlearn.checks import Case, Verdict, check, randn
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.schedulers.ddim import ddim_update
 from sdlearn.schedulers.euler import euler_step
 from sdlearn.schedulers.euler_ancestral import ancestral_sigmas

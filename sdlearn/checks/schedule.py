@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sdlearn.checks import Case, Verdict, check
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.schedulers import common
 
 COSINE_PART = "schedule:cosine_betas"

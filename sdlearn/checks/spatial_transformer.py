@@ -22,6 +22,7 @@ from torch import nn
 
 from sdlearn import spatial_transformer
 from sdlearn.checks import Case, Verdict, check, randn, seeded
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 
 
 def as_method(fn: Callable) -> Callable:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sdlearn.checks import Case, Verdict, check
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.tokenizer import (
     DEFAULT_MERGES_PATH,
     END_OF_WORD,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from sdlearn.checks import Case, Verdict, check, randn
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 
 
 def check_to_tokens(fn: Callable) -> Verdict:

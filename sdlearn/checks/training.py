@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sdlearn.checks import Case, Verdict, check, randn, tensor_form_problem
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.diffusion_loss import DiffusionLoss
 from sdlearn.schedulers.ddpm import DDPMScheduler
 from sdlearn.training import EMA, TrainConfig, lr_factor

@@ -18,6 +18,7 @@ import torch
 
 from sdlearn import unet
 from sdlearn.checks import Case, Verdict, check, compare_values, randn, seeded
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.checks.spatial_transformer import as_method
 
 # the blocks' config: norms of 4 groups, text tokens (B, S, 12)

@@ -23,6 +23,7 @@ from torch import nn
 
 from sdlearn import blocks, vae
 from sdlearn.checks import Case, Verdict, check, randn, seeded
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 
 # the parts of the package the kept answers stand for; GroupNorm is torch's
 # nn.GroupNorm, which the package's blocks build (norm1, norm2, group_norm)

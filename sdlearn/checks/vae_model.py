@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sdlearn import vae
 from sdlearn.checks import Case, Verdict, check, randn, seeded
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 
 # the parts of the package the kept answers stand for
 ENCODE_PART = "vae:AutoencoderKL.encode"
@@ -241,6 +242,23 @@ FORWARD_HINTS = [
 ]
 
 
+def _named_fields(fn: Callable) -> Callable:
+    """`fn`, refusing a plain tuple: later cells read `.reconstruction` and
+    `.posterior` by name."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if isinstance(out, tuple) and not isinstance(out, vae.AutoencoderOutput):
+            raise TypeError(
+                "forward returned a plain tuple: return AutoencoderOutput("
+                "reconstruction, posterior), whose fields later code reads by name"
+            )
+        return out
+
+    return call
+
+
 def check_forward(fn: Callable) -> Verdict:
     """Exercise 02.12: `AutoencoderKL.forward(self, x, sample_posterior=False,
     generator=None)`."""
@@ -256,7 +274,7 @@ def check_forward(fn: Callable) -> Verdict:
     with torch.no_grad():
         return check(
             "Exercise 02.12",
-            _seeded(_compared(fn)),
+            _seeded(_compared(_named_fields(fn))),
             cases,
             atol=ATOL,
             rtol=RTOL,
