@@ -135,7 +135,14 @@ def forget(part: str) -> bool:
 
 
 # answers files whose package module is not sdlearn.<name>
-PACKAGE_MODULES = {"ddpm": "sdlearn.schedulers.ddpm"}
+PACKAGE_MODULES = {
+    "ddpm": "sdlearn.schedulers.ddpm",
+    "ddim": "sdlearn.schedulers.ddim",
+    "euler": "sdlearn.schedulers.euler",
+    "euler_ancestral": "sdlearn.schedulers.euler_ancestral",
+    "sigmas": "sdlearn.schedulers.sigmas",
+    "dpm_solver": "sdlearn.schedulers.dpm_solver",
+}
 
 
 def kept(module: str) -> dict[str, Callable]:
