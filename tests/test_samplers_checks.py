@@ -12,6 +12,7 @@ import torch
 
 from sdlearn.checks import answers
 from sdlearn.checks import samplers as checks
+from sdlearn.checks import sigma_sampling as sigma_checks
 from sdlearn.schedulers import euler, euler_ancestral
 from sdlearn.schedulers.dpm_solver import alpha_sigma, log_snr
 from tests.helpers import assert_refused, assert_unsolved_never_raise
@@ -137,11 +138,15 @@ def test_the_packages_own_functions_pass(answers_home, capsys):
         assert getattr(checks, check)(fn), check
 
 
-def test_install_puts_an_answer_into_every_sampler_that_calls_it(monkeypatch):
+def test_install_puts_an_answer_into_every_sampler_that_calls_it(monkeypatch, capsys):
     for module in checks.SAMPLER_MODULES:
         if "euler_step" in vars(module):
             monkeypatch.setattr(module, "euler_step", vars(module)["euler_step"])
-    assert checks.install("euler_step", euler_mix) == 2
+    checks.install("euler_step", euler_mix)
+    assert (
+        "euler_step: the samplers of euler, euler_ancestral now run the package's"
+        in (capsys.readouterr().out)
+    )
     assert euler.euler_step is euler_mix
     assert euler_ancestral.euler_step is euler_mix
 
@@ -211,3 +216,87 @@ def test_unsolved_exercises_never_raise_nor_hint(answers_home, capsys):
     assert_unsolved_never_raise([getattr(checks, c) for c, _ in MISTAKES], capsys)
     for module in ("ddim", "euler", "euler_ancestral", "sigmas", "dpm_solver"):
         assert answers.kept(module) == {}
+
+
+# --- the sigma view: x_0 from the model's output, and the loop ---
+
+
+def sigma_original_sample(model_output, sample, sigma, prediction_type):
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    x_t = sample / torch.sqrt(sigma**2 + 1)
+    alpha, noise = 1 / torch.sqrt(sigma**2 + 1), sigma / torch.sqrt(sigma**2 + 1)
+    return alpha * x_t - noise * model_output
+
+
+def sample_sigmas(denoise, sample, sigmas, sampler, generator=None):
+    x, previous = sample, None
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x_0 = denoise(x, sigma)
+        if sampler == "euler":
+            x = euler_step(x, x_0, sigma, sigma_next)
+        elif sampler == "euler_ancestral":
+            noise = torch.randn(x.shape, generator=generator)
+            x = ancestral_step(x, x_0, sigma, sigma_next, noise)
+        else:
+            alpha, alpha_next = alpha_sigma(sigma)[0], alpha_sigma(sigma_next)[0]
+            if previous is None or (i == n - 1 and (n < 15 or sigma_next == 0)):
+                x_t = dpm_solver_first_order(alpha * x, x_0, sigma, sigma_next)
+            else:
+                x_t = dpm_solver_second_order(
+                    alpha * x,
+                    (previous, x_0),
+                    (sigmas[i - 1], sigma, sigma_next),
+                    "midpoint",
+                )
+            x, previous = x_t / alpha_next, x_0
+    return x
+
+
+def test_sigma_view_answers_pass_and_are_kept(answers_home, capsys):
+    assert sigma_checks.check_sigma_original_sample(sigma_original_sample)
+    assert sigma_checks.check_sample_sigmas(sample_sigmas)
+    out = capsys.readouterr().out
+    assert out.count("✅") == 2 and "Hint" not in out
+    assert set(answers.kept("sigmas")) == {"sigma_original_sample"}
+    assert set(answers.kept("sigma_sampling")) == {"sample_sigmas"}
+    loop = answers.use(
+        "sigma_sampling:sample_sigmas", None, sigma_checks.check_sample_sigmas
+    )
+    assert answers.is_learners(loop)
+
+
+def test_the_checks_loop_without_a_mistake_is_the_packages():
+    for case in sigma_checks._loop_cases():
+        actual = sigma_checks._run(sigma_checks.reference_loop)(*case.args)
+        torch.testing.assert_close(actual, case.expected)
+
+
+@pytest.mark.parametrize(
+    "message", list(sigma_checks.ORIGINAL_SAMPLE_MISTAKES), ids=lambda v: v[:40]
+)
+def test_original_sample_mistakes_are_named(answers_home, capsys, message):
+    wrong = sigma_checks.ORIGINAL_SAMPLE_MISTAKES[message]
+    out = assert_refused(sigma_checks.check_sigma_original_sample, wrong, capsys)
+    assert message in out
+
+
+@pytest.mark.parametrize(
+    "message", list(sigma_checks.LOOP_MISTAKES), ids=lambda v: v[:40]
+)
+def test_loop_mistakes_are_named(answers_home, capsys, message):
+    wrong = sigma_checks.LOOP_MISTAKES[message].__wrapped__  # a loop, as a learner's
+    out = assert_refused(sigma_checks.check_sample_sigmas, wrong, capsys)
+    assert message in out
+    assert "sample_sigmas" not in answers.kept("sigma_sampling")
+
+
+def test_sigma_view_exercises_never_raise_nor_hint(answers_home, capsys):
+    assert_unsolved_never_raise(
+        [sigma_checks.check_sigma_original_sample, sigma_checks.check_sample_sigmas],
+        capsys,
+    )

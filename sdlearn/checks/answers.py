@@ -142,6 +142,7 @@ PACKAGE_MODULES = {
     "euler_ancestral": "sdlearn.schedulers.euler_ancestral",
     "sigmas": "sdlearn.schedulers.sigmas",
     "dpm_solver": "sdlearn.schedulers.dpm_solver",
+    "sigma_sampling": "sdlearn.schedulers.sigma_sampling",
 }
 
 

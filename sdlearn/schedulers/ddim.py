@@ -256,5 +256,5 @@ class DDIMInverseScheduler(DDIMScheduler):
         if self.config.clip_sample:
             bound = self.config.clip_sample_range
             x_0 = x_0.clamp(-bound, bound)
-        next_sample = ddim_update(x_0, eps, self.alphas_cumprod[next_t])
+        next_sample = ddim_update(x_0, eps, self.alphas_cumprod[next_t], 0.0)
         return SchedulerOutput(prev_sample=next_sample, pred_original_sample=x_0)
