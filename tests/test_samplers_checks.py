@@ -239,6 +239,13 @@ def sample_sigmas(denoise, sample, sigmas, sampler, generator=None):
         x_0 = denoise(x, sigma)
         if sampler == "euler":
             x = euler_step(x, x_0, sigma, sigma_next)
+        elif sampler == "heun" and sigma_next == 0:
+            x = x_0  # an Euler step onto sigma 0 lands on x_0
+        elif sampler == "heun":
+            d = (x - x_0) / sigma
+            x_euler = x + (sigma_next - sigma) * d
+            d_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
+            x = x + (sigma_next - sigma) * (d + d_next) / 2
         elif sampler == "euler_ancestral":
             noise = torch.randn(x.shape, generator=generator)
             x = ancestral_step(x, x_0, sigma, sigma_next, noise)
@@ -257,12 +264,20 @@ def sample_sigmas(denoise, sample, sigmas, sampler, generator=None):
     return x
 
 
+def sigmas_from_alphas_cumprod(alphas_cumprod):
+    return torch.sqrt(1 - alphas_cumprod) / torch.sqrt(alphas_cumprod)
+
+
 def test_sigma_view_answers_pass_and_are_kept(answers_home, capsys):
+    assert sigma_checks.check_sigmas_from_alphas_cumprod(sigmas_from_alphas_cumprod)
     assert sigma_checks.check_sigma_original_sample(sigma_original_sample)
     assert sigma_checks.check_sample_sigmas(sample_sigmas)
     out = capsys.readouterr().out
-    assert out.count("✅") == 2 and "Hint" not in out
-    assert set(answers.kept("sigmas")) == {"sigma_original_sample"}
+    assert out.count("✅") == 3 and "Hint" not in out
+    assert set(answers.kept("sigmas")) == {
+        "sigmas_from_alphas_cumprod",
+        "sigma_original_sample",
+    }
     assert set(answers.kept("sigma_sampling")) == {"sample_sigmas"}
     loop = answers.use(
         "sigma_sampling:sample_sigmas", None, sigma_checks.check_sample_sigmas
@@ -277,11 +292,23 @@ def test_the_checks_loop_without_a_mistake_is_the_packages():
 
 
 @pytest.mark.parametrize(
-    "message", list(sigma_checks.ORIGINAL_SAMPLE_MISTAKES), ids=lambda v: v[:40]
+    ("check", "message"),
+    [
+        (check, message)
+        for check, mistakes in [
+            ("check_sigmas_from_alphas_cumprod", sigma_checks.SIGMAS_MISTAKES),
+            ("check_sigma_original_sample", sigma_checks.ORIGINAL_SAMPLE_MISTAKES),
+        ]
+        for message in mistakes
+    ],
+    ids=lambda v: v[:40],
 )
-def test_original_sample_mistakes_are_named(answers_home, capsys, message):
-    wrong = sigma_checks.ORIGINAL_SAMPLE_MISTAKES[message]
-    out = assert_refused(sigma_checks.check_sigma_original_sample, wrong, capsys)
+def test_sigma_view_mistakes_are_named(answers_home, capsys, check, message):
+    mistakes = {
+        **sigma_checks.SIGMAS_MISTAKES,
+        **sigma_checks.ORIGINAL_SAMPLE_MISTAKES,
+    }
+    out = assert_refused(getattr(sigma_checks, check), mistakes[message], capsys)
     assert message in out
 
 
@@ -297,6 +324,10 @@ def test_loop_mistakes_are_named(answers_home, capsys, message):
 
 def test_sigma_view_exercises_never_raise_nor_hint(answers_home, capsys):
     assert_unsolved_never_raise(
-        [sigma_checks.check_sigma_original_sample, sigma_checks.check_sample_sigmas],
+        [
+            sigma_checks.check_sigmas_from_alphas_cumprod,
+            sigma_checks.check_sigma_original_sample,
+            sigma_checks.check_sample_sigmas,
+        ],
         capsys,
     )

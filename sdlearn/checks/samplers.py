@@ -28,6 +28,7 @@ from sdlearn.checks import Case, Verdict, answers, check, randn
 from sdlearn.checks.sigma_sampling import (  # noqa: F401
     check_sample_sigmas,
     check_sigma_original_sample,
+    check_sigmas_from_alphas_cumprod,
 )
 from sdlearn.schedulers import ddim, dpm_solver, euler, euler_ancestral, sigmas
 from sdlearn.schedulers.ddim import ddim_sigma, ddim_update
@@ -180,7 +181,7 @@ def check_ddim_sigma(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 08.4: the Euler step ---------------------------------------------
+# --- Exercise 08.5: the Euler step ---------------------------------------------
 
 
 def _euler_wrong_sign(sample, pred_original_sample, sigma, sigma_next):
@@ -206,7 +207,7 @@ EULER_MISTAKES: dict[str, Callable] = {
 
 
 def check_euler_step(fn: Callable) -> Verdict:
-    """Exercise 08.4: x + (sigma_next - sigma) * (x - x_0) / sigma."""
+    """Exercise 08.5: x + (sigma_next - sigma) * (x - x_0) / sigma."""
     cases = []
     runs = [(14.6, 10.0), (3.0, 2.0), (0.5, 0.1), (0.03, 0.0), (7.0, 7.5)]
     for seed, (sigma, sigma_next) in enumerate(runs):
@@ -215,7 +216,7 @@ def check_euler_step(fn: Callable) -> Verdict:
         args = (sample, x_0, T(sigma), T(sigma_next))
         cases.append(Case(args, euler_step(*args)))
     return check(
-        "Exercise 08.4",
+        "Exercise 08.5",
         fn,
         cases,
         hints=[
@@ -233,7 +234,7 @@ def check_euler_step(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 08.5: sigma_up and sigma_down ------------------------------------
+# --- Exercise 08.6: sigma_up and sigma_down ------------------------------------
 
 
 def _ancestral_swapped(sigma, sigma_next):
@@ -264,14 +265,14 @@ ANCESTRAL_SIGMAS_MISTAKES: dict[str, Callable] = {
 
 
 def check_ancestral_sigmas(fn: Callable) -> Verdict:
-    """Exercise 08.5: sigma_up and sigma_down of an ancestral step."""
+    """Exercise 08.6: sigma_up and sigma_down of an ancestral step."""
     runs = [(14.6, 10.0), (3.0, 2.0), (1.0, 0.5), (0.5, 0.0), (0.2, 0.19)]
     cases = []
     for sigma, sigma_next in runs:
         args = (T(sigma), T(sigma_next))
         cases.append(Case(args, tuple(ancestral_sigmas(*args))))
     return check(
-        "Exercise 08.5",
+        "Exercise 08.6",
         fn,
         cases,
         hints=[
@@ -289,7 +290,7 @@ def check_ancestral_sigmas(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 08.6: the ancestral step -----------------------------------------
+# --- Exercise 08.7: the ancestral step -----------------------------------------
 
 
 def _ancestral_no_noise(sample, pred_original_sample, sigma, sigma_next, noise):
@@ -329,7 +330,7 @@ ANCESTRAL_STEP_MISTAKES: dict[str, Callable] = {
 
 
 def check_ancestral_step(fn: Callable) -> Verdict:
-    """Exercise 08.6: Euler down to sigma_down, then sigma_up * noise."""
+    """Exercise 08.7: Euler down to sigma_down, then sigma_up * noise."""
     cases = []
     runs = [(14.6, 10.0), (3.0, 2.0), (1.0, 0.5), (0.5, 0.0)]
     for seed, (sigma, sigma_next) in enumerate(runs):
@@ -339,7 +340,7 @@ def check_ancestral_step(fn: Callable) -> Verdict:
         args = (sample, x_0, T(sigma), T(sigma_next), noise)
         cases.append(Case(args, ancestral_step(*args)))
     return check(
-        "Exercise 08.6",
+        "Exercise 08.7",
         fn,
         cases,
         hints=[
@@ -359,7 +360,7 @@ def check_ancestral_step(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 08.7: Karras sigmas ----------------------------------------------
+# --- Exercise 08.8: Karras sigmas ----------------------------------------------
 
 
 def _karras_linear(sigma_min, sigma_max, num_inference_steps, rho=7.0):
@@ -393,12 +394,12 @@ KARRAS_MISTAKES: dict[str, Callable] = {
 
 
 def check_karras_sigmas(fn: Callable) -> Verdict:
-    """Exercise 08.7: Karras et al.'s eq. 5, from sigma_max down to sigma_min."""
+    """Exercise 08.8: Karras et al.'s eq. 5, from sigma_max down to sigma_min."""
     runs = [(0.0292, 14.6146, 10, 7.0), (0.1, 80.0, 7, 7.0), (0.0292, 14.6, 25, 3.0)]
     runs += [(0.5, 2.0, 2, 7.0)]
     cases = [Case(run, karras_sigmas(*run)) for run in runs]
     return check(
-        "Exercise 08.7",
+        "Exercise 08.8",
         fn,
         cases,
         hints=[
@@ -417,7 +418,7 @@ def check_karras_sigmas(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 08.8: DPM-Solver++'s first-order step ----------------------------
+# --- Exercise 08.9: DPM-Solver++'s first-order step ----------------------------
 
 
 def _first_order_sigma_space(sample, pred_original_sample, sigma_s, sigma_t):
@@ -466,7 +467,7 @@ DPM_HINT_IDEA = (
 
 
 def check_dpm_solver_first_order(fn: Callable) -> Verdict:
-    """Exercise 08.8: (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x_0."""
+    """Exercise 08.9: (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x_0."""
     cases = []
     runs = [(14.6, 8.0), (3.0, 1.5), (0.5, 0.2), (0.8, 0.0)]
     for seed, (sigma_s, sigma_t) in enumerate(runs):
@@ -477,7 +478,7 @@ def check_dpm_solver_first_order(fn: Callable) -> Verdict:
         args = (sample, x_0, T(sigma_s), T(sigma_t))
         cases.append(Case(args, dpm_solver_first_order(*args)))
     return check(
-        "Exercise 08.8",
+        "Exercise 08.9",
         fn,
         cases,
         hints=[
@@ -496,7 +497,7 @@ def check_dpm_solver_first_order(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 08.9: DPM-Solver++(2M) -------------------------------------------
+# --- Exercise 08.10: DPM-Solver++(2M) -------------------------------------------
 
 
 def _second_order(mistake, sample, pred_original_samples, sigmas, solver_type):
@@ -536,7 +537,7 @@ SECOND_ORDER_MISTAKES: dict[str, Callable] = {
 
 
 def check_dpm_solver_second_order(fn: Callable) -> Verdict:
-    """Exercise 08.9: DPM-Solver++(2M)'s update, midpoint and Heun forms."""
+    """Exercise 08.10: DPM-Solver++(2M)'s update, midpoint and Heun forms."""
     cases = []
     runs = [
         ((14.6, 8.0, 4.0), "midpoint"),
@@ -552,7 +553,7 @@ def check_dpm_solver_second_order(fn: Callable) -> Verdict:
         args = (sample, (m1, m0), tuple(T(s) for s in levels), solver_type)
         cases.append(Case(args, dpm_solver_second_order(*args)))
     return check(
-        "Exercise 08.9",
+        "Exercise 08.10",
         fn,
         cases,
         hints=[

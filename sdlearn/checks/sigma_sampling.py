@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from sdlearn.checks import Case, Verdict, check, randn
+from sdlearn.checks.ddpm import alphas_cumprod
 from sdlearn.schedulers.dpm_solver import (
     DPMSolverMultistepScheduler,
     alpha_sigma,
@@ -29,12 +30,66 @@ from sdlearn.schedulers.euler_ancestral import (
     ancestral_step,
 )
 from sdlearn.schedulers.sigma_sampling import sample_sigmas
-from sdlearn.schedulers.sigmas import karras_sigmas, sigma_original_sample
+from sdlearn.schedulers.sigmas import (
+    karras_sigmas,
+    sigma_original_sample,
+    sigmas_from_alphas_cumprod,
+)
 
 SHAPE = (2, 4, 8, 8)  # (B, C, h, w): the tiny model's latents
 T = torch.tensor
 
-# --- Exercise 08.3: x_0 from the model's output, in the sigma view ------------
+# --- Exercise 08.3: the noise levels of the sigma view -------------------------
+
+
+def _sigmas_no_root(alphas_cumprod):
+    return (1 - alphas_cumprod) / alphas_cumprod
+
+
+def _sigmas_inverted(alphas_cumprod):
+    return (alphas_cumprod / (1 - alphas_cumprod)) ** 0.5
+
+
+def _sigmas_of_x_t(alphas_cumprod):
+    return (1 - alphas_cumprod) ** 0.5
+
+
+SIGMAS_MISTAKES: dict[str, Callable] = {
+    "no square root: (1 - alpha_bar) / alpha_bar is sigma's *variance*": (
+        _sigmas_no_root
+    ),
+    "the ratio is upside down: sigma is the noise's share over the signal's, "
+    "sqrt((1 - alpha_bar) / alpha_bar), and grows with t": _sigmas_inverted,
+    "sqrt(1 - alpha_bar) is the noise's scale in x_t; in x = x_t / "
+    "sqrt(alpha_bar) it is divided by sqrt(alpha_bar) too": _sigmas_of_x_t,
+}
+
+
+def check_sigmas_from_alphas_cumprod(fn: Callable) -> Verdict:
+    """Exercise 08.3: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)."""
+    cases = [
+        Case((alphas_cumprod(name),), sigmas_from_alphas_cumprod(alphas_cumprod(name)))
+        for name in ("scaled_linear", "linear", "squaredcos_cap_v2")
+    ]
+    cases.append(Case((T([0.5, 0.9]),), sigmas_from_alphas_cumprod(T([0.5, 0.9]))))
+    return check(
+        "Exercise 08.3",
+        fn,
+        cases,
+        hints=[
+            "Divide x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps by "
+            "sqrt(alpha_bar): what multiplies eps now is sigma.",
+            "sigma_t = sqrt(1 - alpha_bar_t) / sqrt(alpha_bar_t), for every "
+            "timestep at once (a (T,) tensor in, a (T,) tensor out).",
+            "return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5",
+        ],
+        mistakes=SIGMAS_MISTAKES,
+        rtol=1e-5,
+        keep="sigmas:sigmas_from_alphas_cumprod",
+    )
+
+
+# --- Exercise 08.4: x_0 from the model's output, in the sigma view ------------
 
 
 def _eps_sign(model_output, sample, sigma, prediction_type):
@@ -77,7 +132,7 @@ ORIGINAL_SAMPLE_MISTAKES: dict[str, Callable] = {
 
 
 def check_sigma_original_sample(fn: Callable) -> Verdict:
-    """Exercise 08.3: x_0 from eps, x_0 or v, at x = x_0 + sigma eps."""
+    """Exercise 08.4: x_0 from eps, x_0 or v, at x = x_0 + sigma eps."""
     cases = []
     runs = [("epsilon", 14.6), ("epsilon", 0.5), ("v_prediction", 3.0)]
     runs += [("v_prediction", 0.2), ("sample", 2.0)]
@@ -87,7 +142,7 @@ def check_sigma_original_sample(fn: Callable) -> Verdict:
         args = (randn(*SHAPE, seed=seed + 20), sample, T(sigma), prediction_type)
         cases.append(Case(args, sigma_original_sample(*args)))
     return check(
-        "Exercise 08.3",
+        "Exercise 08.4",
         fn,
         cases,
         hints=[
@@ -106,7 +161,7 @@ def check_sigma_original_sample(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 08.10: a sampler as one loop over the noise levels --------------
+# --- Exercise 08.11: a sampler as one loop over the noise levels --------------
 
 
 def stand_in_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -160,6 +215,8 @@ def _loop_cases() -> list[Case]:
     runs = [
         ("Euler, 10 steps", "euler", _levels(EulerDiscreteScheduler, 10)),
         ("Euler, Karras levels", "euler", torch.cat([karras, torch.zeros(1)])),
+        ("Heun, 6 steps", "heun", _levels(EulerDiscreteScheduler, 6)),
+        ("Heun, Karras levels", "heun", torch.cat([karras, torch.zeros(1)])),
         ("Euler ancestral, 8 steps", "euler_ancestral", _levels(
             EulerAncestralDiscreteScheduler, 8)),
         ("DPM-Solver++ 2M, 20 steps", "dpmpp_2m", _levels(
@@ -183,6 +240,16 @@ def reference_loop(denoise, sample, sigmas, sampler, generator, mistake=""):
         x_0 = denoise(x, sigma_next if mistake == "asked at sigma_next" else sigma)
         if sampler == "euler" or (sampler == "euler_ancestral" and mistake == "ode"):
             x = euler_step(x, x_0, sigma, sigma_next)
+        elif sampler == "heun":
+            x_next = euler_step(x, x_0, sigma, sigma_next)
+            if sigma_next > 0:
+                slope = (x - x_0) / sigma
+                slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+                if mistake == "heun: end slope only":
+                    slope = slope_next
+                start = x_next if mistake == "heun: from x_next" else x
+                x_next = start + (sigma_next - sigma) * (slope + slope_next) / 2
+            x = x_next
         elif sampler == "euler_ancestral":
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
             x = ancestral_step(x, x_0, sigma, sigma_next, noise)
@@ -209,6 +276,12 @@ LOOP_MISTAKES: dict[str, Callable] = {
     "starts from, sigmas[i]": _loop_mistake("asked at sigma_next"),
     "the ancestral sampler steps like Euler: take your ancestral_step, with "
     "fresh noise from `generator` on every step": _loop_mistake("ode"),
+    "Heun's step takes the slope at the landing point alone: average it with "
+    "the slope where the step starts, (slope + slope_next) / 2": _loop_mistake(
+        "heun: end slope only"
+    ),
+    "Heun's corrected step starts from the Euler step's landing point; it "
+    "starts again from x, with the average slope": _loop_mistake("heun: from x_next"),
     "DPM-Solver++ stays first order: from the second step on, use the previous "
     "step's x_0 and dpm_solver_second_order (but for a short run's last step "
     "or one to sigma 0)": _loop_mistake("first order"),
@@ -220,17 +293,20 @@ LOOP_MISTAKES: dict[str, Callable] = {
 
 
 def check_sample_sigmas(fn: Callable) -> Verdict:
-    """Exercise 08.10: `sample_sigmas(denoise, sample, sigmas, sampler,
-    generator)`, Euler, Euler ancestral and DPM-Solver++(2M) in one loop."""
+    """Exercise 08.11: `sample_sigmas(denoise, sample, sigmas, sampler,
+    generator)`, Euler, Heun, Euler ancestral and DPM-Solver++(2M) in one loop."""
     return check(
-        "Exercise 08.10",
+        "Exercise 08.11",
         _run(fn),
         _loop_cases(),
         hints=[
             "One model call per step: x_0 = denoise(x, sigmas[i]); then the "
             "sampler's step from sigmas[i] to sigmas[i + 1] with your functions "
             "above. Only DPM-Solver++ needs a memory: the previous step's x_0.",
-            "Euler: euler_step. Euler ancestral: noise = torch.randn(x.shape, "
+            "Euler: euler_step. Heun: an Euler step to x_next, then, unless "
+            "sigma_next is 0, x + (sigma_next - sigma) * (slope + slope_next) / 2 "
+            "with slope_next = (x_next - denoise(x_next, sigma_next)) / "
+            "sigma_next. Euler ancestral: noise = torch.randn(x.shape, "
             "generator=generator), then ancestral_step. DPM-Solver++: x_t = "
             "alpha_sigma(sigma)[0] * x, a first-order step on the first step "
             "and on the last when n < 15 or sigma_next == 0, else second order "

@@ -10,7 +10,8 @@ it adds noise and when it changes order.
 
 `sample_sigmas` gives the same samples as the package's schedulers (Euler,
 Euler ancestral, DPM-Solver++(2M)) given their sigmas, their starting noise and
-the same generator.
+the same generator; "heun" is Karras et al.'s second-order sampler (Algorithm
+1), which spends two model calls per step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sdlearn.schedulers.dpm_solver import (
 from sdlearn.schedulers.euler import euler_step
 from sdlearn.schedulers.euler_ancestral import ancestral_step
 
-SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "euler_ancestral", "dpmpp_2m")
+SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "heun", "euler_ancestral", "dpmpp_2m")
 
 
 def sample_sigmas(
@@ -61,6 +62,15 @@ def sample_sigmas(
         x_0 = denoise(x, sigma)
         if sampler == "euler":
             x = euler_step(x, x_0, sigma, sigma_next)
+        elif sampler == "heun":
+            # Karras et al.'s Algorithm 1: an Euler step, then the average of
+            # the slopes at both ends (a second model call, but onto sigma 0)
+            x_next = euler_step(x, x_0, sigma, sigma_next)
+            if sigma_next > 0:
+                slope = (x - x_0) / sigma
+                slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+                x_next = x + (sigma_next - sigma) * (slope + slope_next) / 2
+            x = x_next
         elif sampler == "euler_ancestral":
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
             x = ancestral_step(x, x_0, sigma, sigma_next, noise)
