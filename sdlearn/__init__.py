@@ -68,9 +68,11 @@ CHAPTERS: dict[str, int] = {
     "schedulers.euler": 8,  # Euler
     "schedulers.euler_ancestral": 8,  # Euler ancestral
     "schedulers.dpm_solver": 8,  # DPM-Solver++
+    "schedulers.sigma_sampling": 8,  # a sampler as one loop over the noise levels
     "pipeline_io": 8,  # loading and saving pipelines (any sampler a config names)
     "inversion": 8,  # DDIM inversion: from an image back to its noise
     "checks.samplers": 8,
+    "checks.sigma_sampling": 8,
     "lora": 9,  # low-rank adapters
     "textual_inversion": 9,  # new words for the text encoder
     "fine_tune_io": 9,  # shipped fine-tunes and run folders, applied to a pipeline

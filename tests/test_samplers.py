@@ -582,3 +582,58 @@ def test_eta_needs_a_scheduler_that_takes_it():
         ValueError, match="eta=0.5 needs a scheduler whose step takes eta"
     ):
         pipe("a red circle", num_inference_steps=2, eta=0.5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "sampler", "steps"),
+    [
+        (EulerDiscreteScheduler, "euler", 12),
+        (EulerAncestralDiscreteScheduler, "euler_ancestral", 12),
+        (DPMSolverMultistepScheduler, "dpmpp_2m", 10),
+        (DPMSolverMultistepScheduler, "dpmpp_2m", 20),
+    ],
+)
+def test_sample_sigmas_is_the_schedulers_loop(cls, sampler, steps):
+    from sdlearn.schedulers.sigma_sampling import sample_sigmas
+
+    scheduler = cls()
+    expected = sample_loop(scheduler, steps)[-2]  # the last prev_sample
+    sigmas = scheduler.sigmas
+    timesteps = dict(zip(sigmas[:-1].tolist(), scheduler.timesteps, strict=True))
+
+    def denoise(x, sigma):
+        # the scheduler's model input is x_t = x / sqrt(sigma^2 + 1)
+        eps = fake_model(x / (sigma**2 + 1) ** 0.5, timesteps[float(sigma)])
+        return x - sigma * eps
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 3, 4, 4, generator=g)
+    start = noise * (
+        (sigmas[0] ** 2 + 1) ** 0.5
+        if sampler == "dpmpp_2m"
+        else scheduler.init_noise_sigma
+    )
+    actual = sample_sigmas(denoise, start, sigmas, sampler, g)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_heun_is_second_order_and_euler_first():
+    # for data N(0, I) the denoiser is exact, x / (1 + sigma^2), and the ODE's
+    # solution is x(sigma) = x(sigma_max) sqrt(1 + sigma^2) / sqrt(1 + sigma_max^2)
+    from sdlearn.schedulers.sigma_sampling import sample_sigmas
+
+    def denoise(x, sigma):
+        return x / (1 + sigma**2)
+
+    start = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    start, sigma_min, sigma_max = start.double(), 0.5, 10.0
+    exact = start * (1 + sigma_min**2) ** 0.5 / (1 + sigma_max**2) ** 0.5
+    errors = {}
+    for sampler in ("euler", "heun"):
+        for steps in (10, 20):
+            levels = torch.from_numpy(karras_sigmas(sigma_min, sigma_max, steps + 1))
+            x = sample_sigmas(denoise, start, levels, sampler)
+            errors[sampler, steps] = (x - exact).abs().max().item()
+    assert 1.6 < errors["euler", 10] / errors["euler", 20] < 2.5  # error ~ h
+    assert 3.2 < errors["heun", 10] / errors["heun", 20] < 5  # error ~ h^2
+    assert errors["heun", 10] < errors["euler", 20]

@@ -138,6 +138,12 @@ def forget(part: str) -> bool:
 PACKAGE_MODULES = {
     "ddpm": "sdlearn.schedulers.ddpm",
     "schedule": "sdlearn.schedulers.common",
+    "ddim": "sdlearn.schedulers.ddim",
+    "euler": "sdlearn.schedulers.euler",
+    "euler_ancestral": "sdlearn.schedulers.euler_ancestral",
+    "sigmas": "sdlearn.schedulers.sigmas",
+    "dpm_solver": "sdlearn.schedulers.dpm_solver",
+    "sigma_sampling": "sdlearn.schedulers.sigma_sampling",
 }
 
 

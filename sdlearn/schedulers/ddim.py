@@ -82,6 +82,27 @@ def ddim_update(
     return alpha_bar_prev**0.5 * pred_original_sample + direction
 
 
+def ddim_sigma(
+    alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """The standard deviation of the noise a DDIM step adds (eq. 16).
+
+    Args:
+        alpha_bar_t: alpha_bar of the timestep the step starts from.
+        alpha_bar_prev: alpha_bar of the timestep it lands on (larger).
+        eta: 0 for deterministic DDIM, 1 for DDPM's posterior.
+
+    Returns:
+        eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        * (1 - alpha_bar_t / alpha_bar_prev)).
+    """
+    # DDPM's posterior variance for a jump from t to prev_t (beta_tilde)
+    variance = (
+        (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+    )
+    return eta * variance**0.5
+
+
 class DDIMScheduler(Scheduler):
     """The DDIM sampler with diffusers' interface and Stable Diffusion 1.x's defaults.
 
@@ -153,12 +174,7 @@ class DDIMScheduler(Scheduler):
             x_0 = x_0.clamp(-bound, bound)
 
         # 3. sigma, eq. 16: eta times DDPM's posterior standard deviation
-        variance = (
-            (1 - alpha_bar_prev)
-            / (1 - alpha_bar_t)
-            * (1 - alpha_bar_t / alpha_bar_prev)
-        )
-        sigma = eta * variance**0.5
+        sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
 
         # 4. eq. 12: the clean guess at the new noise level, pointing back along eps
         prev_sample = ddim_update(x_0, eps, alpha_bar_prev, sigma)
@@ -240,5 +256,5 @@ class DDIMInverseScheduler(DDIMScheduler):
         if self.config.clip_sample:
             bound = self.config.clip_sample_range
             x_0 = x_0.clamp(-bound, bound)
-        next_sample = ddim_update(x_0, eps, self.alphas_cumprod[next_t])
+        next_sample = ddim_update(x_0, eps, self.alphas_cumprod[next_t], 0.0)
         return SchedulerOutput(prev_sample=next_sample, pred_original_sample=x_0)

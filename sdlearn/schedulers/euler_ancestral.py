@@ -88,6 +88,31 @@ def ancestral_sigmas(
     return sigma_up, sigma_down
 
 
+def ancestral_step(
+    sample: torch.Tensor,
+    pred_original_sample: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """One ancestral step: an Euler step down to sigma_down, then `noise`
+    scaled by sigma_up, back up to sigma_next.
+
+    Args:
+        sample: (B, C, H, W) x at noise level sigma.
+        pred_original_sample: (B, C, H, W) the model's x_0 at (x, sigma).
+        sigma: the current noise level.
+        sigma_next: the noise level the step must end at.
+        noise: (B, C, H, W) fresh standard normal noise.
+
+    Returns:
+        (B, C, H, W) x at sigma_next.
+    """
+    sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
+    prev_sample = euler_step(sample, pred_original_sample, sigma, sigma_down)
+    return prev_sample + sigma_up * noise
+
+
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """The Euler ancestral sampler with diffusers' interface and SD 1.x's betas.
 
@@ -166,18 +191,16 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
             model_output, sample, sigma, self.config.prediction_type
         )
 
-        # 2. deterministically down to sigma_down, past sigma_next
-        sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
-        prev_sample = euler_step(sample, pred_original_sample, sigma, sigma_down)
-
-        # 3. fresh noise back up to sigma_next
+        # 2. Euler down to sigma_down, then fresh noise back up to sigma_next
         noise = torch.randn(
             model_output.shape,
             generator=generator,
             dtype=model_output.dtype,
             device=model_output.device if generator is None else generator.device,
         ).to(model_output.device)
-        prev_sample = prev_sample + noise * sigma_up
+        prev_sample = ancestral_step(
+            sample, pred_original_sample, sigma, sigma_next, noise
+        )
         self._end_step()
         return SchedulerOutput(
             prev_sample=prev_sample.to(model_output.dtype),
