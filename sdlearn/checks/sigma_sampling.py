@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from sdlearn.checks import Case, Verdict, check, randn
+from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.checks.ddpm import alphas_cumprod
 from sdlearn.schedulers.dpm_solver import (
     DPMSolverMultistepScheduler,
