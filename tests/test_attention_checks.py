@@ -206,6 +206,7 @@ def masked(
     use_causal_with_mask=True,
     zero_empty_rows=True,
     scale=True,
+    float_mask="add",
 ):
     """A learner's attention with masks, with one choice made wrongly."""
 
@@ -220,6 +221,8 @@ def masked(
         blocked = torch.zeros(scores.shape, dtype=torch.bool)
         if causal:
             blocked = blocked | ~causal_triangle(q.shape[-2], k.shape[-2])
+        if mask is not None and mask.is_floating_point() and float_mask != "add":
+            mask = None if float_mask == "leave out" else mask.bool()
         if mask is not None and mask.dtype == torch.bool:
             blocked = blocked | (mask if invert else ~mask)
         elif mask is not None:
@@ -238,6 +241,8 @@ def masked(
 MASK_MISTAKES = [
     (masked(scale=False), checks.NOT_SCALED),
     (masked(after_softmax=True), checks.MASK_AFTER_SOFTMAX),
+    (masked(float_mask="leave out"), checks.FLOAT_MASK_NOT_ADDED),
+    (masked(float_mask="as booleans"), checks.FLOAT_MASK_NOT_ADDED),
     (masked(invert=True), checks.INVERTED_MASK),
     (
         masked(

@@ -191,8 +191,21 @@ def _masked_weights_after_softmax(q, k, v, mask=None, causal=False):
     if causal:
         weights = weights * sd.causal_mask(q.shape[2], k.shape[2])
     if mask is not None:
-        weights = weights * mask.bool()  # raises for an additive mask: no match
+        if mask.is_floating_point():
+            raise ValueError("an additive mask: another mistake")
+        weights = weights * mask
     return weights @ v
+
+
+def _float_mask_as(use: Callable) -> Callable:
+    """The mistake of an additive float mask used as `use(mask)` makes it."""
+
+    def wrong(q, k, v, mask=None, causal=False):
+        if mask is None or not mask.is_floating_point():
+            raise ValueError("no float mask here")
+        return sd.scaled_dot_product_attention(q, k, v, use(mask), causal)
+
+    return wrong
 
 
 def _causal_as(triangle: Callable) -> Callable:
@@ -215,6 +228,11 @@ def _causal_as(triangle: Callable) -> Callable:
 MASK_AFTER_SOFTMAX = (
     "the mask is applied after the softmax: the blocked weights are 0, but the "
     "others no longer sum to 1; set the blocked scores to -inf before the softmax"
+)
+FLOAT_MASK_NOT_ADDED = (
+    "a float mask was left out, or turned into booleans (its nonzero values all "
+    "become True): a float mask is additive, add it to the scores (scores + "
+    "mask) before the softmax; only a boolean mask blocks where it is False"
 )
 INVERTED_MASK = (
     "the boolean mask is inverted: True means a query MAY attend, so block the "
@@ -253,6 +271,7 @@ MASK_MISTAKES: dict[str, Callable] = {
         sd.scaled_dot_product_attention(q * math.sqrt(q.shape[-1]), k, v, mask, causal)
     ),
     MASK_AFTER_SOFTMAX: _masked_weights_after_softmax,
+    FLOAT_MASK_NOT_ADDED: _float_mask_as(lambda mask: None),
     INVERTED_MASK: lambda q, k, v, mask=None, causal=False: (
         sd.scaled_dot_product_attention(q, k, v, ~mask, causal)
     ),
@@ -476,6 +495,16 @@ def _layer_cases() -> list[Case]:
         context,
         attention_mask=bias,
     )
+    # a mask that has its four axes already (as chapter 03's causal one): as it is
+    four_axes = randn(2, 1, 5, 7, seed=54) > -0.5  # (B, 1, T, S)
+    four_axes[..., 0] = True  # every query sees a key
+    add(
+        "cross-attention with a (B, 1, T, S) mask",
+        same_width,
+        x,
+        context,
+        attention_mask=four_axes,
+    )
     return cases
 
 
@@ -576,7 +605,8 @@ def check_attention_forward(fn: Callable) -> Verdict:
             "context = hidden_states if encoder_hidden_states is None else "
             "encoder_hidden_states; q = split_heads(self.to_q(hidden_states), "
             "self.heads), k and v alike from context; mask = attention_mask[:, None, "
-            "None] for 2 dims, attention_mask[:, None] for 3; out = merge_heads("
+            "None] for 2 dims, attention_mask[:, None] for 3, as it is for 4; out = "
+            "merge_heads("
             "scaled_dot_product_attention(q, k, v, mask, causal)); return "
             "self.to_out[1](self.to_out[0](out))",
         ],

@@ -250,9 +250,12 @@ def check_encode_text(fn: Callable) -> Verdict:
 
 class ToyTokenizer:
     """Captions -> (B, 12) ids for the cases' model: a word's id is the sum of
-    its characters' codes modulo the end token, then the end token as padding."""
+    its characters' codes modulo the end token, then the end token as padding.
+    One caption alone is a batch of one, as the real tokenizer takes it."""
 
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+    def __call__(self, captions: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(captions, str):
+            captions = [captions]
         ids = torch.full((len(captions), 12), EOS, dtype=torch.long)  # (B, T)
         for row, caption in enumerate(captions):
             words = [sum(map(ord, word)) % EOS for word in caption.split()][:11]
