@@ -77,6 +77,8 @@ CHAPTERS: dict[str, int] = {
     "textual_inversion": 9,  # new words for the text encoder
     "fine_tune_io": 9,  # shipped fine-tunes and run folders, applied to a pipeline
     "fine_tuning": 9,  # `sdlearn train lora`: a new shape or style
+    "checks.lora": 9,
+    "checks.textual_inversion": 9,
     "checks.fine_tuning": 9,
     "cli_parser": 9,  # the `sdlearn` command's arguments and their defaults
     "cli": 9,  # the `sdlearn` command, which runs every chapter's parts

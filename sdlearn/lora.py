@@ -57,17 +57,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None):
         super().__init__()
-        if not isinstance(base, self.adapts):
-            raise ValueError(
-                f"{type(self).__name__} adapts {self.adapts.__name__} layers, "
-                f"got {type(base).__name__}"
-            )
-        n_in, n_out = base.weight.shape[1], base.weight.shape[0]
-        if not 1 <= rank <= min(n_in, n_out):
-            raise ValueError(
-                f"rank must be between 1 and min(in, out) = {min(n_in, n_out)}, "
-                f"got {rank}"
-            )
+        self._check_base(base, rank)
         self.base = base
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
@@ -78,6 +68,21 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         base.requires_grad_(False)
         self._unmerged_weight: torch.Tensor | None = None
+
+    @classmethod
+    def _check_base(cls, base: nn.Module, rank: int) -> None:
+        """Raises a ValueError unless this adapter can wrap `base` at `rank`."""
+        if not isinstance(base, cls.adapts):
+            raise ValueError(
+                f"{cls.__name__} adapts {cls.adapts.__name__} layers, "
+                f"got {type(base).__name__}"
+            )
+        n_in, n_out = base.weight.shape[1], base.weight.shape[0]
+        if not 1 <= rank <= min(n_in, n_out):
+            raise ValueError(
+                f"rank must be between 1 and min(in, out) = {min(n_in, n_out)}, "
+                f"got {rank}"
+            )
 
     @staticmethod
     def factors(base: nn.Linear, rank: int) -> tuple[nn.Module, nn.Module]:

@@ -46,14 +46,19 @@ class NewTokenEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, num_new: int = 1) -> None:
         super().__init__()
+        self._check_rows(embedding, num_new)
         V = embedding.num_embeddings - num_new
+        weight = embedding.weight.detach()
+        self.register_buffer("frozen", weight[:V].clone(), persistent=False)
+        self.new = nn.Parameter(weight[V:].clone())
+
+    @staticmethod
+    def _check_rows(embedding: nn.Embedding, num_new: int) -> None:
+        """Raises a ValueError unless `embedding` has more than num_new >= 1 rows."""
         if not 1 <= num_new < embedding.num_embeddings:
             raise ValueError(
                 f"expected 1 to {embedding.num_embeddings - 1} new rows, got {num_new}"
             )
-        weight = embedding.weight.detach()
-        self.register_buffer("frozen", weight[:V].clone(), persistent=False)
-        self.new = nn.Parameter(weight[V:].clone())
 
     @property
     def num_embeddings(self) -> int:

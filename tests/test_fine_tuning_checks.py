@@ -1,121 +1,310 @@
-"""Chapter 09's exercise checks: right answers pass, typical slips fail, none raise."""
+"""Chapter 09's exercise checks: right answers pass and are kept, the usual
+mistakes are named, an unsolved exercise gets no hint, a wrong answer is not
+kept, and the kept answers are drop-ins for the package."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import sdlearn.checks
+from sdlearn.checks import answers
 from sdlearn.checks import fine_tuning as checks
+from sdlearn.checks import lora as lora_checks
+from sdlearn.checks import textual_inversion as ti_checks
+from sdlearn.lora import (
+    LoRAConv2d,
+    LoRALinear,
+    add_lora,
+    lora_layers,
+    lora_state_dict,
+)
+from sdlearn.textual_inversion import NewTokenEmbedding, TextEncoderLoss, add_token
 from tests.helpers import assert_refused, assert_unsolved_never_raise
+
+
+@pytest.fixture(autouse=True)
+def first_tries(monkeypatch):
+    """Every test starts with no failed tries, so its first hint is the first tier."""
+    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
+
 
 # --- right answers, written as a learner would ---
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scale):
-    return F.linear(x, weight, bias) + scale * (x @ lora_A.T) @ lora_B.T
+def lora_forward(self, x):
+    out = self.base(x)
+    if self.merged or self.multiplier == 0:
+        return out
+    return out + self.scale * self.lora_B(self.lora_A(x))
 
 
-def lora_linear_by_hand(x, weight, bias, lora_A, lora_B, scale):
-    # the merged weight, applied once: the same numbers to float rounding
-    out = x @ (weight + scale * lora_B @ lora_A).T
-    return out if bias is None else out + bias
+def delta_weight(self):
+    B = self.lora_B.weight.flatten(1)
+    A = self.lora_A.weight.flatten(1)
+    return self.scale * (B @ A).view_as(self.base.weight)
 
 
-def merge(weight, lora_A, lora_B, scale):
-    return weight + scale * lora_B @ lora_A
+def merge(self):
+    if self.merged:
+        raise ValueError("merged already")
+    with torch.no_grad():
+        self._unmerged_weight = self.base.weight.detach().clone()
+        self.base.weight += self.delta_weight()
 
 
-def merge_einsum(weight, lora_A, lora_B, scale):
-    return weight + scale * torch.einsum("or,ri->oi", lora_B, lora_A)
+def unmerge(self):
+    if not self.merged:
+        raise ValueError("not merged")
+    with torch.no_grad():
+        self.base.weight.copy_(self._unmerged_weight)
+    self._unmerged_weight = None
 
 
-def new_token_embedding(input_ids, frozen, new):
-    return F.embedding(input_ids, torch.cat([frozen, new]))
+def conv_factors(base, rank):
+    factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+    A = nn.Conv2d(
+        base.in_channels,
+        rank,
+        base.kernel_size,
+        stride=base.stride,
+        padding=base.padding,
+        dilation=base.dilation,
+        padding_mode=base.padding_mode,
+        bias=False,
+        **factory,
+    )
+    return A, nn.Conv2d(rank, base.out_channels, 1, bias=False, **factory)
 
 
-def new_token_embedding_where(input_ids, frozen, new):
+def add_token_by_hand(tokenizer, text_encoder, token, initializer):
+    ids = tokenizer.encode(initializer)
+    if len(ids) != 1:
+        raise ValueError("one token please")
+    (token_id,) = tokenizer.add_tokens(token)
+    table = text_encoder.resize_token_embeddings(tokenizer.vocab_size)
+    with torch.no_grad():
+        table.weight[token_id] = table.weight[ids[0]].clone()
+    return token_id
+
+
+def lora_state_dict_by_hand(model, prefix="unet"):
+    # the scale folded into A instead of B: a reader computes the same B A
+    state = {}
+    for name, adapter in lora_layers(model):
+        key = f"{prefix}.{name}" if prefix else name
+        scale = adapter.alpha / adapter.rank
+        state[f"{key}.lora_A.weight"] = adapter.lora_A.weight.detach() * scale
+        state[f"{key}.lora_B.weight"] = adapter.lora_B.weight.detach().clone()
+    return state
+
+
+def add_lora_by_hand(model, rank=4, alpha=None, targets=("to_q",)):
+    model.requires_grad_(False)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | nn.Conv2d)
+        and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+    adapters = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+        kind = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear
+        adapters[name] = kind(base, rank, alpha)
+        setattr(parent, child, adapters[name])
+    return adapters
+
+
+def new_token_embedding_forward(self, input_ids):
+    return F.embedding(input_ids, torch.cat([self.frozen, self.new]))
+
+
+def new_token_embedding_where(self, input_ids):
     # old ids from the frozen table, new ones from `new`, chosen per position
-    V = frozen.shape[0]
-    old = frozen[input_ids.clamp(max=V - 1)]
-    fresh = new[(input_ids - V).clamp(min=0)]
+    V = self.frozen.shape[0]
+    old = self.frozen[input_ids.clamp(max=V - 1)]
+    fresh = self.new[(input_ids - V).clamp(min=0)]
     return torch.where((input_ids >= V)[..., None], fresh, old)
 
 
-def test_right_answers_pass(capsys):
-    for fn in (lora_linear, lora_linear_by_hand):
-        assert checks.check_lora_linear(fn)
-    for fn in (merge, merge_einsum):
-        assert checks.check_merge(fn)
-    for fn in (new_token_embedding, new_token_embedding_where):
-        assert checks.check_new_token_embedding(fn)
-    assert capsys.readouterr().out.count("✅") == 6
+def param_groups(self, lr):
+    text = [p for p in self.text_encoder.parameters() if p.requires_grad]
+    in_text = {id(p) for p in text}
+    rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_text]
+    groups = [{"params": text, "lr": self.text_encoder_lr or lr}]
+    return groups + ([{"params": rest, "lr": lr}] if rest else [])
 
 
-# --- typical slips ---
+EXERCISES = [
+    (checks.check_lora_forward, lora_forward, "lora:LoRALinear.forward"),
+    (checks.check_delta_weight, delta_weight, "lora:LoRALinear.delta_weight"),
+    (checks.check_merge, merge, "lora:LoRALinear.merge"),
+    (checks.check_unmerge, unmerge, "lora:LoRALinear.unmerge"),
+    (checks.check_add_lora, add_lora_by_hand, "lora:add_lora"),
+    (checks.check_conv_factors, conv_factors, "lora:LoRAConv2d.factors"),
+    (checks.check_lora_state_dict, lora_state_dict_by_hand, "lora:lora_state_dict"),
+    (checks.check_add_token, add_token_by_hand, "textual_inversion:add_token"),
+    (
+        checks.check_new_token_embedding,
+        new_token_embedding_forward,
+        "textual_inversion:NewTokenEmbedding.forward",
+    ),
+    (
+        checks.check_param_groups,
+        param_groups,
+        "textual_inversion:TextEncoderLoss.param_groups",
+    ),
+]
 
 
-def lora_without_scale(x, weight, bias, lora_A, lora_B, scale):
-    return F.linear(x, weight, bias) + (x @ lora_A.T) @ lora_B.T
+@pytest.mark.parametrize(("check", "right", "part"), EXERCISES)
+def test_a_right_answer_passes_and_is_kept(check, right, part, answers_home, capsys):
+    assert check(right)
+    out = capsys.readouterr().out
+    assert "✅" in out and "Kept in" in out
+    module, name = part.split(":")
+    assert name in answers.kept(module)
+    assert answers.is_learners(answers.use(part, None, check))
 
 
-def lora_without_base(x, weight, bias, lora_A, lora_B, scale):
-    return scale * (x @ lora_A.T) @ lora_B.T
+def test_other_right_answers_pass(answers_home, capsys):
+    assert checks.check_new_token_embedding(new_token_embedding_where)
 
 
-def lora_ignores_bias(x, weight, bias, lora_A, lora_B, scale):
-    return x @ weight.T + scale * (x @ lora_A.T) @ lora_B.T
+def test_the_package_passes_its_own_checks(answers_home, capsys):
+    assert checks.check_lora_forward(LoRALinear.forward)
+    assert checks.check_delta_weight(LoRALinear.delta_weight)
+    assert checks.check_merge(LoRALinear.merge)
+    assert checks.check_unmerge(LoRALinear.unmerge)
+    assert checks.check_add_lora(add_lora)
+    assert checks.check_conv_factors(LoRAConv2d.factors)
+    assert checks.check_lora_state_dict(lora_state_dict)
+    assert checks.check_add_token(add_token)
+    assert checks.check_new_token_embedding(NewTokenEmbedding.forward)
+    assert checks.check_param_groups(TextEncoderLoss.param_groups)
 
 
-def merge_without_scale(weight, lora_A, lora_B, scale):
-    return weight + lora_B @ lora_A
+# --- the usual mistakes are named ---
 
-
-def merge_the_wrong_way(weight, lora_A, lora_B, scale):
-    return weight + scale * (lora_A.T @ lora_B.T).T.T
-
-
-def merge_subtracts(weight, lora_A, lora_B, scale):
-    return weight - scale * lora_B @ lora_A
-
-
-def embedding_detached(input_ids, frozen, new):
-    return F.embedding(input_ids, torch.cat([frozen, new.detach()]))
-
-
-def embedding_new_first(input_ids, frozen, new):
-    return F.embedding(input_ids, torch.cat([new, frozen]))
-
-
-def embedding_data(input_ids, frozen, new):
-    return F.embedding(input_ids, torch.cat([frozen, new.data]))
+MISTAKES = [
+    (checks.check_lora_forward, lora_checks.FORWARD_MISTAKES),
+    (checks.check_delta_weight, lora_checks.DELTA_MISTAKES),
+    (checks.check_merge, lora_checks.MERGE_MISTAKES),
+    (checks.check_unmerge, lora_checks.UNMERGE_MISTAKES),
+    (checks.check_add_lora, lora_checks.ADD_MISTAKES),
+    (checks.check_new_token_embedding, ti_checks.EMBEDDING_MISTAKES),
+    (checks.check_param_groups, ti_checks.GROUP_MISTAKES),
+    (checks.check_conv_factors, checks.FACTOR_MISTAKES),
+    (checks.check_lora_state_dict, checks.FILE_MISTAKES),
+    (checks.check_add_token, ti_checks.TOKEN_MISTAKES),
+]
 
 
 @pytest.mark.parametrize(
-    ("check", "wrong"),
-    [
-        ("check_lora_linear", lora_without_scale),
-        ("check_lora_linear", lora_without_base),
-        ("check_lora_linear", lora_ignores_bias),
-        ("check_merge", merge_without_scale),
-        ("check_merge", merge_the_wrong_way),
-        ("check_merge", merge_subtracts),
-        ("check_new_token_embedding", embedding_detached),
-        ("check_new_token_embedding", embedding_new_first),
-        ("check_new_token_embedding", embedding_data),
-    ],
-    ids=lambda v: getattr(v, "__name__", v),
+    ("check", "message", "wrong"),
+    [(check, m, w) for check, mistakes in MISTAKES for m, w in mistakes.items()],
+    ids=lambda v: v[:40] if isinstance(v, str) else getattr(v, "__name__", ""),
 )
-def test_typical_slips_fail_with_a_hint(capsys, check, wrong):
-    assert_refused(getattr(checks, check), wrong, capsys)
+def test_every_named_mistake_is_named(check, message, wrong, answers_home, capsys):
+    out = assert_refused(check, wrong, capsys)
+    assert message in out
 
 
-def test_unsolved_exercises_never_raise(capsys):
-    assert_unsolved_never_raise(
-        [
-            checks.check_lora_linear,
-            checks.check_merge,
-            checks.check_new_token_embedding,
-        ],
-        capsys,
+def merge_in_autograd(self):
+    # no torch.no_grad(): autograd refuses to record the in-place change
+    self._unmerged_weight = self.base.weight.detach().clone()
+    self.base.weight += self.delta_weight()
+
+
+def forward_swapped(self, x):
+    return self.base(x) + self.scale * self.lora_A(self.lora_B(x))
+
+
+def embedding_detached(self, input_ids):
+    return F.embedding(input_ids, torch.cat([self.frozen, self.new.detach()]))
+
+
+@pytest.mark.parametrize(
+    ("check", "wrong", "words"),
+    [
+        (checks.check_merge, merge_in_autograd, "raised"),
+        (checks.check_lora_forward, forward_swapped, "raised RuntimeError"),
+        (checks.check_new_token_embedding, embedding_detached, "no gradient"),
+    ],
+)
+def test_other_slips_fail_with_a_hint(check, wrong, words, answers_home, capsys):
+    assert words in assert_refused(check, wrong, capsys)
+
+
+def test_a_wrong_answer_is_not_kept(answers_home, capsys):
+    assert checks.check_lora_forward(lora_forward)
+    assert not checks.check_lora_forward(forward_swapped)
+    assert "LoRALinear.forward" not in answers.kept("lora")
+    fallback = object()
+    assert answers.use("lora:LoRALinear.forward", fallback) is fallback
+
+
+def test_unsolved_exercises_never_raise(answers_home, capsys):
+    assert_unsolved_never_raise([check for check, _, _ in EXERCISES], capsys)
+
+
+def test_hints_come_on_request_one_tier_more_each_time(capsys):
+    assert not checks.check_merge(
+        lora_checks.MERGE_MISTAKES[next(iter(lora_checks.MERGE_MISTAKES))]
+    )
+    capsys.readouterr()
+    checks.hint("Exercise 09.3")
+    out = capsys.readouterr().out
+    assert "Hint 2 of 3" in out and "_unmerged_weight" in out
+
+
+# --- the kept answers are drop-ins for the package ---
+
+
+def test_the_kept_lora_runs_a_model_as_the_package(answers_home, capsys):
+    """What the chapter does: the kept add_lora wraps a UNet, the kept methods
+    run its adapters; the outputs, merged and unmerged, are the package's."""
+    for check, right, _ in EXERCISES[:6]:
+        assert check(right)
+    kept = answers.kept("lora")
+    from sdlearn.unet import UNet
+    from tests.helpers import UNET_CONFIG
+
+    torch.manual_seed(0)
+    model = UNet(UNET_CONFIG).eval()
+    reference = UNet(UNET_CONFIG).eval()
+    reference.load_state_dict(model.state_dict())
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1")
+    adapters = kept["add_lora"](model, rank=2, alpha=4.0, targets=targets)
+    expected = add_lora(reference, rank=2, alpha=4.0, targets=targets)
+    assert list(adapters) == list(expected)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(
+            lora_layers(model), lora_layers(reference), strict=True
+        ):
+            nn.init.normal_(b.lora_B.weight, std=0.1)
+            a.load_state_dict(b.state_dict())
+            for name in ("forward", "delta_weight", "merge", "unmerge"):
+                method = kept[f"LoRALinear.{name}"]
+                setattr(a, name, types.MethodType(method, a))
+    inputs = (torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), reference(*inputs))
+        for _, adapter in lora_layers(model):
+            adapter.merge()
+        torch.testing.assert_close(
+            model(*inputs), reference(*inputs), atol=1e-5, rtol=1e-5
+        )
+        for _, adapter in lora_layers(model):
+            adapter.unmerge()
+    assert all(not a.merged for _, a in lora_layers(model))
+    torch.testing.assert_close(
+        model.state_dict(), reference.state_dict(), atol=0, rtol=0
     )
