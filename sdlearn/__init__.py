@@ -18,6 +18,7 @@ CHAPTERS: dict[str, int] = {
     "checks.answers": 0,  # the learner's answers, kept and run again later
     "checks.tour": 0,
     "attention": 1,  # scaled dot-product attention and the attention layer
+    "checks.attention_mistakes": 1,
     "checks.attention": 1,
     "weights": 2,  # checked loading, checkpoint files, the shipped tiny models
     "blocks": 2,  # ResnetBlock, Downsample, Upsample: the VAE's and the UNet's

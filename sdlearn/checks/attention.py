@@ -33,6 +33,12 @@ from sdlearn.checks import (
     seeded,
 )
 from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
+from sdlearn.checks.attention_mistakes import (
+    causal_as,
+    float_mask_as,
+    masked_weights_after_softmax,
+    scores,
+)
 
 ATOL, RTOL = 1e-5, 1.3e-6  # float32 tolerance, as torch.testing.assert_close
 
@@ -66,10 +72,6 @@ def _padding(lengths: list[int], T: int) -> torch.Tensor:
     return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
-
-
 # --- Exercise 01.1: attention from the formula --------------------------------
 
 # (B, nh, Tq, Tk, hd, hd_v): Tq != Tk catches a softmax over the wrong axis;
@@ -98,7 +100,7 @@ ATTENTION_MISTAKES: dict[str, Callable] = {
     NO_SQUARE_ROOT: lambda q, k, v: (
         (q @ k.transpose(-2, -1) / q.shape[-1]).softmax(-1) @ v
     ),
-    SOFTMAX_OVER_QUERIES: lambda q, k, v: _scores(q, k).softmax(-2) @ v,
+    SOFTMAX_OVER_QUERIES: lambda q, k, v: scores(q, k).softmax(-2) @ v,
     SCALED_BY_VALUES: lambda q, k, v: (
         (q @ k.transpose(-2, -1) / math.sqrt(v.shape[-1])).softmax(-1) @ v
     ),
@@ -186,45 +188,6 @@ def _mask_cases() -> list[Case]:
     return cases
 
 
-def _masked_weights_after_softmax(q, k, v, mask=None, causal=False):
-    weights = _scores(q, k).softmax(-1)  # (B, nh, Tq, Tk)
-    if causal:
-        weights = weights * sd.causal_mask(q.shape[2], k.shape[2])
-    if mask is not None:
-        if mask.is_floating_point():
-            raise ValueError("an additive mask: another mistake")
-        weights = weights * mask
-    return weights @ v
-
-
-def _float_mask_as(use: Callable) -> Callable:
-    """The mistake of an additive float mask used as `use(mask)` makes it."""
-
-    def wrong(q, k, v, mask=None, causal=False):
-        if mask is None or not mask.is_floating_point():
-            raise ValueError("no float mask here")
-        return sd.scaled_dot_product_attention(q, k, v, use(mask), causal)
-
-    return wrong
-
-
-def _causal_as(triangle: Callable) -> Callable:
-    """The mistake of a causal mask made as `triangle(Tq, Tk)`."""
-
-    def wrong(q, k, v, mask=None, causal=False):
-        if not causal:
-            raise ValueError("no causal mask here")
-        allowed = triangle(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool))
-        if mask is not None and mask.dtype != torch.bool:
-            return sd.scaled_dot_product_attention(
-                q, k, v, mask.masked_fill(~allowed, -math.inf)
-            )
-        mask = allowed if mask is None else allowed & mask
-        return sd.scaled_dot_product_attention(q, k, v, mask)
-
-    return wrong
-
-
 MASK_AFTER_SOFTMAX = (
     "the mask is applied after the softmax: the blocked weights are 0, but the "
     "others no longer sum to 1; set the blocked scores to -inf before the softmax"
@@ -270,13 +233,13 @@ MASK_MISTAKES: dict[str, Callable] = {
     NOT_SCALED: lambda q, k, v, mask=None, causal=False: (
         sd.scaled_dot_product_attention(q * math.sqrt(q.shape[-1]), k, v, mask, causal)
     ),
-    MASK_AFTER_SOFTMAX: _masked_weights_after_softmax,
-    FLOAT_MASK_NOT_ADDED: _float_mask_as(lambda mask: None),
+    MASK_AFTER_SOFTMAX: masked_weights_after_softmax,
+    FLOAT_MASK_NOT_ADDED: float_mask_as(lambda mask: None),
     INVERTED_MASK: lambda q, k, v, mask=None, causal=False: (
         sd.scaled_dot_product_attention(q, k, v, ~mask, causal)
     ),
-    UPSIDE_DOWN: _causal_as(torch.triu),
-    BOTTOM_RIGHT: _causal_as(lambda m: m.tril(diagonal=m.shape[1] - m.shape[0])),
+    UPSIDE_DOWN: causal_as(torch.triu),
+    BOTTOM_RIGHT: causal_as(lambda m: m.tril(diagonal=m.shape[1] - m.shape[0])),
     CAUSAL_IGNORED: lambda q, k, v, mask=None, causal=False: (
         sd.scaled_dot_product_attention(q, k, v, mask)
     ),
