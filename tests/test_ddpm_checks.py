@@ -195,3 +195,16 @@ def test_unsolved_exercises_never_raise_nor_hint(answers_home, capsys):
         capsys,
     )
     assert answers.kept("ddpm") == {}
+
+
+def test_a_step_with_nan_on_the_last_step_is_told_why(capsys):
+    # alphas_cumprod[prev_t] with prev_t = -1 can make a variance negative: NaN
+    def step(self, model_output, timestep, sample, generator=None):
+        out = DDPMScheduler.step(self, model_output, timestep, sample, generator)
+        if self.previous_timestep(int(timestep)) < 0:
+            out.prev_sample.fill_(float("nan"))
+        return out
+
+    assert not checks.check_ddpm_step(step)
+    out = capsys.readouterr().out
+    assert "prev_sample has NaN values" in out and "alpha_bar_prev is 1" in out

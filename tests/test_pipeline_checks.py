@@ -329,3 +329,25 @@ def test_with_every_part_kept_every_part_is_the_learners(answers_home, capsys):
         pipe, prompts, "", 3, 7.5, torch.Generator().manual_seed(4)
     )
     torch.testing.assert_close(mine, package, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("message, slip", list(checks.GENERATE_SLIPS.items()))
+def test_every_slip_of_the_loop_is_named(capsys, message, slip):
+    from sdlearn.pipeline_io import from_pretrained
+
+    pipe = from_pretrained()
+
+    def generate(pipe, prompts, negative_prompt="", num_inference_steps=25,
+                 guidance_scale=7.5, generator=None):  # fmt: skip
+        return checks._slipped_loop(
+            pipe,
+            prompts,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            slip=slip,
+        )
+
+    assert not checks.check_generate(generate, pipe)
+    assert message in capsys.readouterr().out

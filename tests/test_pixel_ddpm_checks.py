@@ -38,7 +38,7 @@ def ddpm_loss(model, x0, alphas_cumprod, prediction_type, generator=None):
 def ddpm_sample(model, scheduler, noise, num_inference_steps, generator=None,
                 callback=None):  # fmt: skip
     scheduler.set_timesteps(num_inference_steps)
-    x = noise
+    x = noise * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         out = scheduler.step(model(x, t.expand(len(x))), t, x, generator=generator)
         if callback:

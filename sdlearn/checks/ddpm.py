@@ -358,6 +358,12 @@ def _prev_problem(
     inputs: StepInputs, actual: torch.Tensor, expected: torch.Tensor
 ) -> str:
     """What is wrong with a prev_sample whose x0_hat was right."""
+    if torch.isnan(actual).any() and not torch.isnan(expected).any():
+        return (
+            "prev_sample has NaN values: a variance went negative under a square "
+            "root. On the last step prev_t is -1, and there alpha_bar_prev is 1 "
+            "(the clean sample), not alphas_cumprod[-1], the table's last entry"
+        )
     scheduler, args, _ = inputs.build()
     mean = reference_step(scheduler, *args, mistake="no noise").prev_sample
     if not inputs.is_last():

@@ -78,9 +78,12 @@ def _slipped_edit(
     start = 0 if slip == "every step" else img2img_start(num_inference_steps, strength)
     timesteps = scheduler.timesteps[start:]
     scale = 1.0 if slip == "unscaled" else vae.config.scaling_factor
-    known = vae.encode(image).sample(generator) * scale
-    known = known.repeat(B, 1, 1, 1)
-    noise = torch.randn(known.shape, generator=generator)
+    posterior = vae.encode(image)
+    if slip == "noise first":
+        noise = torch.randn((B, *posterior.mean.shape[1:]), generator=generator)
+    known = (posterior.sample(generator) * scale).repeat(B, 1, 1, 1)
+    if slip != "noise first":
+        noise = torch.randn(known.shape, generator=generator)
     latents = scheduler.add_noise(known, noise, timesteps[:1])
     if slip == "not noised":
         latents = known
@@ -94,12 +97,14 @@ def _slipped_edit(
         latents = latents.prev_sample
         if mask is None:
             continue
-        known_now = known
-        if slip == "clean known":
-            pass
-        elif slip == "known at t":
+        last = i == len(timesteps) - 1
+        # the slips that noise the known latents to the timestep just run
+        at_t = {"known at t", "last noised" if last else "known at t, clean last"}
+        if slip in at_t:  # noised to the timestep just run
             known_now = scheduler.add_noise(known, noise, t.reshape(1))
-        elif i < len(timesteps) - 1:
+        elif last or slip == "clean known":
+            known_now = known
+        else:  # noised to the timestep the latents are now at
             known_now = scheduler.add_noise(known, noise, timesteps[i + 1 : i + 2])
         latents = blend_latents(latents, known_now, mask)
     pixels = vae.decode(latents / scale)
@@ -116,8 +121,16 @@ EDIT_SLIPS = {
     "latents": "unscaled",
     "outside the mask the clean latents went back after every step: noise "
     "them to the timestep the latents are now at, the next one": "clean known",
+    "outside the mask the latents went back noised to the timestep just run, "
+    "after the last step too: after a step the latents are at the next "
+    "timestep, and after the last one they are clean": "known at t",
     "outside the mask the latents went back noised to the timestep just run: "
-    "after a step the latents are at the next timestep": "known at t",
+    "after a step the latents are at the next timestep (and after the last "
+    "one, clean)": "known at t, clean last",
+    "after the last step the known latents went back noised: the latents are "
+    "clean then, so the known ones go back clean": "last noised",
+    "the noise was drawn before the VAE's sample of the picture: draw in "
+    "diffusers' order, the posterior's sample first, then the noise": "noise first",
 }
 
 

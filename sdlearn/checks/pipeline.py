@@ -125,7 +125,7 @@ def _slipped_loop(
         ).prev_sample
     scale = 1.0 if slip == "unscaled" else pipe.vae.config.scaling_factor
     pixels = pipe.vae.decode(latents / scale)
-    return (pixels / 2 + 0.5).clamp(0, 1)
+    return pixels / 2 + 0.5 if slip == "no clamp" else (pixels / 2 + 0.5).clamp(0, 1)
 
 
 GENERATE_SLIPS = {
@@ -135,6 +135,8 @@ GENERATE_SLIPS = {
     "the batch holds the unconditional half first": "swapped",
     "this loop uses the text's prediction alone: guidance combines it with the "
     "unconditional one (exercise 06.1)": "no guidance",
+    "some pixels are outside [0, 1]: the decoder's output only roughly stays in "
+    "[-1, 1], so clamp after mapping it to [0, 1]": "no clamp",
 }
 
 

@@ -175,15 +175,20 @@ class SampleInputs:
     steps: int
     shape: tuple[int, ...]
     seed: int
+    # DDPM starts from sigma 1; a sampler in the sigma view (chapter 08) does not
+    init_noise_sigma: float = 1.0
 
     def build(self) -> tuple:
         scheduler = DDPMScheduler(**self.settings)
+        scheduler.init_noise_sigma = self.init_noise_sigma
         noise = randn(*self.shape, seed=self.seed)
         generator = torch.Generator().manual_seed(self.seed + 100)
         return (stand_in_model, scheduler, noise, self.steps, generator)
 
     def __repr__(self) -> str:
-        return f"{self.steps} steps, noise {self.shape}"
+        sigma = self.init_noise_sigma
+        scale = f" times {sigma:g}" if sigma != 1 else ""
+        return f"{self.steps} steps, noise {self.shape}{scale}"
 
 
 def _run_sample(sample_fn: Callable) -> Callable:
@@ -206,7 +211,7 @@ def _run_sample(sample_fn: Callable) -> Callable:
 def _sample_slip(model, scheduler, noise, steps, generator, callback, slip):
     if slip != "no set_timesteps":
         scheduler.set_timesteps(steps)
-    x = noise
+    x = noise if slip == "unscaled" else noise * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         out = scheduler.step(model(x, t.expand(len(x))), t, x, generator=generator)
         callback(i, t, out)
@@ -227,6 +232,9 @@ SAMPLE_MISTAKES: dict[str, Callable] = {
     "scheduler.timesteps": _sample_mistake("no set_timesteps"),
     "the next input is pred_original_sample, the guess of x_0; it is "
     "prev_sample, x_t one step less noisy": _sample_mistake("guess"),
+    "the loop starts from the noise as it is: multiply it by "
+    "scheduler.init_noise_sigma, the noise level of the first timestep (1 for "
+    "DDPM, more for other samplers)": _sample_mistake("unscaled"),
 }
 
 SAMPLE_HINTS = (
@@ -266,6 +274,7 @@ def check_ddpm_sample(fn: Callable) -> Verdict:
     runs = [
         SampleInputs(ddpm_checks.PIXEL_SETTINGS, 10, (2, 3, 8, 8), 0),
         SampleInputs(ddpm_checks.SD_SETTINGS, 7, (3, 4, 4, 4), 1),
+        SampleInputs(ddpm_checks.SD_SETTINGS, 4, (1, 4, 4, 4), 2, 3.0),
     ]
     cases = [Case((inputs,), _run_sample(ddpm_sample)(inputs)) for inputs in runs]
     return check(
