@@ -69,6 +69,14 @@ def diffusion_loss_forward(self, batch, generator=None):
     return F.mse_loss(self.unet(z_t, t, self.context(rows)), noise), {}
 
 
+def timesteps(self, B, generator, device):
+    T = self.scheduler.config.num_train_timesteps
+    if self.timestep_bias == 1:
+        return torch.randint(0, T, (B,), generator=generator, device=device)
+    weights = torch.where(torch.arange(T) < T // 2, 1.0, self.timestep_bias)
+    return torch.multinomial(weights, B, replacement=True, generator=generator)
+
+
 def encode_shapes(vae, text_encoder, tokenizer, dataset, batch_size=256, progress=True):
     captions, items = [""], []
     for start in range(0, len(dataset), batch_size):
@@ -96,6 +104,7 @@ def encode_shapes(vae, text_encoder, tokenizer, dataset, batch_size=256, progres
             "diffusion_loss:DiffusionLoss.forward",
         ),
         ("check_lr_factor", lr_factor, "training:lr_factor"),
+        ("check_timesteps", timesteps, "diffusion_loss:DiffusionLoss.timesteps"),
     ],
     ids=lambda v: v if isinstance(v, str) and ":" in v else None,
 )
@@ -115,6 +124,7 @@ def test_the_package_passes_its_own_checks(answers_home, capsys):
     assert checks.check_encode_shapes(stages.encode_shapes)
     assert checks.check_diffusion_loss(DiffusionLoss.forward)
     assert checks.check_lr_factor(training.lr_factor)
+    assert checks.check_timesteps(DiffusionLoss.timesteps)
 
 
 def test_checks_leave_the_global_seed_alone():
@@ -294,7 +304,11 @@ ENCODE_SLIPS = {
         ("check_lr_factor", lr_not_capped, "cap the progress"),
         ("check_lr_factor", lr_linear_decay, "straight line"),
     ]
-    + [("check_encode_shapes", wrong, says) for says, wrong in ENCODE_SLIPS.items()],
+    + [("check_encode_shapes", wrong, says) for says, wrong in ENCODE_SLIPS.items()]
+    + [
+        ("check_timesteps", wrong.__wrapped__, says[:40])
+        for says, wrong in checks.TIMESTEP_MISTAKES.items()
+    ],
     ids=lambda v: getattr(v, "__name__", None) if callable(v) else None,
 )
 def test_typical_slips_fail_with_a_hint(capsys, check, wrong, says):

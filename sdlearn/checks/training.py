@@ -205,7 +205,90 @@ def check_encode_shapes(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 07.2: the loss of one batch ----------------------------------------
+# --- Exercise 07.2: the training timesteps ----------------------------------------
+
+# (B, num_train_timesteps, timestep_bias): uniform, the noisier half 3x, 0.5x
+TIMESTEP_CASES = ((8, 1000, 1.0), (64, 1000, 3.0), (40, 10, 0.5), (5, 1000, 20.0))
+
+
+def _drawn(fn: Callable) -> Callable:
+    """The learner's `fn(self, B, generator, device)` on a DiffusionLoss with
+    the case's schedule and bias, from a fresh generator."""
+
+    @functools.wraps(fn)
+    def call(inputs: Inputs) -> Any:
+        loss_module, B, seed = inputs.args
+        generator = torch.Generator().manual_seed(seed)
+        return fn(loss_module, B, generator, torch.device("cpu"))
+
+    return call
+
+
+def _timesteps_slip(slip: str) -> Callable:
+    """`DiffusionLoss.timesteps` with one of the usual slips."""
+
+    def timesteps(self, B, generator, device):
+        T = self.scheduler.config.num_train_timesteps
+        if self.timestep_bias == 1 and slip != "always multinomial":
+            return torch.randint(0, T, (B,), generator=generator, device=device)
+        weights = torch.ones(T, device=device)
+        noisier = slice(None, T // 2) if slip == "cleaner half" else slice(T // 2, None)
+        weights[noisier] = self.timestep_bias
+        replace = slip != "no replacement"
+        return torch.multinomial(weights, B, replacement=replace, generator=generator)
+
+    return _drawn(timesteps)
+
+
+TIMESTEP_MISTAKES = {
+    "the bias went to the first half, the timesteps with the least noise: the "
+    "noisier half is t >= T // 2": _timesteps_slip("cleaner half"),
+    "the timesteps were drawn without replacement: two images may share a "
+    "timestep, torch.multinomial(..., replacement=True)": _timesteps_slip(
+        "no replacement"
+    ),
+    "with timestep_bias 1 the timesteps are uniform, drawn as Stable Diffusion "
+    "draws them: torch.randint(0, T, (B,)), which draws other numbers than "
+    "torch.multinomial": _timesteps_slip("always multinomial"),
+}
+TIMESTEP_HINTS = [
+    "two cases: no bias, a uniform integer in [0, T) per image; a bias, a "
+    "weighted draw where each timestep of the noisier half weighs timestep_bias "
+    "and each of the other half 1.",
+    "T = self.scheduler.config.num_train_timesteps; uniform: torch.randint(0, T, "
+    "(B,), generator=generator, device=device); biased: weights = torch.ones(T) "
+    "with weights[T // 2 :] = self.timestep_bias, then torch.multinomial.",
+    "return torch.multinomial(weights, B, replacement=True, generator=generator)",
+]
+
+
+def check_timesteps(fn: Callable) -> Verdict:
+    """Exercise 07.2: `diffusion_loss_timesteps(self, B, generator, device)`,
+    `DiffusionLoss.timesteps`."""
+    cases = []
+    for seed, (B, T, bias) in enumerate(TIMESTEP_CASES):
+        scheduler = DDPMScheduler(num_train_timesteps=T)
+        loss_module = DiffusionLoss(
+            nn.Identity(), scheduler, torch.zeros(1), 1.0, 0.1, bias
+        )
+        inputs = Inputs(
+            f"for B = {B} of T = {T} timesteps, timestep_bias {bias}",
+            loss_module,
+            B,
+            700 + seed,
+        )
+        cases.append(Case((inputs,), _drawn(DiffusionLoss.timesteps)(inputs)))
+    return check(
+        "Exercise 07.2",
+        _drawn(fn),
+        cases,
+        hints=TIMESTEP_HINTS,
+        mistakes=TIMESTEP_MISTAKES,
+        keep="diffusion_loss:DiffusionLoss.timesteps",
+    )
+
+
+# --- Exercise 07.3: the loss of one batch ----------------------------------------
 
 B = 8  # images per batch in the cases
 LATENT_SHAPE = (B, 4, 8, 8)  # (B, C, h, w): the tiny VAE's latents
@@ -381,10 +464,10 @@ def _loss_problem(actual: Any, case: Case) -> str | None:
 
 
 def check_diffusion_loss(fn: Callable) -> Verdict:
-    """Exercise 07.2: `diffusion_loss_forward(self, batch, generator)`,
+    """Exercise 07.3: `diffusion_loss_forward(self, batch, generator)`,
     `DiffusionLoss.forward`: the loss of one batch."""
     return check(
-        "Exercise 07.2",
+        "Exercise 07.3",
         unpacked(fn),
         _loss_cases(),
         hints=LOSS_HINTS,
@@ -393,7 +476,7 @@ def check_diffusion_loss(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 07.3: warm-up, then cosine ------------------------------------------
+# --- Exercise 07.4: warm-up, then cosine ------------------------------------------
 
 # (steps, warmup_steps, min_lr_ratio); every case also asks beyond the last step
 LR_CONFIGS = ((100, 10, 0.1), (1000, 0, 0.0), (60, 20, 0.5), (6000, 200, 0.1))
@@ -472,7 +555,7 @@ def _lr_problem(actual: Any, case: Case) -> str | None:
 
 
 def check_lr_factor(fn: Callable) -> Verdict:
-    """Exercise 07.3: linear warm-up from (1 / warmup) to 1, cosine down to
+    """Exercise 07.4: linear warm-up from (1 / warmup) to 1, cosine down to
     min_lr_ratio, as `sdlearn.training.lr_factor`."""
     cases = []
     for steps, warmup, min_ratio in LR_CONFIGS:
@@ -485,7 +568,7 @@ def check_lr_factor(fn: Callable) -> Verdict:
         )
         cases.append(Case((inputs,), expected))
     return check(
-        "Exercise 07.3",
+        "Exercise 07.4",
         _all_factors(fn),
         cases,
         hints=[

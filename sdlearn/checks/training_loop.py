@@ -32,7 +32,7 @@ from sdlearn.training import (
     lr_factor,
 )
 
-# --- Exercise 07.4: clipping the gradient by its global norm ----------------------
+# --- Exercise 07.5: clipping the gradient by its global norm ----------------------
 
 # (gradient shapes, scale of the gradients, max_norm, a parameter without one?)
 CLIP_CASES = (
@@ -109,7 +109,7 @@ CLIP_HINTS = [
 
 
 def check_clip_grad_norm(fn: Callable) -> Verdict:
-    """Exercise 07.4: `clip_grad_norm(parameters, max_norm)`, torch's
+    """Exercise 07.5: `clip_grad_norm(parameters, max_norm)`, torch's
     clip_grad_norm_ (`sdlearn.training.clip_grad_norm`)."""
     cases = []
     for seed, (shapes, scale, max_norm, frozen) in enumerate(CLIP_CASES):
@@ -129,7 +129,7 @@ def check_clip_grad_norm(fn: Callable) -> Verdict:
         expected = _clipped(clip_grad_norm)(inputs)
         cases.append(Case((inputs,), expected))
     return check(
-        "Exercise 07.4",
+        "Exercise 07.5",
         _clipped(fn),
         cases,
         rtol=1e-5,
@@ -139,7 +139,7 @@ def check_clip_grad_norm(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 07.5: the EMA update with warm-up -------------------------------------
+# --- Exercise 07.6: the EMA update with warm-up -------------------------------------
 
 
 def _ema_module() -> nn.Module:
@@ -250,7 +250,7 @@ EMA_HINTS = [
 
 
 def check_ema_update(fn: Callable) -> Verdict:
-    """Exercise 07.5: `ema_update(self, model)`, `EMA.update` with its warm-up."""
+    """Exercise 07.6: `ema_update(self, model)`, `EMA.update` with its warm-up."""
     cases = []
     # the first update, a few early ones, one mid-run (warm-up still below 0.999)
     # and one late (capped at max_decay), and a lower max_decay
@@ -268,7 +268,7 @@ def check_ema_update(fn: Callable) -> Verdict:
         cases.append(Case((inputs,), _ema_updated(EMA.update)(inputs)))
     with torch.no_grad():
         return check(
-            "Exercise 07.5",
+            "Exercise 07.6",
             _ema_updated(fn),
             cases,
             compare=_ema_problem,
@@ -277,7 +277,7 @@ def check_ema_update(fn: Callable) -> Verdict:
         )
 
 
-# --- Exercise 07.6: the order of the batches ---------------------------------------
+# --- Exercise 07.7: the order of the batches ---------------------------------------
 
 # (steps, batch_size, length, seed, rank, world): within an epoch and across its
 # end, a batch longer than the dataset, another seed, two processes' shares
@@ -351,7 +351,7 @@ ORDER_HINTS = [
 
 
 def check_batch_indices(fn: Callable) -> Verdict:
-    """Exercise 07.6: `batch_indices(step, batch_size, length, seed, rank=0,
+    """Exercise 07.7: `batch_indices(step, batch_size, length, seed, rank=0,
     world=1)`, the package's `training.batch_indices`."""
     cases = []
     for settings in ORDER_CASES:
@@ -363,7 +363,7 @@ def check_batch_indices(fn: Callable) -> Verdict:
         )
         cases.append(Case((inputs,), _all_batches(batch_indices)(inputs)))
     return check(
-        "Exercise 07.6",
+        "Exercise 07.7",
         _all_batches(fn),
         cases,
         hints=ORDER_HINTS,
@@ -372,7 +372,7 @@ def check_batch_indices(fn: Callable) -> Verdict:
     )
 
 
-# --- Exercise 07.7: the training loop ----------------------------------------------
+# --- Exercise 07.8: the training loop ----------------------------------------------
 
 
 class ToyLoss(nn.Module):
@@ -545,7 +545,7 @@ LOOP_HINTS = [
 
 
 def check_train_loop(fn: Callable) -> Verdict:
-    """Exercise 07.7: `train_loop(step_module, items, config, ema, callback=None)`,
+    """Exercise 07.8: `train_loop(step_module, items, config, ema, callback=None)`,
     the package's `train` without checkpoints (`reference_train_loop`)."""
     cases = []
     configs = (
@@ -587,7 +587,7 @@ def check_train_loop(fn: Callable) -> Verdict:
         for message, slip in LOOP_SLIPS.items()
     }
     return check(
-        "Exercise 07.7",
+        "Exercise 07.8",
         _trained(fn),
         cases,
         rtol=1e-4,
