@@ -1,9 +1,9 @@
 """Checks for chapter 07's exercises on the loss: the frozen parts run once, the
-loss of one batch, the learning rate (the loop's parts are in `training_loop`).
+training timesteps, the loss of one batch, the learning rate (the loop's parts are in `training_loop`).
 
 Every reference is the package's own code, which tests/test_training.py holds
 to its behaviour (a loss that learns, exact resumes): `stages.encode_shapes`,
-`DiffusionLoss.forward` and `training.lr_factor`.
+`DiffusionLoss.timesteps` and `.forward`, and `training.lr_factor`.
 
 The loss check watches the UNet: a small wrapper records the noisy latents, the
 timesteps and the text tokens the learner's function hands it, so a failure
