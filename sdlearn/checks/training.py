@@ -1,5 +1,6 @@
 """Checks for chapter 07's exercises on the loss: the frozen parts run once, the
-training timesteps, the loss of one batch, the learning rate (the loop's parts are in `training_loop`).
+training timesteps, the loss of one batch, the learning rate (the loop's parts
+are in `training_loop`).
 
 Every reference is the package's own code, which tests/test_training.py holds
 to its behaviour (a loss that learns, exact resumes): `stages.encode_shapes`,
