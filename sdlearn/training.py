@@ -140,6 +140,18 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scales the gradients of `parameters` together, by one factor, so that
+    their global norm (of all of them as one vector) is at most `max_norm`:
+    the direction is kept, only the length is capped (Pascanu et al. 2013).
+    Parameters without a gradient are skipped. torch's clip_grad_norm_.
+
+    Returns:
+        the global norm before clipping, a 0-dim tensor.
+    """
+    return nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 def batch_indices(
     step: int, batch_size: int, length: int, seed: int, rank: int = 0, world: int = 1
 ) -> list[int]:
@@ -173,9 +185,9 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.updates = 0
-        self.shadow = {
-            name: p.detach().clone() for name, p in model.state_dict().items()
-        }
+        # the average starts at the model's weights, buffers included
+        state = model.state_dict()
+        self.shadow = {name: p.detach().clone() for name, p in state.items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -398,7 +410,7 @@ def _update(state: dict, loss: torch.Tensor, config: TrainConfig) -> None:
     state["optimizer"].zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip > 0:
-        nn.utils.clip_grad_norm_(state["trainable"], config.grad_clip)
+        clip_grad_norm(state["trainable"], config.grad_clip)
     state["optimizer"].step()
     state["schedule"].step()
     if state["ema"] is not None:

@@ -1,4 +1,5 @@
-"""Chapter 07's exercise checks: right answers pass, typical slips fail, none raise."""
+"""Chapter 07's exercise checks on the loss: right answers pass and are kept,
+typical slips fail and are named, none raise."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdlearn import stages, training
+from sdlearn.checks import answers
 from sdlearn.checks import training as checks
+from sdlearn.diffusion_loss import DiffusionLoss
 from tests.helpers import assert_refused, assert_unsolved_never_raise
 
 # --- right answers, written as a learner would ---
@@ -40,49 +44,103 @@ def lr_factor(step, config):
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
-def ema_update(shadow, weights, max_decay, updates):
-    decay = min(max_decay, (1 + updates) / (10 + updates))
-    new = {}
-    for name, value in weights.items():
-        if value.dtype.is_floating_point:
-            new[name] = decay * shadow[name] + (1 - decay) * value
-        else:
-            new[name] = value.clone()
-    return new
+def as_method(loss):
+    """A loss written as a function of the parts, as `DiffusionLoss.forward`."""
+
+    def forward(self, batch, generator):
+        parts = (self.unet, self.scheduler, batch, self.text_tokens)
+        return loss(*parts, self.scaling_factor, self.caption_dropout, generator), {}
+
+    forward.__name__ = loss.__name__
+    return forward
 
 
-def ema_update_in_place(shadow, weights, max_decay, updates):
-    decay = min(max_decay, (1 + updates) / (10 + updates))
-    for name, value in weights.items():
-        if value.dtype.is_floating_point:
-            shadow[name].lerp_(value, 1 - decay)
-        else:
-            shadow[name].copy_(value)
-    return shadow
+def diffusion_loss_forward(self, batch, generator=None):
+    mean, std = batch["mean"], batch["std"]
+    B, device = mean.shape[0], mean.device
+    z0 = (
+        mean + std * torch.randn(mean.shape, generator=generator)
+    ) * self.scaling_factor
+    t = self.timesteps(B, generator, device)
+    noise = torch.randn(z0.shape, generator=generator)
+    z_t = self.scheduler.add_noise(z0, noise, t)
+    keep = torch.rand(B, generator=generator) >= self.caption_dropout
+    rows = torch.where(keep, batch["caption"], 0)
+    return F.mse_loss(self.unet(z_t, t, self.context(rows)), noise), {}
 
 
-def test_right_answers_pass(capsys):
-    assert checks.check_diffusion_loss(diffusion_loss)
-    assert checks.check_lr_factor(lr_factor)
-    assert checks.check_ema_update(ema_update)
-    assert checks.check_ema_update(ema_update_in_place)
-    assert capsys.readouterr().out.count("✅") == 4
+def timesteps(self, B, generator, device):
+    T = self.scheduler.config.num_train_timesteps
+    if self.timestep_bias == 1:
+        return torch.randint(0, T, (B,), generator=generator, device=device)
+    weights = torch.where(torch.arange(T) < T // 2, 1.0, self.timestep_bias)
+    return torch.multinomial(weights, B, replacement=True, generator=generator)
+
+
+def encode_shapes(vae, text_encoder, tokenizer, dataset, batch_size=256, progress=True):
+    captions, items = [""], []
+    for start in range(0, len(dataset), batch_size):
+        batch = [
+            dataset[i] for i in range(start, min(start + batch_size, len(dataset)))
+        ]
+        posterior = vae.encode(torch.stack([b["pixel_values"] for b in batch]))
+        for i, item in enumerate(batch):
+            if item["caption"] not in captions:
+                captions.append(item["caption"])
+            row = captions.index(item["caption"])
+            items.append(
+                {"mean": posterior.mean[i], "std": posterior.std[i], "caption": row}
+            )
+    return items, text_encoder(tokenizer(captions)), captions
+
+
+@pytest.mark.parametrize(
+    ("check", "right", "part"),
+    [
+        ("check_encode_shapes", encode_shapes, "stages:encode_shapes"),
+        (
+            "check_diffusion_loss",
+            diffusion_loss_forward,
+            "diffusion_loss:DiffusionLoss.forward",
+        ),
+        ("check_lr_factor", lr_factor, "training:lr_factor"),
+        ("check_timesteps", timesteps, "diffusion_loss:DiffusionLoss.timesteps"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and ":" in v else None,
+)
+def test_right_answers_pass_and_are_kept(check, right, part, answers_home, capsys):
+    assert getattr(checks, check)(right)
+    out = capsys.readouterr().out
+    assert "✅" in out and "Kept in" in out
+    module, name = part.split(":")
+    assert name in answers.kept(module)
+    assert answers.is_learners(answers.use(part, None, getattr(checks, check)))
+    # a wrong try later forgets it: the package's stands in again
+    assert not getattr(checks, check)(lambda *args, **kwargs: None)
+    assert name not in answers.kept(module)
+
+
+def test_the_package_passes_its_own_checks(answers_home, capsys):
+    assert checks.check_encode_shapes(stages.encode_shapes)
+    assert checks.check_diffusion_loss(DiffusionLoss.forward)
+    assert checks.check_lr_factor(training.lr_factor)
+    assert checks.check_timesteps(DiffusionLoss.timesteps)
 
 
 def test_checks_leave_the_global_seed_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    checks.check_diffusion_loss(diffusion_loss)
-    checks.check_ema_update(ema_update)
+    checks.check_diffusion_loss(diffusion_loss_forward)
     torch.testing.assert_close(torch.rand(3), expected)
 
 
 def test_loss_cases_drop_some_captions_and_noise_to_varied_timesteps():
     # a case that drops nothing, one that drops everything, one in between
     dropped = []
-    for case in checks._loss_cases():
-        text_tokens, context = case.args[0].args[3], case.expected["context"]
+    for case in checks._loss_cases()[:3]:
+        text_tokens = case.args[0].args[0].text_tokens
+        context = case.expected["context"]
         dropped.append(int((context == text_tokens[0]).all(dim=(1, 2)).sum()))
         assert len(set(case.expected["timestep"].tolist())) == checks.B
     assert dropped[1] == 0 and dropped[2] == checks.B and 0 < dropped[0] < checks.B
@@ -201,73 +259,55 @@ def lr_linear_decay(step, config):
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * (1 - progress)
 
 
-def ema_without_warmup(shadow, weights, max_decay, updates):
-    return ema_update(shadow, weights, max_decay, 10**9)
+def loss_without_timestep_bias(self, batch, generator=None):
+    # torch.randint where self.timesteps draws the biased timesteps
+    parts = (self.unet, self.scheduler, batch, self.text_tokens, self.scaling_factor)
+    return diffusion_loss(*parts, self.caption_dropout, generator), {}
 
 
-def ema_warmup_off_by_one(shadow, weights, max_decay, updates):
-    # counts the updates before this one
-    return ema_update(shadow, weights, max_decay, updates - 1)
+def forward_without_metrics(self, batch, generator=None):
+    return diffusion_loss_forward(self, batch, generator)[0]
 
 
-def ema_swapped(shadow, weights, max_decay, updates):
-    decay = min(max_decay, (1 + updates) / (10 + updates))
-    return {
-        name: (1 - decay) * shadow[name] + decay * value
-        if value.dtype.is_floating_point
-        else value.clone()
-        for name, value in weights.items()
-    }
+def encode_slip(slip):
+    return checks._encode_slip(slip).__wrapped__
 
 
-def ema_averages_counters(shadow, weights, max_decay, updates):
-    decay = min(max_decay, (1 + updates) / (10 + updates))
-    return {
-        name: (decay * shadow[name] + (1 - decay) * value).to(value.dtype)
-        for name, value in weights.items()
-    }
-
-
-def ema_max_instead_of_min(shadow, weights, max_decay, updates):
-    decay = max(max_decay, (1 + updates) / (10 + updates))
-    return {
-        name: decay * shadow[name] + (1 - decay) * value
-        if value.dtype.is_floating_point
-        else value.clone()
-        for name, value in weights.items()
-    }
-
-
-def ema_returns_nothing(shadow, weights, max_decay, updates):
-    ema_update_in_place(shadow, weights, max_decay, updates)
+ENCODE_SLIPS = {
+    "variance": encode_slip("variance"),
+    "a row of its own": encode_slip("a row per image"),
+    "row 0 of the table": encode_slip("no empty prompt"),
+    "last, shorter batch": encode_slip("last"),
+}
 
 
 @pytest.mark.parametrize(
     ("check", "wrong", "says"),
     [
-        ("check_diffusion_loss", loss_unscaled, "noisy latents"),
-        ("check_diffusion_loss", loss_posterior_mean, "timesteps differ"),
-        ("check_diffusion_loss", loss_timesteps_from_one, "timesteps differ"),
-        ("check_diffusion_loss", loss_zero_context, "became zeros"),
-        ("check_diffusion_loss", loss_drops_the_kept, "text tokens differ"),
-        ("check_diffusion_loss", loss_predicts_z0, "target is the noise"),
-        ("check_diffusion_loss", loss_per_image, "shape"),
-        ("check_diffusion_loss", loss_two_unet_calls, "called the UNet 2 times"),
-        ("check_lr_factor", lr_warmup_from_zero, "at step 0 "),
+        ("check_diffusion_loss", as_method(loss_unscaled), "noisy latents"),
+        ("check_diffusion_loss", as_method(loss_posterior_mean), "timesteps differ"),
         (
-            "check_lr_factor",
-            lr_cosine_to_zero,
-            "factor is 0.000000, expected 0.100000",
+            "check_diffusion_loss",
+            as_method(loss_timesteps_from_one),
+            "timesteps differ",
         ),
-        ("check_lr_factor", lr_cosine_over_the_whole_run, "at step"),
-        ("check_lr_factor", lr_not_capped, "after the last step"),
-        ("check_lr_factor", lr_linear_decay, "at step"),
-        ("check_ema_update", ema_without_warmup, "warming up"),
-        ("check_ema_update", ema_warmup_off_by_one, "differs from the reference"),
-        ("check_ema_update", ema_swapped, "swapped"),
-        ("check_ema_update", ema_averages_counters, "integer counter"),
-        ("check_ema_update", ema_max_instead_of_min, "warming up"),
-        ("check_ema_update", ema_returns_nothing, "returned NoneType"),
+        ("check_diffusion_loss", as_method(loss_zero_context), "became zeros"),
+        ("check_diffusion_loss", as_method(loss_drops_the_kept), "tokens differ"),
+        ("check_diffusion_loss", as_method(loss_predicts_z0), "target is the noise"),
+        ("check_diffusion_loss", as_method(loss_per_image), "shape"),
+        ("check_diffusion_loss", as_method(loss_two_unet_calls), "UNet 2 times"),
+        ("check_diffusion_loss", loss_without_timestep_bias, "ignore timestep_bias"),
+        ("check_diffusion_loss", forward_without_metrics, "a pair (loss, metrics)"),
+        ("check_lr_factor", lr_warmup_from_zero, "warm-up starts at 0"),
+        ("check_lr_factor", lr_cosine_to_zero, "cosine ends at 0"),
+        ("check_lr_factor", lr_cosine_over_the_whole_run, "counts from step 0"),
+        ("check_lr_factor", lr_not_capped, "cap the progress"),
+        ("check_lr_factor", lr_linear_decay, "straight line"),
+    ]
+    + [("check_encode_shapes", wrong, says) for says, wrong in ENCODE_SLIPS.items()]
+    + [
+        ("check_timesteps", wrong.__wrapped__, says[:40])
+        for says, wrong in checks.TIMESTEP_MISTAKES.items()
     ],
     ids=lambda v: getattr(v, "__name__", None) if callable(v) else None,
 )
@@ -278,12 +318,16 @@ def test_typical_slips_fail_with_a_hint(capsys, check, wrong, says):
 
 def test_unsolved_exercises_never_raise(capsys):
     assert_unsolved_never_raise(
-        [checks.check_diffusion_loss, checks.check_lr_factor, checks.check_ema_update],
+        [
+            checks.check_encode_shapes,
+            checks.check_diffusion_loss,
+            checks.check_lr_factor,
+        ],
         capsys,
     )
 
 
-def loss_that_crashes(unet, scheduler, batch, *rest):
+def loss_that_crashes(self, batch, generator=None):
     return batch.pixel_values
 
 
