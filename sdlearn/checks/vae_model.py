@@ -249,7 +249,9 @@ def _named_fields(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def call(*args, **kwargs):
         out = fn(*args, **kwargs)
-        if isinstance(out, tuple) and not isinstance(out, vae.AutoencoderOutput):
+        # by field, not by class: a notebook may define AutoencoderOutput anew
+        named = hasattr(out, "reconstruction") and hasattr(out, "posterior")
+        if isinstance(out, tuple) and not named:
             raise TypeError(
                 "forward returned a plain tuple: return AutoencoderOutput("
                 "reconstruction, posterior), whose fields later code reads by name"
