@@ -199,3 +199,14 @@ def test_contributing_shows_the_lines_each_chapter_asks_for(repo_copy, capsys):
     assert notebooks.lines_drift(repo_copy) == [
         "CONTRIBUTING.md's table of lines is stale"
     ]
+
+
+def test_every_check_passes_in_the_stored_solutions():
+    # nbval compares a run with the stored outputs: a solution whose check
+    # failed when it was stored would fail the same way and still match
+    for path in sorted((ROOT / "solutions").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for i, cell in enumerate(nb.cells):
+            for output in cell.get("outputs", []):
+                text = output.get("text", "")
+                assert "❌" not in text and "⏳" not in text, (path.name, i, text)
