@@ -308,3 +308,16 @@ def test_the_kept_lora_runs_a_model_as_the_package(answers_home, capsys):
     torch.testing.assert_close(
         model.state_dict(), reference.state_dict(), atol=0, rtol=0
     )
+
+
+def test_a_merge_that_keeps_an_alias_is_told_to_clone(capsys):
+    # the alias changes with the weight: what is kept is the merged weight
+    def merge(self):
+        if self.merged:
+            raise ValueError("merged already")
+        with torch.no_grad():
+            self._unmerged_weight = self.base.weight
+            self.base.weight += self.delta_weight()
+
+    assert not checks.check_merge(merge)
+    assert "an alias of self.base.weight changes with it" in capsys.readouterr().out

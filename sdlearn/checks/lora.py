@@ -99,13 +99,14 @@ def _adapter(layer: tuple, seed: int) -> LoRALinear:
 # --- Exercise 09.1: the adapted layer's forward -----------------------------------
 
 
-def _lora_forward(self, x, *, scale=True, base=True, merged=True):
+def _lora_forward(self, x, *, scale=True, base=True, merged=True, multiplier=True):
     """The forward, or what one of the usual mistakes makes of it."""
     out = self.base(x)
     out = out if base else torch.zeros_like(out)
     if merged and (self.merged or self.multiplier == 0):
         return out
-    return out + (self.scale if scale else 1) * self.lora_B(self.lora_A(x))
+    s = self.scale if multiplier else self.alpha / self.rank
+    return out + (s if scale else 1) * self.lora_B(self.lora_A(x))
 
 
 FORWARD_MISTAKES = {
@@ -119,11 +120,16 @@ FORWARD_MISTAKES = {
     "holds it already, so return self.base(x) alone": functools.partial(
         _lora_forward, merged=False
     ),
+    "the multiplier is missing: self.scale is alpha / rank times the "
+    "multiplier, use it rather than alpha / rank": functools.partial(
+        _lora_forward, multiplier=False
+    ),
 }
 
 FORWARD_HINTS = [
     "The output is the frozen layer's output plus the low-rank update: "
-    "W x + b + (alpha / r) B A x. A merged adapter (self.merged) has the update "
+    "W x + b + s B A x, with s = self.scale (alpha / r times the adapter's "
+    "multiplier). A merged adapter (self.merged) has the update "
     "in its weight already.",
     "self.base(x) is W x + b. The update goes through self.lora_A (in -> r) "
     "first, then self.lora_B (r -> out), and is multiplied by self.scale. "
@@ -287,9 +293,9 @@ MERGE_MISTAKES = {
     ),
     "a second merge added the update again: raise a ValueError when "
     "self.merged": functools.partial(_merge, refuse=False),
-    "the copy was taken after adding the update: keep the weight before": (
-        functools.partial(_merge, copy_after=True)
-    ),
+    "the weight kept is the one after the update: keep a copy taken before "
+    "adding it, a clone (.detach().clone()); an alias of self.base.weight "
+    "changes with it": (functools.partial(_merge, copy_after=True)),
     "the update is missing its scale: add self.delta_weight(), which holds "
     "it": functools.partial(_merge, scale=False),
 }
@@ -411,6 +417,8 @@ ADD_CASES = [
     (ATTENTION_TARGETS, 4, None),
     (("attn2.to_k", "attn2.to_v"), 2, 8.0),
     (ATTENTION_TARGETS + RESNET_CONV_TARGETS, 3, 6.0),
+    # a target that is the end of a longer name part, and no layer's name
+    (("attn2.to_q", "emb_proj"), 2, None),
 ]
 
 
@@ -486,6 +494,8 @@ def _add(model, rank=4, alpha=None, targets=ATTENTION_TARGETS, *, mistake=""):
     for name, module in list(model.named_modules()):
         if mistake == "last part":
             hit = name.rpartition(".")[2] in targets
+        elif mistake == "no dot":
+            hit = any(name.endswith(t) for t in targets)
         else:
             hit = any(name == t or name.endswith("." + t) for t in targets)
         if not hit or type(module) not in (nn.Linear, nn.Conv2d):
@@ -512,6 +522,9 @@ ADD_MISTAKES = {
         functools.partial(_add, mistake="not placed")
     ),
     "alpha was not passed on to the adapters": functools.partial(_add, mistake="alpha"),
+    "a target matched the end of a longer name ('emb_proj' caught "
+    "'time_emb_proj'): a target is whole name parts, name == target or "
+    "name.endswith('.' + target)": functools.partial(_add, mistake="no dot"),
 }
 
 ADD_HINTS = [
