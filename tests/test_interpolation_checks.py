@@ -7,21 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sdlearn.checks
-from sdlearn import checks as framework
 from sdlearn import interpolation
-from sdlearn.checks import Verdict, answers
 from sdlearn.checks import interpolation as checks
-
-
-@pytest.fixture(autouse=True)
-def first_tries(monkeypatch):
-    """Every test starts with no failed tries, so its first hint is the first tier."""
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
-
-
-def unsolved(*args, **kwargs):
-    raise NotImplementedError
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_three_hint_tiers,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 
 def slerp(a, b, weights, threshold=0.9995):
@@ -34,54 +29,34 @@ def slerp(a, b, weights, threshold=0.9995):
 
 
 def test_a_right_answer_passes_and_is_kept(capsys):
-    assert checks.check_slerp(interpolation.slerp)  # the package's own
-    assert checks.check_slerp(slerp)
-    out = capsys.readouterr().out
-    assert out.count("✅") == 2 and "Kept in" in out
-    assert answers.kept("interpolation")["slerp"].__name__ == "slerp"
-    used = answers.use(checks.SLERP_PART, interpolation.slerp, checks.check_slerp)
-    assert answers.is_learners(used)
-    assert capsys.readouterr().out == ""
-
-
-def test_every_exercise_names_at_least_two_mistakes():
-    assert len(checks.SLERP_MISTAKES) >= 2
+    package = interpolation.slerp
+    assert_passes_and_is_kept(
+        checks.check_slerp, slerp, package, checks.SLERP_PART, capsys
+    )
 
 
 @pytest.mark.parametrize(
-    "message, wrong",
-    checks.SLERP_MISTAKES.items(),
-    ids=[m[:40] for m in checks.SLERP_MISTAKES],
+    "check, exercise, message, wrong",
+    named_mistakes([(checks.check_slerp, "Exercise 02.15", checks.SLERP_MISTAKES)]),
 )
-def test_each_named_mistake_is_recognised(message, wrong, capsys):
-    verdict = checks.check_slerp(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "❌ Exercise 02.15" in out and message in out
-    assert "Hint 1 of 3" in out
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
-    assert checks.check_slerp(slerp)
-    assert not checks.check_slerp(lambda a, b, weights, threshold=0.9995: a)
-    assert "slerp" not in answers.kept("interpolation")
-    used = answers.use(checks.SLERP_PART, interpolation.slerp, checks.check_slerp)
-    assert used is interpolation.slerp
-    assert "the package's stands in" in capsys.readouterr().out
+    def straight(a, b, weights, threshold=0.9995):
+        return a
+
+    package, part = interpolation.slerp, checks.SLERP_PART
+    assert_wrong_is_not_kept(checks.check_slerp, slerp, straight, package, part, capsys)
 
 
 def test_an_untouched_exercise_gets_a_reminder_and_no_hint(capsys):
-    verdict = checks.check_slerp(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "Hint" not in out
+    assert_untouched_gets_no_hint(checks.check_slerp, capsys)
 
 
 def test_hints_come_in_three_tiers_and_the_first_gives_no_code():
-    checks.check_slerp(unsolved)
-    tiers = framework._HINTS["Exercise 02.15"]
-    assert len(tiers) == 3
-    assert "torch." not in tiers[0] and "(" not in tiers[0]
+    assert_three_hint_tiers(checks.check_slerp, "Exercise 02.15", ("torch.", "("))
 
 
 def test_a_slerp_without_the_straight_line_is_refused(capsys):

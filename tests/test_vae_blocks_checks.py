@@ -13,22 +13,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-import sdlearn.checks
 from sdlearn import blocks, vae
-from sdlearn import checks as framework
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import vae_blocks as checks
-
-
-@pytest.fixture(autouse=True)
-def first_tries(monkeypatch):
-    """Every test starts with no failed tries, so its first hint is the first tier."""
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
-
-
-def unsolved(*args, **kwargs):
-    raise NotImplementedError
-
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_three_hint_tiers,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 # --- right answers, written as a learner would -------------------------------------
 
@@ -108,17 +103,7 @@ IDS = ["group_norm", "downsample", "upsample", "attention"]
 
 @pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
 def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
-    assert check(package)  # the package's own code is a right answer
-    assert check(right)
-    out = capsys.readouterr().out
-    assert out.count("✅") == 2 and "Kept in" in out
-    module, name = part.split(":")
-    kept = answers.kept(module)[name]
-    assert kept.__name__ == right.__name__
-    # read back from the file (a kernel restart), it passes again and is used
-    used = answers.use(part, package, check)
-    assert answers.is_learners(used)
-    assert capsys.readouterr().out == ""
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 def test_attention_through_torchs_kernel_and_permute_passes():
@@ -166,28 +151,11 @@ MISTAKES = [
     (checks.check_upsample_forward, "Exercise 02.4", checks.UPSAMPLE_MISTAKES),
     (checks.check_attention_block_forward, "Exercise 02.5", checks.ATTENTION_MISTAKES),
 ]
-NAMED = [
-    (check, name, message, wrong)
-    for check, name, mistakes in MISTAKES
-    for message, wrong in mistakes.items()
-]
 
 
-def test_every_exercise_names_at_least_two_mistakes():
-    assert all(len(mistakes) >= 2 for _, _, mistakes in MISTAKES)
-
-
-@pytest.mark.parametrize(
-    "check, name, message, wrong",
-    NAMED,
-    ids=[f"{n[-4:]}: {m[:40]}" for _, n, m, _ in NAMED],
-)
-def test_each_named_mistake_is_recognised(check, name, message, wrong, capsys):
-    verdict = check(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert f"❌ {name}" in out and message in out
-    assert "Hint 1 of 3" in out
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 # --- a learner's slips, written as a learner would ----------------------------------
@@ -224,17 +192,10 @@ def test_the_failure_message_describes_the_block_briefly(capsys):
 def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
     check, right, package, part, capsys
 ):
-    module, name = part.split(":")
-    assert check(right)
-    assert name in answers.kept(module)
-
     def wrong(self, *args):
         return package(self, *args) * 1.5
 
-    assert not check(wrong)
-    assert name not in answers.kept(module)
-    assert answers.use(part, package, check) is package
-    assert "the package's stands in" in capsys.readouterr().out
+    assert_wrong_is_not_kept(check, right, wrong, package, part, capsys)
 
 
 # --- untouched exercises ---------------------------------------------------------
@@ -244,20 +205,13 @@ ALL_CHECKS = [check for check, _, _, _ in EXERCISES]
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=IDS)
 def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint" not in out  # no hint before a first try
+    assert_untouched_gets_no_hint(check, capsys)
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=IDS)
 def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check):
-    name = check.__doc__.split(":")[0]  # "Exercise 02.3"
-    check(unsolved)
-    tiers = framework._HINTS[name]  # what the check registered
-    assert len(tiers) == 3
-    assert "self." not in tiers[0] and "F." not in tiers[0] and "(" not in tiers[0]
+    exercise = check.__doc__.split(":")[0]  # "Exercise 02.3"
+    assert_three_hint_tiers(check, exercise, ("self.", "F.", "("))
 
 
 def test_checks_leave_the_global_random_state_alone():

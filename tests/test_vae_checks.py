@@ -10,13 +10,16 @@ import torch.nn.functional as F
 
 from sdlearn import blocks, vae
 from sdlearn import checks as framework
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import vae as checks
-
-
-def unsolved(*args, **kwargs):
-    raise NotImplementedError
-
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+    unsolved,
+)
 
 # --- right answers, written as a learner would -------------------------------------
 
@@ -95,17 +98,7 @@ IDS = ["resnet", "encoder", "decoder", "sample", "kl"]
 
 @pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
 def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
-    assert check(package)  # the package's own code is a right answer
-    assert check(right)
-    out = capsys.readouterr().out
-    assert out.count("✅") == 2 and "Kept in" in out
-    module, name = part.split(":")
-    kept = answers.kept(module)[name]
-    assert kept.__name__ == right.__name__
-    # read back from the file (a kernel restart), it passes again and is used
-    used = answers.use(part, package, check)
-    assert answers.is_learners(used)
-    assert capsys.readouterr().out == ""
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 def test_kept_answers_run_the_real_tiny_vae(capsys):
@@ -146,28 +139,11 @@ MISTAKES = [
     (checks.check_sample, "Exercise 02.8", checks.SAMPLE_MISTAKES),
     (checks.check_kl, "Exercise 02.9", checks.KL_MISTAKES),
 ]
-NAMED = [
-    (check, name, message, wrong)
-    for check, name, mistakes in MISTAKES
-    for message, wrong in mistakes.items()
-]
 
 
-def test_every_exercise_names_at_least_two_mistakes():
-    assert all(len(mistakes) >= 2 for _, _, mistakes in MISTAKES)
-
-
-@pytest.mark.parametrize(
-    "check, name, message, wrong",
-    NAMED,
-    ids=[f"{n[-4:]}: {m[:40]}" for _, n, m, _ in NAMED],
-)
-def test_each_named_mistake_is_recognised(check, name, message, wrong, capsys):
-    verdict = check(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert f"❌ {name}" in out and message in out
-    assert "Hint 1 of 3" in out or "Hint 2 of 3" in out or "Hint 3 of 3" in out
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 # --- a learner's slips, written as a learner would ----------------------------------
@@ -236,17 +212,10 @@ def test_a_kl_summed_over_everything_is_named(capsys):
 def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
     check, right, package, part, capsys
 ):
-    module, name = part.split(":")
-    assert check(right)
-    assert name in answers.kept(module)
-
     def wrong(self, *args):
         return package(self, *args) * 1.5
 
-    assert not check(wrong)
-    assert name not in answers.kept(module)
-    assert answers.use(part, package, check) is package
-    assert "the package's stands in" in capsys.readouterr().out
+    assert_wrong_is_not_kept(check, right, wrong, package, part, capsys)
 
 
 # --- untouched exercises ---------------------------------------------------------
@@ -262,11 +231,7 @@ ALL_CHECKS = [
 
 @pytest.mark.parametrize("check", ALL_CHECKS)
 def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint" not in out  # no hint before a first try
+    assert_untouched_gets_no_hint(check, capsys)
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS)

@@ -11,23 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sdlearn.checks
-from sdlearn import checks as framework
 from sdlearn import vae
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import vae_model as checks
 from sdlearn.vae import AutoencoderOutput, DiagonalGaussian
-
-
-@pytest.fixture(autouse=True)
-def first_tries(monkeypatch):
-    """Every test starts with no failed tries, so its first hint is the first tier."""
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
-
-
-def unsolved(*args, **kwargs):
-    raise NotImplementedError
-
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_three_hint_tiers,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 # --- right answers, written as a learner would -------------------------------------
 
@@ -74,17 +69,7 @@ IDS = ["encode", "decode", "forward", "loss", "psnr"]
 
 @pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
 def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
-    assert check(package)  # the package's own code is a right answer
-    assert check(right)
-    out = capsys.readouterr().out
-    assert out.count("✅") == 2 and "Kept in" in out
-    module, name = part.split(":")
-    kept = answers.kept(module)[name]
-    assert kept.__name__ == right.__name__
-    # read back from the file (a kernel restart), it passes again and is used
-    used = answers.use(part, package, check)
-    assert answers.is_learners(used)
-    assert capsys.readouterr().out == ""
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 def test_kept_answers_run_the_real_tiny_vae_and_its_loss(capsys):
@@ -117,28 +102,11 @@ MISTAKES = [
     (checks.check_vae_loss, "Exercise 02.13", checks.LOSS_MISTAKES),
     (checks.check_psnr, "Exercise 02.14", checks.PSNR_MISTAKES),
 ]
-NAMED = [
-    (check, name, message, wrong)
-    for check, name, mistakes in MISTAKES
-    for message, wrong in mistakes.items()
-]
 
 
-def test_every_exercise_names_at_least_two_mistakes():
-    assert all(len(mistakes) >= 2 for _, _, mistakes in MISTAKES)
-
-
-@pytest.mark.parametrize(
-    "check, name, message, wrong",
-    NAMED,
-    ids=[f"{n[-5:]}: {m[:40]}" for _, n, m, _ in NAMED],
-)
-def test_each_named_mistake_is_recognised(check, name, message, wrong, capsys):
-    verdict = check(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert f"❌ {name} " in out and message in out
-    assert "Hint 1 of 3" in out
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 # --- a learner's slips, written as a learner would ----------------------------------
@@ -183,17 +151,10 @@ def test_the_failure_message_describes_the_model_briefly(capsys):
 def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
     check, right, package, part, capsys
 ):
-    module, name = part.split(":")
-    assert check(right)
-    assert name in answers.kept(module)
+    def wrong(self, *args):
+        return package(self, *args) * 1.5
 
-    def wrong(*args):
-        return None
-
-    assert not check(wrong)
-    assert name not in answers.kept(module)
-    assert answers.use(part, package, check) is package
-    assert "the package's stands in" in capsys.readouterr().out
+    assert_wrong_is_not_kept(check, right, wrong, package, part, capsys)
 
 
 # --- untouched exercises ---------------------------------------------------------
@@ -203,20 +164,13 @@ ALL_CHECKS = [check for check, _, _, _ in EXERCISES]
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=IDS)
 def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint" not in out  # no hint before a first try
+    assert_untouched_gets_no_hint(check, capsys)
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=IDS)
 def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check):
-    name = check.__doc__.split(":")[0]  # "Exercise 02.10"
-    check(unsolved)
-    tiers = framework._HINTS[name]  # what the check registered
-    assert len(tiers) == 3
-    assert "self." not in tiers[0] and "F." not in tiers[0] and "(" not in tiers[0]
+    exercise = check.__doc__.split(":")[0]  # "Exercise 02.3"
+    assert_three_hint_tiers(check, exercise, ("self.", "F.", "("))
 
 
 def test_checks_leave_the_global_random_state_alone():

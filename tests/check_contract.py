@@ -1,0 +1,76 @@
+"""What every exercise's check promises, as assertions the checks' test modules
+share: a right answer passes and is kept, and a kernel restart uses it again; a
+wrong one is not kept and sets an earlier answer aside; an untouched exercise
+gets a reminder and no hint; hints come in three tiers, the first without
+code; every named mistake is named."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from sdlearn import checks as framework
+from sdlearn.checks import Verdict, answers
+
+
+def unsolved(*args, **kwargs):
+    raise NotImplementedError
+
+
+def assert_passes_and_is_kept(check, right, package, part, capsys) -> None:
+    assert check(package)  # the package's own code is a right answer
+    assert check(right)
+    out = capsys.readouterr().out
+    assert out.count("✅") == 2 and "Kept in" in out
+    module, name = part.split(":")
+    assert answers.kept(module)[name].__name__ == right.__name__
+    # read back from the file (a kernel restart), it passes again and is used
+    assert answers.is_learners(answers.use(part, package, check))
+    assert capsys.readouterr().out == ""
+
+
+def assert_wrong_is_not_kept(check, right, wrong, package, part, capsys) -> None:
+    module, name = part.split(":")
+    assert check(right)
+    assert name in answers.kept(module)
+    assert not check(wrong)
+    assert name not in answers.kept(module)
+    assert answers.use(part, package, check) is package
+    assert "the package's stands in" in capsys.readouterr().out
+
+
+def assert_untouched_gets_no_hint(check, capsys) -> None:
+    verdict = check(unsolved)
+    assert isinstance(verdict, Verdict) and not verdict
+    out = capsys.readouterr().out
+    assert "not done yet" in out and "raise NotImplementedError" in out
+    assert "Hint" not in out  # no hint before a first try
+
+
+def assert_three_hint_tiers(check, exercise: str, code_marks: tuple) -> None:
+    """Three tiers, and the first has none of `code_marks` ("self.", "(")."""
+    check(unsolved)
+    tiers = framework._HINTS[exercise]  # what the check registered
+    assert len(tiers) == 3
+    assert not any(mark in tiers[0] for mark in code_marks)
+
+
+def named_mistakes(table: list[tuple[Callable, str, dict]]) -> list:
+    """(check, "Exercise NN.M", {message: wrong answer}) rows, one pytest
+    parameter (check, exercise, message, wrong) per named mistake; every
+    exercise names at least two."""
+    assert all(len(mistakes) >= 2 for _, _, mistakes in table)
+    return [
+        pytest.param(check, exercise, message, wrong, id=f"{exercise}: {message[:40]}")
+        for check, exercise, mistakes in table
+        for message, wrong in mistakes.items()
+    ]
+
+
+def assert_mistake_named(check, exercise, message, wrong, capsys) -> None:
+    verdict = check(wrong)
+    assert isinstance(verdict, Verdict) and not verdict
+    out = capsys.readouterr().out
+    assert f"❌ {exercise} " in out and message in out
+    assert "Hint 1 of 3" in out
