@@ -103,3 +103,22 @@ def test_an_error_points_at_the_learners_line_not_torchs(capsys):
     out = capsys.readouterr().out
     assert "raised RuntimeError" in out
     assert "of your code: return torch.nn.functional.linear(x, weight)" in out
+
+
+def test_tensors_inside_a_tuple_or_list_are_described_by_shape(capsys):
+    from sdlearn.checks import _describe
+
+    pair = (torch.ones(2, 3), torch.zeros(2, 3))
+    levels = [torch.tensor(14.6), torch.tensor(8.0)]
+    case = Case((pair, levels, "midpoint"), torch.zeros(2, 3))
+    assert not check("t", lambda p, l, s: p[0], [case])
+    out = capsys.readouterr().out
+    assert "a tuple of 2 tensors of shape (2, 3) and dtype torch.float32" in out
+    assert "a list of 2 tensors of shape () and dtype torch.float32" in out
+    assert "tensor(" not in out and "14.6" not in out
+    mixed = _describe((torch.ones(4), [torch.ones(1, dtype=torch.int64)], 3))
+    assert mixed == (
+        "a tuple (a tensor of shape (4,) and dtype torch.float32, a list of 1 "
+        "tensor of shape (1,) and dtype torch.int64, int 3)"
+    )
+    assert _describe((1, 2)) == "tuple (1, 2)"  # no tensor: its values

@@ -322,6 +322,103 @@ def test_loop_mistakes_are_named(answers_home, capsys, message):
     assert "sample_sigmas" not in answers.kept("sigma_sampling")
 
 
+# --- the slips a learner trial made, written as a learner writes them ---
+
+
+def second_order_swapped(sample, pred_original_samples, sigmas, solver_type):
+    m0, m1 = pred_original_samples  # the newest guess taken first
+    return dpm_solver_second_order(sample, (m1, m0), sigmas, solver_type)
+
+
+def test_swapped_guesses_are_named(answers_home, capsys):
+    out = assert_refused(
+        checks.check_dpm_solver_second_order, second_order_swapped, capsys
+    )
+    assert "(m1, m0) swapped" in out and "wrong values" not in out
+
+
+def heun_onto_zero(denoise, sample, sigmas, sampler, generator=None):
+    if sampler != "heun":
+        return sample_sigmas(denoise, sample, sigmas, sampler, generator)
+    x = sample
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        d = (x - denoise(x, sigma)) / sigma
+        x_euler = x + (sigma_next - sigma) * d
+        d_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next  # 0 / 0
+        x = x + (sigma_next - sigma) * (d + d_next) / 2
+    return x
+
+
+def ancestral_randn_like(denoise, sample, sigmas, sampler, generator=None):
+    if sampler != "euler_ancestral":
+        return sample_sigmas(denoise, sample, sigmas, sampler, generator)
+    x = sample
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x = ancestral_step(x, denoise(x, sigma), sigma, sigma_next, torch.randn_like(x))
+    return x
+
+
+def dpmpp_2m(denoise, sample, sigmas, scaled=True, lower_order_final="both"):
+    x, previous, n = sample, None, len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x_0 = denoise(x, sigma)
+        alpha, alpha_next = alpha_sigma(sigma)[0], alpha_sigma(sigma_next)[0]
+        if not scaled:  # stepping x itself
+            alpha = alpha_next = 1.0
+        last = {
+            "both": n < 15 or sigma_next == 0,
+            "zero": sigma_next == 0,
+            "never": False,
+        }[lower_order_final] and i == n - 1
+        if previous is None or last:
+            x_t = dpm_solver_first_order(alpha * x, x_0, sigma, sigma_next)
+        else:
+            levels = (sigmas[i - 1], sigma, sigma_next)
+            x_t = dpm_solver_second_order(
+                alpha * x, (previous, x_0), levels, "midpoint"
+            )
+        x, previous = x_t / alpha_next, x_0
+    return x
+
+
+def dpm_slip(**slip):
+    def loop(denoise, sample, sigmas, sampler, generator=None):
+        if sampler != "dpmpp_2m":
+            return sample_sigmas(denoise, sample, sigmas, sampler, generator)
+        return dpmpp_2m(denoise, sample, sigmas, **slip)
+
+    return loop
+
+
+def test_the_right_dpm_loop_passes(answers_home, capsys):
+    assert sigma_checks.check_sample_sigmas(dpm_slip())
+
+
+@pytest.mark.parametrize(
+    ("wrong", "words"),
+    [
+        (heun_onto_zero, "divides by zero (NaN)"),
+        (ancestral_randn_like, "global random state"),
+        (dpm_slip(scaled=False), "DPM-Solver++ stepped x itself"),
+        (dpm_slip(lower_order_final="never"), "second order on the last step"),
+        (dpm_slip(lower_order_final="zero"), "the last step of a short run"),
+    ],
+    ids=["heun onto 0", "randn_like", "no alpha", "2nd order last", "short run"],
+)
+def test_the_trials_loop_slips_are_named(answers_home, capsys, wrong, words):
+    (message,) = [m for m in sigma_checks.LOOP_MISTAKES if words in m]
+    out = assert_refused(sigma_checks.check_sample_sigmas, wrong, capsys)
+    assert message in out
+
+
+def test_the_checks_leave_the_global_random_state_alone(answers_home, capsys):
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    assert not sigma_checks.check_sample_sigmas(ancestral_randn_like)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_sigma_view_exercises_never_raise_nor_hint(answers_home, capsys):
     assert_unsolved_never_raise(
         [

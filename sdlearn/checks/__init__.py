@@ -69,9 +69,24 @@ def _describe(value: Any) -> str:
     if isinstance(value, dict):  # a batch: its tensors by shape, not by value
         items = ", ".join(f"{key!r}: {_describe(v)}" for key, v in value.items())
         return f"a dict {{{items}}}"[:300]
+    if isinstance(value, tuple | list) and _holds_tensors(value):  # by shape too
+        kind = type(value).__name__
+        forms = {(tuple(v.shape), v.dtype) for v in value if torch.is_tensor(v)}
+        if len(forms) == 1 and all(torch.is_tensor(v) for v in value):
+            (shape, dtype), many = forms.pop(), len(value) > 1
+            tensors = f"{len(value)} tensors" if many else "1 tensor"
+            return f"a {kind} of {tensors} of shape {shape} and dtype {dtype}"
+        return f"a {kind} ({', '.join(_describe(v) for v in value)})"[:300]
     if " at 0x" in repr(value):  # an object with no repr of its own: its kind
         return f"a {type(value).__name__}"
     return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _holds_tensors(value: Any) -> bool:
+    """True when a tuple or list holds a tensor or a dict, at any depth."""
+    if isinstance(value, tuple | list):
+        return any(_holds_tensors(v) for v in value)
+    return isinstance(value, torch.Tensor | dict)
 
 
 def tensor_form_problem(
@@ -91,8 +106,11 @@ def tensor_form_problem(
     return None
 
 
-def compare_values(actual: Any, expected: Any, atol: float, rtol: float) -> str | None:
-    """None when `actual` matches `expected`, else what is wrong, in words."""
+def compare_values(
+    actual: Any, expected: Any, atol: float, rtol: float, equal_nan: bool = False
+) -> str | None:
+    """None when `actual` matches `expected`, else what is wrong, in words;
+    `equal_nan`: NaN matches NaN (a known mistake that gives NaN)."""
     if isinstance(expected, np.ndarray):
         expected = torch.from_numpy(expected)
         if isinstance(actual, np.ndarray):
@@ -101,7 +119,7 @@ def compare_values(actual: Any, expected: Any, atol: float, rtol: float) -> str 
         if not isinstance(actual, tuple | list) or len(actual) != len(expected):
             return f"returned {_describe(actual)}, expected {len(expected)} values"
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            problem = compare_values(a, e, atol, rtol)
+            problem = compare_values(a, e, atol, rtol, equal_nan)
             if problem:
                 return f"value {i}: {problem}"
         return None
@@ -112,7 +130,9 @@ def compare_values(actual: Any, expected: Any, atol: float, rtol: float) -> str 
         if torch.isnan(actual).any() and not torch.isnan(expected).any():
             return "returned NaN values where the reference has none"
         try:
-            torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+            torch.testing.assert_close(
+                actual, expected, atol=atol, rtol=rtol, equal_nan=equal_nan
+            )
         except AssertionError:
             error = (actual.double() - expected.double()).abs().max().item()
             return (
@@ -165,13 +185,14 @@ def _named_mistake(
     atol: float,
     rtol: float,
 ) -> str | None:
-    """The message of the first known mistake whose result `actual` equals."""
+    """The message of the first known mistake whose result `actual` equals
+    (NaN where it gives NaN: a division by zero is a mistake too)."""
     for message, wrong in mistakes.items():
         try:
             expected = wrong(*case.args, **case.kwargs)
         except Exception:  # a mistake that cannot run on this case
             continue
-        if compare_values(actual, expected, atol, rtol) is None:
+        if compare_values(actual, expected, atol, rtol, equal_nan=True) is None:
             return message
     return None
 

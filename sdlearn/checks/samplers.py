@@ -504,6 +504,8 @@ def check_dpm_solver_first_order(fn: Callable) -> Verdict:
 def _second_order(mistake, sample, pred_original_samples, sigmas, solver_type):
     """The 2M update written out, with one typical mistake in it."""
     (m1, m0), (s1, s0, t) = pred_original_samples, sigmas
+    if mistake == "swapped":
+        m1, m0 = m0, m1
     alpha_t, sigma_t_ = alpha_sigma(t)
     _, sigma_s0_ = alpha_sigma(s0)
     h, h_0 = log_snr(t) - log_snr(s0), log_snr(s0) - log_snr(s1)
@@ -532,6 +534,8 @@ SECOND_ORDER_MISTAKES: dict[str, Callable] = {
     "newer guess minus the older": _mistake("D1 sign"),
     "this is the first-order update: add the second-order term built from D1, "
     "the change between the last two x_0 guesses": _mistake("first order"),
+    "(m1, m0) swapped: pred_original_samples is (previous x_0, this step's "
+    "x_0), so m0, the newest guess, comes second": _mistake("swapped"),
     "the midpoint term lacks its factor 1/2: x_t - 0.5 * alpha_t * (exp(-h) - 1) "
     "* D1": _mistake("no half"),
 }

@@ -200,7 +200,12 @@ class LoopInputs:
 def _run(loop: Callable) -> Callable:
     @functools.wraps(loop)
     def run(inputs: LoopInputs):
-        return loop(*inputs.build())
+        # the global random state seeded apart from `generator`, and given back
+        # after: a loop that draws its noise from it (a mistake) draws the same
+        # noise on every run, and the notebook's own draws are left alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000 + inputs.seed)
+            return loop(*inputs.build())
 
     return run
 
@@ -222,7 +227,7 @@ def _loop_cases() -> list[Case]:
             EulerAncestralDiscreteScheduler, 8)),
         ("DPM-Solver++ 2M, 20 steps", "dpmpp_2m", _levels(
             DPMSolverMultistepScheduler, 20)),
-        ("DPM-Solver++ 2M, 6 steps to sigma_0", "dpmpp_2m", _levels(
+        ("DPM-Solver++ 2M, 6 steps to sigma_min", "dpmpp_2m", _levels(
             DPMSolverMultistepScheduler, 6, final_sigmas_type="sigma_min")),
     ]  # fmt: skip
     cases = []
@@ -243,7 +248,7 @@ def reference_loop(denoise, sample, sigmas, sampler, generator, mistake=""):
             x = euler_step(x, x_0, sigma, sigma_next)
         elif sampler == "heun":
             x_next = euler_step(x, x_0, sigma, sigma_next)
-            if sigma_next > 0:
+            if sigma_next > 0 or mistake == "heun: onto zero":
                 slope = (x - x_0) / sigma
                 slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
                 if mistake == "heun: end slope only":
@@ -253,16 +258,23 @@ def reference_loop(denoise, sample, sigmas, sampler, generator, mistake=""):
             x = x_next
         elif sampler == "euler_ancestral":
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            if mistake == "randn_like":
+                noise = torch.randn_like(x)
             x = ancestral_step(x, x_0, sigma, sigma_next, noise)
         else:
-            x_t = alpha_sigma(sigma)[0] * x
-            last = i == n - 1 and (n < 15 or sigma_next == 0)
+            alpha = 1.0 if mistake == "no alpha" else alpha_sigma(sigma)[0]
+            x_t = alpha * x
+            short = n < 15 and mistake != "last at zero only"
+            last = i == n - 1 and (short or sigma_next == 0)
+            if mistake == "second order last":
+                last = False
             if previous is None or last or mistake == "first order":
                 x_t = dpm_solver_first_order(x_t, x_0, sigma, sigma_next)
             else:
                 levels = (sigmas[i - 1], sigma, sigma_next)
                 x_t = dpm_solver_second_order(x_t, (previous, x_0), levels, "midpoint")
-            x = x_t if mistake == "x_t kept" else x_t / alpha_sigma(sigma_next)[0]
+            kept = mistake in ("x_t kept", "no alpha")
+            x = x_t if kept else x_t / alpha_sigma(sigma_next)[0]
             if previous is None or mistake != "previous once":
                 previous = x_0
     return x
@@ -283,6 +295,26 @@ LOOP_MISTAKES: dict[str, Callable] = {
     ),
     "Heun's corrected step starts from the Euler step's landing point; it "
     "starts again from x, with the average slope": _loop_mistake("heun: from x_next"),
+    "Heun's second model call on the last step, at sigma_next = 0, divides by "
+    "zero (NaN): onto sigma 0 keep the Euler step, which lands on x_0": (
+        _loop_mistake("heun: onto zero")
+    ),
+    "the ancestral noise comes from the global random state (torch.randn_like "
+    "or torch.randn without `generator`): draw it with torch.randn(x.shape, "
+    "generator=generator), so that a seed gives the same image": _loop_mistake(
+        "randn_like"
+    ),
+    "DPM-Solver++ stepped x itself: its updates work on x_t = alpha x; multiply "
+    "by alpha_sigma(sigma)[0] before the update and divide by "
+    "alpha_sigma(sigma_next)[0] after": _loop_mistake("no alpha"),
+    "the last step of a short run (n < 15) is first order too, even when it "
+    "stops at sigma_min above 0 (as diffusers' lower_order_final does)": (
+        _loop_mistake("last at zero only")
+    ),
+    "second order on the last step: onto sigma 0, h is infinite (inf); the last "
+    "step is first order when it goes to sigma 0 or the run is short (n < 15)": (
+        _loop_mistake("second order last")
+    ),
     "DPM-Solver++ stays first order: from the second step on, use the previous "
     "step's x_0 and dpm_solver_second_order (but for a short run's last step "
     "or one to sigma 0)": _loop_mistake("first order"),
