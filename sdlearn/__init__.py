@@ -63,7 +63,8 @@ CHAPTERS: dict[str, int] = {
     "training": 7,  # the training loop every stage uses
     "stages": 7,  # the stages `sdlearn train` runs: VAE, CLIP, UNet
     "checks.training": 7,
-    "checks.training_loop": 7,  # the loop's exercises: clipping, EMA, order, loop
+    "checks.training_loop": 7,  # the loop's parts: clipping, the EMA, the order
+    "checks.training_slips": 7,  # the loop itself, and the slips it is checked for
     "schedulers": 8,  # every sampler, and choosing one by name or config
     "schedulers.ddim": 8,  # DDIM and its inverse scheduler
     "schedulers.sigmas": 8,  # the sigma view of the samplers below

@@ -77,6 +77,19 @@ def timesteps(self, B, generator, device):
     return torch.multinomial(weights, B, replacement=True, generator=generator)
 
 
+def timesteps_to_T_minus_one(self, B, generator, device):
+    T = self.scheduler.config.num_train_timesteps
+    if self.timestep_bias == 1:  # as if randint's upper bound were included
+        return torch.randint(0, T - 1, (B,), generator=generator, device=device)
+    weights = torch.where(torch.arange(T) < T // 2, 1.0, self.timestep_bias)
+    return torch.multinomial(weights, B, replacement=True, generator=generator)
+
+
+def timesteps_without_bias(self, B, generator, device):
+    T = self.scheduler.config.num_train_timesteps
+    return torch.randint(0, T, (B,), generator=generator, device=device)
+
+
 def encode_shapes(vae, text_encoder, tokenizer, dataset, batch_size=256, progress=True):
     captions, items = [""], []
     for start in range(0, len(dataset), batch_size):
@@ -298,6 +311,8 @@ ENCODE_SLIPS = {
         ("check_diffusion_loss", as_method(loss_two_unet_calls), "UNet 2 times"),
         ("check_diffusion_loss", loss_without_timestep_bias, "ignore timestep_bias"),
         ("check_diffusion_loss", forward_without_metrics, "a pair (loss, metrics)"),
+        ("check_timesteps", timesteps_to_T_minus_one, "upper bound is excluded"),
+        ("check_timesteps", timesteps_without_bias, "the bias was ignored"),
         ("check_lr_factor", lr_warmup_from_zero, "warm-up starts at 0"),
         ("check_lr_factor", lr_cosine_to_zero, "cosine ends at 0"),
         ("check_lr_factor", lr_cosine_over_the_whole_run, "counts from step 0"),

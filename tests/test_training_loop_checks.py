@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 from sdlearn import training
 from sdlearn.checks import answers
 from sdlearn.checks import training_loop as checks
+from sdlearn.checks import training_slips as slips
 from sdlearn.training import EMA, TrainConfig, bf16_enabled, lr_factor
 from tests.helpers import assert_refused, assert_unsolved_never_raise
 
@@ -23,6 +24,8 @@ from tests.helpers import assert_refused, assert_unsolved_never_raise
 
 def clip_grad_norm(parameters, max_norm):
     grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
     total = torch.sqrt(sum((g**2).sum() for g in grads))
     scale = max_norm / (total + 1e-6)
     if scale < 1:
@@ -72,7 +75,10 @@ def train_loop(step_module, items, config, ema, callback=None):
         norm = clip_grad_norm(trainable, config.grad_clip)
         optimizer.step()
         ema.update(step_module)
-        log.append({"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": norm})
+        log.append({"step": step + 1, "loss": loss.item(), "lr": lr})
+        log[-1]["grad_norm"] = float(norm)
+        if callback is not None:
+            callback(step + 1, ema)
     step_module.eval()
     return log
 
@@ -113,11 +119,11 @@ def test_the_reference_loop_is_the_packages_train(tmp_path):
         steps=6, batch_size=4, lr=0.05, warmup_steps=2, grad_clip=2.0,
         weight_decay=0.5, ema_decay=0.9, seed=3, bf16="off", log_every=1,
     )  # fmt: skip
-    items = checks._toy_items(10, seed=0)
+    items = slips._toy_items(10, seed=0)
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(checks.ToyLoss())
+        models.append(slips.ToyLoss())
     ema = EMA(models[0], config.ema_decay)
     log = checks.reference_train_loop(models[0], items, config, ema)
     training.train(models[1], items, config, tmp_path, progress=False)
@@ -130,7 +136,7 @@ def test_the_reference_loop_is_the_packages_train(tmp_path):
 
 
 def _slip(slip):
-    loop = functools.partial(checks._slipped_loop, slip=slip)
+    loop = functools.partial(slips._slipped_loop, slip=slip)
     loop.__name__ = slip
     return loop
 
@@ -142,7 +148,7 @@ def _slip(slip):
     + [("check_batch_indices", f.__wrapped__, says[:40])
        for says, f in checks.ORDER_MISTAKES.items()]
     + [("check_train_loop", _slip(slip), says[:40])
-       for says, slip in checks.LOOP_SLIPS.items()],
+       for says, slip in slips.LOOP_SLIPS.items()],
 )  # fmt: skip
 def test_typical_slips_are_named(check, wrong, says, answers_home, capsys):
     out = assert_refused(getattr(checks, check), wrong, capsys)
@@ -238,3 +244,144 @@ def test_checks_leave_the_global_seed_alone(answers_home):
     checks.check_train_loop(train_loop)
     checks.check_ema_update(ema_update)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+# --- slips that no reference loop makes: named by what the check sees ---
+
+
+def clip_without_a_case_for_no_gradients(parameters, max_norm):
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.sqrt(sum((g**2).sum() for g in grads))  # sum([]) is the int 0
+    if total > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (total + 1e-6))
+    return total
+
+
+def clip_returning_none_without_gradients(parameters, max_norm):
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        return clip_grad_norm(parameters, max_norm)
+
+
+def test_clipping_no_gradients_at_all_is_named(answers_home, capsys):
+    for wrong in (
+        clip_without_a_case_for_no_gradients,
+        clip_returning_none_without_gradients,
+    ):
+        out = assert_refused(checks.check_clip_grad_norm, wrong, capsys)
+        assert "case 4 of 4" in out and "every parameter's .grad is None" in out, out
+
+
+def _loop_with(**changes):
+    """The right loop with one change: `log` edits each entry, `callback` the
+    step number the callback gets, `zero_before_step` zeroes after clipping."""
+
+    def loop(step_module, items, config, ema, callback=None):
+        def record(step, ema):
+            if callback is not None and "callback" in changes:
+                changes["callback"](step, ema, callback)
+            elif callback is not None:
+                callback(step, ema)
+
+        log = train_loop_with_hooks(step_module, items, config, ema, record, changes)
+        return [changes.get("log", lambda e: e)(entry) for entry in log]
+
+    return loop
+
+
+def train_loop_with_hooks(step_module, items, config, ema, callback, changes):
+    trainable = [p for p in step_module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed * 1000)
+    autocast = bf16_enabled(config.bf16, torch.device("cpu"))
+    log = []
+    step_module.train()
+    for step in range(config.steps):
+        lr = config.lr * lr_factor(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = batch_indices(step, config.batch_size, len(items), config.seed)
+        batch = default_collate([items[i] for i in indices])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = step_module(batch, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        if changes.get("skip clipping"):
+            norm = torch.tensor(0.0)
+        elif changes.get("norm only"):  # the norm for the log, and no clipping
+            norm = torch.stack([p.grad.norm() for p in trainable]).norm()
+        else:
+            norm = clip_grad_norm(trainable, config.grad_clip)
+        if changes.get("zero before step"):
+            optimizer.zero_grad()
+        optimizer.step()
+        ema.update(step_module)
+        log.append({"step": step + 1, "loss": loss.item(), "lr": lr})
+        log[-1]["grad_norm"] = norm
+        callback(step + 1, ema)
+    step_module.eval()
+    return log
+
+
+@pytest.mark.parametrize(
+    ("wrong", "says"),
+    [
+        (_loop_with(), 'the "grad_norm" logged at step 1 is a Tensor'),
+        (
+            _loop_with(log=lambda e: {**e, "grad_norm": float(e["grad_norm"])}),
+            None,
+        ),
+        (
+            _loop_with(log=lambda e: e | {"loss": torch.tensor(e["loss"])}),
+            'the "loss" logged at step 1 is a Tensor',
+        ),
+        (
+            _loop_with(
+                log=lambda e: {**e, "grad_norm": float(e["grad_norm"])},
+                callback=lambda step, ema, callback: callback(step - 1, ema),
+            ),
+            "the callback got the step numbers [0, 1, 2, 3]",
+        ),
+        (
+            _loop_with(
+                log=lambda e: {**e, "grad_norm": float(e["grad_norm"])},
+                callback=lambda step, ema, callback: None,
+            ),
+            "the callback was never called",
+        ),
+        (
+            _loop_with(
+                log=lambda e: {**e, "grad_norm": float(e["grad_norm"])},
+                **{"zero before step": True},
+            ),
+            "the weights never changed",
+        ),
+        (
+            _loop_with(
+                log=lambda e: {**e, "grad_norm": float(e["grad_norm"])},
+                **{"skip clipping": True},
+            ),
+            "the grad_norm logged at step 1 is 0, but the gradients' norm was",
+        ),
+        (
+            _loop_with(
+                log=lambda e: {**e, "grad_norm": float(e["grad_norm"])},
+                **{"norm only": True},
+            ),
+            "stepped with gradients not clipped",
+        ),
+    ],
+)
+def test_loop_slips_named_by_what_the_check_sees(
+    wrong, says, answers_home, capsys, recwarn
+):
+    if says is None:  # the loop the others change passes
+        assert checks.check_train_loop(wrong)
+        return
+    out = assert_refused(checks.check_train_loop, wrong, capsys)
+    assert says in out, out
+    # a tensor in the log is refused before torch could warn from the check's code
+    assert not [w for w in recwarn if "sdlearn" in w.filename], list(recwarn)

@@ -1,6 +1,6 @@
 """Checks for chapter 07's exercises on the loss: the frozen parts run once, the
 training timesteps, the loss of one batch, the learning rate (the loop's parts
-are in `training_loop`).
+are in `training_loop`, the loop itself in `training_slips`).
 
 Every reference is the package's own code, which tests/test_training.py holds
 to its behaviour (a loss that learns, exact resumes): `stages.encode_shapes`,
@@ -231,8 +231,10 @@ def _timesteps_slip(slip: str) -> Callable:
 
     def timesteps(self, B, generator, device):
         T = self.scheduler.config.num_train_timesteps
-        if self.timestep_bias == 1 and slip != "always multinomial":
-            return torch.randint(0, T, (B,), generator=generator, device=device)
+        uniform = self.timestep_bias == 1 or slip == "no bias"
+        if uniform and slip != "always multinomial":
+            high = T - 1 if slip == "T - 1" else T
+            return torch.randint(0, high, (B,), generator=generator, device=device)
         weights = torch.ones(T, device=device)
         noisier = slice(None, T // 2) if slip == "cleaner half" else slice(T // 2, None)
         weights[noisier] = self.timestep_bias
@@ -243,6 +245,12 @@ def _timesteps_slip(slip: str) -> Callable:
 
 
 TIMESTEP_MISTAKES = {
+    "randint's upper bound is excluded: use T, torch.randint(0, T, (B,)) draws "
+    "0 to T - 1, the last timestep included": _timesteps_slip("T - 1"),
+    "the bias was ignored: the timesteps are uniform although timestep_bias is "
+    "not 1; draw the noisier half timestep_bias times as often": _timesteps_slip(
+        "no bias"
+    ),
     "the bias went to the first half, the timesteps with the least noise: the "
     "noisier half is t >= T // 2": _timesteps_slip("cleaner half"),
     "the timesteps were drawn without replacement: two images may share a "
