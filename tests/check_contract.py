@@ -40,12 +40,15 @@ def assert_wrong_is_not_kept(check, right, wrong, package, part, capsys) -> None
     assert "the package's stands in" in capsys.readouterr().out
 
 
-def assert_untouched_gets_no_hint(check, capsys) -> None:
+def assert_untouched_gets_no_hint(check, capsys, answers_home=None) -> None:
+    """With `answers_home` (conftest's fixture), also that nothing was kept."""
     verdict = check(unsolved)
     assert isinstance(verdict, Verdict) and not verdict
     out = capsys.readouterr().out
     assert "not done yet" in out and "raise NotImplementedError" in out
     assert "Hint" not in out  # no hint before a first try
+    if answers_home is not None:
+        assert not answers_home.exists() or not any(answers_home.iterdir())
 
 
 def assert_three_hint_tiers(check, exercise: str, code_marks: tuple) -> None:
@@ -54,6 +57,13 @@ def assert_three_hint_tiers(check, exercise: str, code_marks: tuple) -> None:
     tiers = framework._HINTS[exercise]  # what the check registered
     assert len(tiers) == 3
     assert not any(mark in tiers[0] for mark in code_marks)
+
+
+def as_learners(mistakes: dict, wrap: Callable) -> dict:
+    """A check's {message: mistake} table, each mistake wrapped by `wrap` into
+    the signature a learner's answer has (the tables hold them in the form the
+    check's harness calls)."""
+    return {message: wrap(wrong) for message, wrong in mistakes.items()}
 
 
 def named_mistakes(table: list[tuple[Callable, str, dict]]) -> list:

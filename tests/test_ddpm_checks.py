@@ -14,6 +14,7 @@ from sdlearn.checks import ddpm as checks
 from sdlearn.schedulers import common
 from sdlearn.schedulers.ddpm import DDPMScheduler
 from tests.check_contract import (
+    as_learners,
     assert_mistake_named,
     assert_passes_and_is_kept,
     assert_untouched_gets_no_hint,
@@ -107,17 +108,21 @@ def test_the_checks_step_without_a_mistake_is_the_packages():
 
 
 # the mistakes as a learner's methods, not wrapped for the check's harness
+def _unwrapped(wrong):
+    return wrong.__wrapped__
+
+
 MISTAKES = [
     (checks.check_add_noise, "Exercise 05.4", checks.ADD_NOISE_MISTAKES),
     (
         checks.check_previous_timestep,
         "Exercise 05.7",
-        {m: wrong.__wrapped__ for m, wrong in checks.PREVIOUS_MISTAKES.items()},
+        as_learners(checks.PREVIOUS_MISTAKES, _unwrapped),
     ),
     (
         checks.check_ddpm_step,
         "Exercise 05.8",
-        {m: wrong.__wrapped__ for m, wrong in checks.STEP_MISTAKES.items()},
+        as_learners(checks.STEP_MISTAKES, _unwrapped),
     ),
 ]
 

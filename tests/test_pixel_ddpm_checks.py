@@ -17,6 +17,7 @@ from sdlearn.checks import schedule as schedule_checks
 from sdlearn.schedulers import common
 from sdlearn.schedulers.ddpm import DDPMScheduler
 from tests.check_contract import (
+    as_learners,
     assert_mistake_named,
     assert_passes_and_is_kept,
     assert_untouched_gets_no_hint,
@@ -73,16 +74,20 @@ def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
 
 
 # the mistakes as a learner's loss and loop, not wrapped for the check's harness
+def _unwrapped(wrong):
+    return wrong.__wrapped__
+
+
 MISTAKES = [
     (
         checks.check_ddpm_loss,
         "Exercise 05.5",
-        {m: wrong.__wrapped__ for m, wrong in checks.LOSS_MISTAKES.items()},
+        as_learners(checks.LOSS_MISTAKES, _unwrapped),
     ),
     (
         checks.check_ddpm_sample,
         "Exercise 05.9",
-        {m: wrong.__wrapped__ for m, wrong in checks.SAMPLE_MISTAKES.items()},
+        as_learners(checks.SAMPLE_MISTAKES, _unwrapped),
     ),
 ]
 
