@@ -12,7 +12,6 @@ from sdlearn.checks import tokenizer as bpe_checks
 from sdlearn.clip import CLIPEncoderLayer, CLIPTextModel, ContrastiveCLIP, clip_loss
 from sdlearn.tokenizer import bpe as package_bpe
 from tests.check_contract import (
-    as_learners,
     assert_mistake_named,
     assert_passes_and_is_kept,
     assert_three_hint_tiers,
@@ -207,31 +206,11 @@ def _as_logits(wrong):
 
 
 MISTAKES = [
-    (
-        checks.check_bpe,
-        "Exercise 03.3",
-        as_learners(bpe_checks.BPE_MISTAKES, _as_bpe),
-    ),
-    (
-        checks.check_encoder_layer,
-        "Exercise 03.7",
-        as_learners(checks.LAYER_MISTAKES, _as_layer),
-    ),
-    (
-        checks.check_text_encoder,
-        "Exercise 03.8",
-        as_learners(checks.ENCODER_MISTAKES, _as_encoder),
-    ),
-    (
-        checks.check_pooled,
-        "Exercise 03.9",
-        as_learners(checks.POOLED_MISTAKES, _as_pooled),
-    ),
-    (
-        checks.check_clip_logits,
-        "Exercise 03.12",
-        as_learners(checks.LOGITS_MISTAKES, _as_logits),
-    ),
+    (checks.check_bpe, "Exercise 03.3", bpe_checks.BPE_MISTAKES, _as_bpe),
+    (checks.check_encoder_layer, "Exercise 03.7", checks.LAYER_MISTAKES, _as_layer),
+    (checks.check_text_encoder, "Exercise 03.8", checks.ENCODER_MISTAKES, _as_encoder),
+    (checks.check_pooled, "Exercise 03.9", checks.POOLED_MISTAKES, _as_pooled),
+    (checks.check_clip_logits, "Exercise 03.12", checks.LOGITS_MISTAKES, _as_logits),
     (checks.check_info_nce, "Exercise 03.13", checks.INFO_NCE_MISTAKES),
 ]
 

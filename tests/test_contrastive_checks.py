@@ -19,7 +19,6 @@ from sdlearn.clip import (
     zero_shot_classify,
 )
 from tests.check_contract import (
-    as_learners,
     assert_mistake_named,
     assert_passes_and_is_kept,
     assert_three_hint_tiers,
@@ -147,27 +146,11 @@ def _as_classify(wrong):
 
 
 MISTAKES = [
-    (checks.check_mlp, "Exercise 03.6", as_learners(checks.MLP_MISTAKES, _as_method)),
-    (
-        checks.check_image_encoder,
-        "Exercise 03.10",
-        as_learners(checks.IMAGE_MISTAKES, _as_method),
-    ),
-    (
-        checks.check_encode_text,
-        "Exercise 03.11",
-        as_learners(checks.TEXT_MISTAKES, _as_method),
-    ),
-    (
-        checks.check_contrastive_step,
-        "Exercise 03.14",
-        as_learners(checks.LOSS_MISTAKES, _as_step),
-    ),
-    (
-        checks.check_zero_shot,
-        "Exercise 03.15",
-        as_learners(checks.ZERO_SHOT_MISTAKES, _as_classify),
-    ),
+    (checks.check_mlp, "Exercise 03.6", checks.MLP_MISTAKES, _as_method),
+    (checks.check_image_encoder, "Exercise 03.10", checks.IMAGE_MISTAKES, _as_method),
+    (checks.check_encode_text, "Exercise 03.11", checks.TEXT_MISTAKES, _as_method),
+    (checks.check_contrastive_step, "Exercise 03.14", checks.LOSS_MISTAKES, _as_step),
+    (checks.check_zero_shot, "Exercise 03.15", checks.ZERO_SHOT_MISTAKES, _as_classify),
 ]
 
 

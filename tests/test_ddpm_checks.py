@@ -14,7 +14,6 @@ from sdlearn.checks import ddpm as checks
 from sdlearn.schedulers import common
 from sdlearn.schedulers.ddpm import DDPMScheduler
 from tests.check_contract import (
-    as_learners,
     assert_mistake_named,
     assert_passes_and_is_kept,
     assert_untouched_gets_no_hint,
@@ -117,13 +116,10 @@ MISTAKES = [
     (
         checks.check_previous_timestep,
         "Exercise 05.7",
-        as_learners(checks.PREVIOUS_MISTAKES, _unwrapped),
+        checks.PREVIOUS_MISTAKES,
+        _unwrapped,
     ),
-    (
-        checks.check_ddpm_step,
-        "Exercise 05.8",
-        as_learners(checks.STEP_MISTAKES, _unwrapped),
-    ),
+    (checks.check_ddpm_step, "Exercise 05.8", checks.STEP_MISTAKES, _unwrapped),
 ]
 
 

@@ -17,7 +17,6 @@ from sdlearn.checks import schedule as schedule_checks
 from sdlearn.schedulers import common
 from sdlearn.schedulers.ddpm import DDPMScheduler
 from tests.check_contract import (
-    as_learners,
     assert_mistake_named,
     assert_passes_and_is_kept,
     assert_untouched_gets_no_hint,
@@ -79,16 +78,8 @@ def _unwrapped(wrong):
 
 
 MISTAKES = [
-    (
-        checks.check_ddpm_loss,
-        "Exercise 05.5",
-        as_learners(checks.LOSS_MISTAKES, _unwrapped),
-    ),
-    (
-        checks.check_ddpm_sample,
-        "Exercise 05.9",
-        as_learners(checks.SAMPLE_MISTAKES, _unwrapped),
-    ),
+    (checks.check_ddpm_loss, "Exercise 05.5", checks.LOSS_MISTAKES, _unwrapped),
+    (checks.check_ddpm_sample, "Exercise 05.9", checks.SAMPLE_MISTAKES, _unwrapped),
 ]
 
 

@@ -18,7 +18,6 @@ from sdlearn.tokenizer import (
     pre_tokenize,
 )
 from tests.check_contract import (
-    as_learners,
     assert_mistake_named,
     assert_passes_and_is_kept,
     assert_three_hint_tiers,
@@ -144,18 +143,16 @@ MISTAKES = [
     (
         checks.check_bytes_to_unicode,
         "Exercise 03.1",
-        as_learners(checks.BYTES_MISTAKES, _as_bytes_to_unicode),
+        checks.BYTES_MISTAKES,
+        _as_bytes_to_unicode,
     ),
     (checks.check_clean_text, "Exercise 03.2", checks.CLEAN_MISTAKES),
-    (
-        checks.check_tokenize,
-        "Exercise 03.4",
-        as_learners(checks.TOKENIZE_MISTAKES, _as_tokenize),
-    ),
+    (checks.check_tokenize, "Exercise 03.4", checks.TOKENIZE_MISTAKES, _as_tokenize),
     (
         checks.check_encode_batch,
         "Exercise 03.5",
-        as_learners(checks.LAYOUT_MISTAKES, _as_encode_batch),
+        checks.LAYOUT_MISTAKES,
+        _as_encode_batch,
     ),
 ]
 
