@@ -6,8 +6,6 @@ code; every named mistake is named."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
 from sdlearn import checks as framework
@@ -40,12 +38,15 @@ def assert_wrong_is_not_kept(check, right, wrong, package, part, capsys) -> None
     assert "the package's stands in" in capsys.readouterr().out
 
 
-def assert_untouched_gets_no_hint(check, capsys) -> None:
+def assert_untouched_gets_no_hint(check, capsys, answers_home=None) -> None:
+    """With `answers_home` (conftest's fixture), also that nothing was kept."""
     verdict = check(unsolved)
     assert isinstance(verdict, Verdict) and not verdict
     out = capsys.readouterr().out
     assert "not done yet" in out and "raise NotImplementedError" in out
     assert "Hint" not in out  # no hint before a first try
+    if answers_home is not None:
+        assert not answers_home.exists() or not any(answers_home.iterdir())
 
 
 def assert_three_hint_tiers(check, exercise: str, code_marks: tuple) -> None:
@@ -56,16 +57,21 @@ def assert_three_hint_tiers(check, exercise: str, code_marks: tuple) -> None:
     assert not any(mark in tiers[0] for mark in code_marks)
 
 
-def named_mistakes(table: list[tuple[Callable, str, dict]]) -> list:
+def named_mistakes(table: list[tuple]) -> list:
     """(check, "Exercise NN.M", {message: wrong answer}) rows, one pytest
     parameter (check, exercise, message, wrong) per named mistake; every
-    exercise names at least two."""
-    assert all(len(mistakes) >= 2 for _, _, mistakes in table)
-    return [
-        pytest.param(check, exercise, message, wrong, id=f"{exercise}: {message[:40]}")
-        for check, exercise, mistakes in table
-        for message, wrong in mistakes.items()
-    ]
+    exercise names at least two. A row may end with `as_learners`, which wraps
+    each wrong answer into the signature a learner's has (where the check's
+    table holds them in the form its harness calls)."""
+    assert all(len(row[2]) >= 2 for row in table)
+    params = []
+    for check, exercise, mistakes, *as_learners in table:
+        for message, wrong in mistakes.items():
+            if as_learners:
+                wrong = as_learners[0](wrong)
+            name = f"{exercise}: {message[:40]}"
+            params.append(pytest.param(check, exercise, message, wrong, id=name))
+    return params
 
 
 def assert_mistake_named(check, exercise, message, wrong, capsys) -> None:

@@ -6,18 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sdlearn.checks
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import clip as checks
 from sdlearn.checks import tokenizer as bpe_checks
 from sdlearn.clip import CLIPEncoderLayer, CLIPTextModel, ContrastiveCLIP, clip_loss
 from sdlearn.tokenizer import bpe as package_bpe
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_three_hint_tiers,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def unsolved(*args):
-    raise NotImplementedError
 
 
 # --- right answers, written the way a learner would -------------------------------
@@ -101,57 +104,46 @@ def info_nce_by_hand(logits):
     return -(rows.mean() + columns.mean()) / 2
 
 
-RIGHT = [
-    (checks.check_bpe, bpe, "tokenizer", "bpe"),
+# (check, right answer, the package's own, the part it is kept as)
+EXERCISES = [
+    (checks.check_bpe, bpe, package_bpe, "tokenizer:bpe"),
     (
         checks.check_encoder_layer,
         encoder_layer_forward,
-        "clip",
-        "CLIPEncoderLayer.forward",
-    ),
-    (
-        checks.check_encoder_layer,
-        encoder_layer_forward_additive,
-        "clip",
-        "CLIPEncoderLayer.forward",
-    ),
-    (
-        checks.check_encoder_layer,
         CLIPEncoderLayer.forward,
-        "clip",
-        "CLIPEncoderLayer.forward",
+        "clip:CLIPEncoderLayer.forward",
     ),
-    (checks.check_text_encoder, text_encoder_forward, "clip", "CLIPTextModel.forward"),
-    (checks.check_pooled, pooled, "clip", "CLIPTextModel.pooled"),
-    (checks.check_pooled, CLIPTextModel.pooled, "clip", "CLIPTextModel.pooled"),
-    (checks.check_clip_logits, clip_forward, "clip", "ContrastiveCLIP.forward"),
+    (
+        checks.check_text_encoder,
+        text_encoder_forward,
+        CLIPTextModel.forward,
+        "clip:CLIPTextModel.forward",
+    ),
+    (checks.check_pooled, pooled, CLIPTextModel.pooled, "clip:CLIPTextModel.pooled"),
     (
         checks.check_clip_logits,
+        clip_forward,
         ContrastiveCLIP.forward,
-        "clip",
-        "ContrastiveCLIP.forward",
+        "clip:ContrastiveCLIP.forward",
     ),
-    (checks.check_info_nce, info_nce, "clip", "clip_loss"),
-    (checks.check_info_nce, info_nce_by_hand, "clip", "clip_loss"),
-    (checks.check_info_nce, clip_loss, "clip", "clip_loss"),
+    (checks.check_info_nce, info_nce, clip_loss, "clip:clip_loss"),
 ]
+IDS = ["bpe", "layer", "encoder", "pooled", "logits", "info_nce"]
+
+
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 @pytest.mark.parametrize(
-    ("check", "answer", "module", "part"),
-    RIGHT,
-    ids=[f"{a.__qualname__}" for _, a, _, _ in RIGHT],
+    "exercise, right",
+    [(1, encoder_layer_forward_additive), (5, info_nce_by_hand)],
+    ids=["additive mask", "infonce by hand"],
 )
-def test_right_answers_pass_and_are_kept(check, answer, module, part, capsys):
-    verdict = check(answer)
-    out = capsys.readouterr().out
-    assert isinstance(verdict, Verdict) and verdict, out
-    assert "✅" in out and "Kept in" in out
-    kept = answers.kept(module)[part]
-    assert kept.__name__ == answer.__name__
-    # the kept code, read back from the file, passes again and is used
-    used = answers.use(f"{module}:{part}", answer, check)
-    assert answers.is_learners(used)
+def test_other_right_answers_pass_and_are_kept(exercise, right, capsys):
+    check, _, package, part = EXERCISES[exercise]
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 def test_kept_forwards_run_a_model(capsys):
@@ -178,143 +170,90 @@ def test_kept_forwards_run_a_model(capsys):
 # --- the usual mistakes are named --------------------------------------------------
 
 
-@pytest.mark.parametrize("message", list(bpe_checks.BPE_MISTAKES))
-def test_bpe_mistakes_are_named(message, capsys):
-    wrong = bpe_checks.BPE_MISTAKES[message]
-
+def _as_bpe(wrong):
     def my_bpe(word, ranks):
         return wrong(word, ranks).symbols
 
-    assert not checks.check_bpe(my_bpe)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.3" in out and message in out
+    return my_bpe
 
 
-@pytest.mark.parametrize("message", list(checks.LAYER_MISTAKES))
-def test_layer_mistakes_are_named(message, capsys):
-    wrong = checks.LAYER_MISTAKES[message]
-
+def _as_layer(wrong):
     def my_forward(self, x, attention_mask=None):
         return wrong(checks.Inputs("", self, x, attention_mask))
 
-    assert not checks.check_encoder_layer(my_forward)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.7" in out and message in out
+    return my_forward
 
 
-@pytest.mark.parametrize("message", list(checks.ENCODER_MISTAKES))
-def test_encoder_mistakes_are_named(message, capsys):
-    wrong = checks.ENCODER_MISTAKES[message]
-
+def _as_encoder(wrong):
     def my_forward(self, input_ids, attention_mask=None):
         return wrong(checks.Inputs("", self, input_ids, attention_mask))
 
-    assert not checks.check_text_encoder(my_forward)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.8" in out and message in out
+    return my_forward
 
 
-@pytest.mark.parametrize("message", list(checks.POOLED_MISTAKES))
-def test_pooled_mistakes_are_named(message, capsys):
-    wrong = checks.POOLED_MISTAKES[message]
-
+def _as_pooled(wrong):
     def my_pooled(self, input_ids, last_hidden_state):
         return wrong(checks.Inputs("", self, input_ids, last_hidden_state))
 
-    assert not checks.check_pooled(my_pooled)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.9" in out and message in out
+    return my_pooled
 
 
-@pytest.mark.parametrize("message", list(checks.LOGITS_MISTAKES))
-def test_logits_mistakes_are_named(message, capsys):
-    wrong = checks.LOGITS_MISTAKES[message]
-
+def _as_logits(wrong):
     def my_forward(self, pixels, input_ids):
         return wrong(checks.Inputs("", self, pixels, input_ids))
 
-    assert not checks.check_clip_logits(my_forward)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.12" in out and message in out
+    return my_forward
 
 
-@pytest.mark.parametrize("message", list(checks.INFO_NCE_MISTAKES))
-def test_info_nce_mistakes_are_named(message, capsys):
-    assert not checks.check_info_nce(checks.INFO_NCE_MISTAKES[message])
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.13" in out and message in out
+MISTAKES = [
+    (checks.check_bpe, "Exercise 03.3", bpe_checks.BPE_MISTAKES, _as_bpe),
+    (checks.check_encoder_layer, "Exercise 03.7", checks.LAYER_MISTAKES, _as_layer),
+    (checks.check_text_encoder, "Exercise 03.8", checks.ENCODER_MISTAKES, _as_encoder),
+    (checks.check_pooled, "Exercise 03.9", checks.POOLED_MISTAKES, _as_pooled),
+    (checks.check_clip_logits, "Exercise 03.12", checks.LOGITS_MISTAKES, _as_logits),
+    (checks.check_info_nce, "Exercise 03.13", checks.INFO_NCE_MISTAKES),
+]
 
 
-def test_every_exercise_names_two_mistakes_and_has_three_hints():
-    for mistakes in (
-        bpe_checks.BPE_MISTAKES,
-        checks.LAYER_MISTAKES,
-        checks.ENCODER_MISTAKES,
-        checks.POOLED_MISTAKES,
-        checks.LOGITS_MISTAKES,
-        checks.INFO_NCE_MISTAKES,
-    ):
-        assert len(mistakes) >= 2
-    for hints in (
-        bpe_checks.BPE_HINTS,
-        checks.LAYER_HINTS,
-        checks.ENCODER_HINTS,
-        checks.POOLED_HINTS,
-        checks.LOGITS_HINTS,
-        checks.INFO_NCE_HINTS,
-    ):
-        assert len(hints) == 3
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
+
+
+@pytest.mark.parametrize("check, exercise", [row[:2] for row in MISTAKES], ids=IDS)
+def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check, exercise):
+    code = ("=", "torch.", "F.", "self.", "zip(", "min(", "[")
+    assert_three_hint_tiers(check, exercise, code)
 
 
 # --- wrong answers: not kept, hints one tier at a time -----------------------------
 
-
-def test_a_wrong_answer_is_not_kept_and_forgets_a_kept_one(answers_home, capsys):
-    my_bpe = bpe
-    assert checks.check_bpe(my_bpe)
-    assert "bpe" in answers.kept("tokenizer")
-
-    def my_bpe(word, ranks):  # the learner edits the cell and runs it again
-        return tuple(word)
-
-    assert not checks.check_bpe(my_bpe)
-    assert answers.kept("tokenizer") == {}
-    used = answers.use("tokenizer:bpe", package_bpe, checks.check_bpe)
-    assert used is package_bpe
-    assert "the package's stands in" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    ("check", "wrong", "module"),
-    [
-        (checks.check_encoder_layer, lambda self, x, attention_mask=None: x, "clip"),
-        (
-            checks.check_text_encoder,
-            lambda self, input_ids, attention_mask=None: input_ids,
-            "clip",
-        ),
-        (
-            checks.check_pooled,
-            lambda self, input_ids, last_hidden_state: last_hidden_state[:, 1],
-            "clip",
-        ),
-        (
-            checks.check_clip_logits,
-            lambda self, pixels, input_ids: torch.zeros(len(pixels), len(pixels)),
-            "clip",
-        ),
-        (checks.check_info_nce, lambda logits: logits.sum(), "clip"),
-    ],
-    ids=["layer", "encoder", "pooled", "logits", "info_nce"],
-)
-def test_wrong_forwards_are_not_kept(check, wrong, module, answers_home, capsys):
-    assert not check(wrong)
-    assert answers.kept(module) == {}
+# the part -> a wrong answer to it
+WRONG = {
+    "tokenizer:bpe": lambda word, ranks: tuple(word),
+    "clip:CLIPEncoderLayer.forward": lambda self, x, attention_mask=None: x,
+    "clip:CLIPTextModel.forward": lambda self, input_ids, attention_mask=None: (
+        input_ids
+    ),
+    "clip:CLIPTextModel.pooled": lambda self, input_ids, last_hidden_state: (
+        last_hidden_state[:, 1]
+    ),
+    "clip:ContrastiveCLIP.forward": lambda self, pixels, input_ids: torch.zeros(
+        len(pixels), len(pixels)
+    ),
+    "clip:clip_loss": lambda logits: logits.sum(),
+}
 
 
-def test_hints_come_one_tier_per_failed_try(capsys, monkeypatch):
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})  # a fresh session
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
+    check, right, package, part, capsys
+):
+    assert_wrong_is_not_kept(check, right, WRONG[part], package, part, capsys)
+    assert answers.kept(part.split(":")[0]) == {}
 
+
+def test_hints_come_one_tier_per_failed_try(capsys):
     def wrong(word, ranks):
         return (word,)
 
@@ -323,19 +262,6 @@ def test_hints_come_one_tier_per_failed_try(capsys, monkeypatch):
     assert f"Hint 1 of 3: {bpe_checks.BPE_HINTS[0]}" in out
     assert not checks.check_bpe(wrong)
     assert f"Hint 2 of 3: {bpe_checks.BPE_HINTS[1]}" in capsys.readouterr().out
-
-
-def test_first_hints_do_not_give_the_code():
-    for hints in (
-        bpe_checks.BPE_HINTS,
-        checks.LAYER_HINTS,
-        checks.ENCODER_HINTS,
-        checks.POOLED_HINTS,
-        checks.LOGITS_HINTS,
-        checks.INFO_NCE_HINTS,
-    ):
-        code = ("=", "torch.", "F.", "self.", "zip(", "min(", "[")
-        assert not any(token in hints[0] for token in code), hints[0]
 
 
 def test_a_failing_forward_shows_its_error_and_a_short_message(capsys):
@@ -352,24 +278,9 @@ def test_a_failing_forward_shows_its_error_and_a_short_message(capsys):
     assert len(out) < 2000
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        checks.check_bpe,
-        checks.check_encoder_layer,
-        checks.check_text_encoder,
-        checks.check_pooled,
-        checks.check_clip_logits,
-        checks.check_info_nce,
-    ],
-)
-def test_unsolved_exercises_get_a_reminder_and_no_hint(check, capsys, answers_home):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint" not in out
-    assert not answers_home.exists() or not any(answers_home.iterdir())
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys, answers_home):
+    assert_untouched_gets_no_hint(check, capsys, answers_home)
 
 
 def test_the_checks_inputs_do_not_depend_on_the_global_seed():

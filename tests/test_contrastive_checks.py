@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import contrastive as checks
 from sdlearn.checks.clip import Inputs
 from sdlearn.clip import (
@@ -18,12 +18,16 @@ from sdlearn.clip import (
     clip_loss,
     zero_shot_classify,
 )
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_three_hint_tiers,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def unsolved(*args):
-    raise NotImplementedError
 
 
 # --- right answers, written the way a learner would -------------------------------
@@ -65,44 +69,41 @@ def classify(model, tokenizer, pixels, prompts):
     return (model.encode_image(pixels) @ text_embeds.T).argmax(dim=-1)
 
 
-RIGHT = [
-    (checks.check_mlp, mlp_forward, "CLIPMLP.forward"),
-    (checks.check_mlp, CLIPMLP.forward, "CLIPMLP.forward"),
-    (checks.check_image_encoder, image_forward, "ShapesImageEncoder.forward"),
+# (check, right answer, the package's own, the part it is kept as)
+EXERCISES = [
+    (checks.check_mlp, mlp_forward, CLIPMLP.forward, "clip:CLIPMLP.forward"),
     (
         checks.check_image_encoder,
+        image_forward,
         ShapesImageEncoder.forward,
-        "ShapesImageEncoder.forward",
+        "clip:ShapesImageEncoder.forward",
     ),
-    (checks.check_encode_text, encode_text, "ContrastiveCLIP.encode_text"),
-    (checks.check_encode_text, encode_text_uncut, "ContrastiveCLIP.encode_text"),
     (
         checks.check_encode_text,
+        encode_text,
         ContrastiveCLIP.encode_text,
-        "ContrastiveCLIP.encode_text",
+        "clip:ContrastiveCLIP.encode_text",
     ),
-    (checks.check_contrastive_step, step_forward, "ContrastiveLoss.forward"),
     (
         checks.check_contrastive_step,
+        step_forward,
         ContrastiveLoss.forward,
-        "ContrastiveLoss.forward",
+        "clip:ContrastiveLoss.forward",
     ),
-    (checks.check_zero_shot, classify, "zero_shot_classify"),
-    (checks.check_zero_shot, zero_shot_classify, "zero_shot_classify"),
+    (checks.check_zero_shot, classify, zero_shot_classify, "clip:zero_shot_classify"),
 ]
+IDS = ["mlp", "image", "encode_text", "step", "zero_shot"]
 
 
-@pytest.mark.parametrize(
-    ("check", "answer", "part"), RIGHT, ids=[a.__qualname__ for _, a, _ in RIGHT]
-)
-def test_right_answers_pass_and_are_kept(check, answer, part, capsys):
-    verdict = check(answer)
-    out = capsys.readouterr().out
-    assert isinstance(verdict, Verdict) and verdict, out
-    assert "✅" in out and "Kept in" in out
-    assert answers.kept("clip")[part].__name__ == answer.__name__
-    used = answers.use(f"clip:{part}", answer, check)
-    assert answers.is_learners(used)
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    assert_passes_and_is_kept(check, right, package, part, capsys)
+
+
+def test_an_encode_text_that_keeps_the_padding_passes_and_is_kept(capsys):
+    _, _, package, part = EXERCISES[2]
+    check = checks.check_encode_text
+    assert_passes_and_is_kept(check, encode_text_uncut, package, part, capsys)
 
 
 def test_a_kept_step_runs_without_a_kept_loss(capsys):
@@ -122,47 +123,40 @@ def test_a_kept_step_runs_without_a_kept_loss(capsys):
 # --- the usual mistakes are named --------------------------------------------------
 
 
-def _as_method(wrong, n_args):
-    def method(self, *args):
-        return wrong(Inputs("", self, *args[:n_args]))
+def _as_method(wrong):
+    def method(self, x):
+        return wrong(Inputs("", self, x))
 
     return method
 
 
-@pytest.mark.parametrize(
-    ("check", "mistakes", "exercise", "n_args"),
-    [
-        (checks.check_mlp, checks.MLP_MISTAKES, "03.6", 1),
-        (checks.check_image_encoder, checks.IMAGE_MISTAKES, "03.10", 1),
-        (checks.check_encode_text, checks.TEXT_MISTAKES, "03.11", 1),
-        (checks.check_contrastive_step, checks.LOSS_MISTAKES, "03.14", 1),
-    ],
-    ids=["mlp", "image", "encode_text", "step"],
-)
-def test_method_mistakes_are_named(check, mistakes, exercise, n_args, capsys):
-    for message, wrong in mistakes.items():
-        method = _as_method(wrong, n_args)
-        if check is checks.check_contrastive_step:
+def _as_step(wrong):
+    def method(self, batch, generator=None):
+        loss, temperature = wrong(Inputs("", self, batch))
+        return loss.requires_grad_(), {"temperature": temperature}
 
-            def method(self, batch, generator=None, wrong=wrong):
-                loss, temperature = wrong(Inputs("", self, batch))
-                return loss.requires_grad_(), {"temperature": temperature}
-
-        assert not check(method)
-        out = capsys.readouterr().out
-        assert f"❌ Exercise {exercise}" in out and message in out, out
+    return method
 
 
-@pytest.mark.parametrize("message", list(checks.ZERO_SHOT_MISTAKES))
-def test_zero_shot_mistakes_are_named(message, capsys):
-    wrong = checks.ZERO_SHOT_MISTAKES[message]
-
+def _as_classify(wrong):
     def my_classify(model, tokenizer, pixels, prompts):
         return wrong(Inputs("", model, tokenizer, pixels, prompts))
 
-    assert not checks.check_zero_shot(my_classify)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.15" in out and message in out
+    return my_classify
+
+
+MISTAKES = [
+    (checks.check_mlp, "Exercise 03.6", checks.MLP_MISTAKES, _as_method),
+    (checks.check_image_encoder, "Exercise 03.10", checks.IMAGE_MISTAKES, _as_method),
+    (checks.check_encode_text, "Exercise 03.11", checks.TEXT_MISTAKES, _as_method),
+    (checks.check_contrastive_step, "Exercise 03.14", checks.LOSS_MISTAKES, _as_step),
+    (checks.check_zero_shot, "Exercise 03.15", checks.ZERO_SHOT_MISTAKES, _as_classify),
+]
+
+
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 def test_a_step_without_gradient_or_with_a_live_temperature_is_wrong(capsys):
@@ -180,42 +174,23 @@ def test_a_step_without_gradient_or_with_a_live_temperature_is_wrong(capsys):
     assert "detach it" in capsys.readouterr().out
 
 
-def test_every_exercise_names_two_mistakes_and_hints_in_three_tiers():
-    for mistakes, hints in (
-        (checks.MLP_MISTAKES, checks.MLP_HINTS),
-        (checks.IMAGE_MISTAKES, checks.IMAGE_HINTS),
-        (checks.TEXT_MISTAKES, checks.TEXT_HINTS),
-        (checks.LOSS_MISTAKES, checks.LOSS_HINTS),
-        (checks.ZERO_SHOT_MISTAKES, checks.ZERO_SHOT_HINTS),
-    ):
-        assert len(mistakes) >= 2 and len(hints) == 3
-        code = ("=", "torch.", "F.", "self.", "[")
-        assert not any(token in hints[0] for token in code), hints[0]
+@pytest.mark.parametrize("check, exercise", [row[:2] for row in MISTAKES], ids=IDS)
+def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check, exercise):
+    assert_three_hint_tiers(check, exercise, ("=", "torch.", "F.", "self.", "["))
 
 
 # --- wrong and untouched answers ---------------------------------------------------
 
 
-def test_a_wrong_answer_forgets_a_kept_one(capsys):
-    assert checks.check_image_encoder(image_forward)
-    assert "ShapesImageEncoder.forward" in answers.kept("clip")
-    assert not checks.check_image_encoder(lambda self, pixels: self.layers(pixels))
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
+    def layers_only(self, pixels):
+        return self.layers(pixels)
+
+    check, right, package, part = EXERCISES[1]
+    assert_wrong_is_not_kept(check, right, layers_only, package, part, capsys)
     assert answers.kept("clip") == {}
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        checks.check_mlp,
-        checks.check_image_encoder,
-        checks.check_encode_text,
-        checks.check_contrastive_step,
-        checks.check_zero_shot,
-    ],
-)
-def test_unsolved_exercises_get_a_reminder_and_no_hint(check, capsys, answers_home):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "Hint" not in out
-    assert not answers_home.exists() or not any(answers_home.iterdir())
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys, answers_home):
+    assert_untouched_gets_no_hint(check, capsys, answers_home)

@@ -13,7 +13,14 @@ from sdlearn.checks import answers
 from sdlearn.checks import ddpm as checks
 from sdlearn.schedulers import common
 from sdlearn.schedulers.ddpm import DDPMScheduler
-from tests.helpers import assert_refused, assert_unsolved_never_raise
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
+from tests.helpers import assert_refused
 
 # --- right answers, written as a learner would ---
 
@@ -54,29 +61,24 @@ def previous_timestep(self, timestep):
     return int(self.timesteps[i]) if i < len(self.timesteps) else -1
 
 
-def test_right_answers_pass_and_are_kept(answers_home, capsys):
-    assert checks.check_add_noise(add_noise)
-    assert checks.check_previous_timestep(previous_timestep)
-    assert checks.check_ddpm_step(ddpm_step)
-    out = capsys.readouterr().out
-    assert out.count("✅") == 3 and "Hint" not in out
-    kept = answers.kept("ddpm")
-    assert set(kept) == {
-        "add_noise",
-        "DDPMScheduler.previous_timestep",
-        "DDPMScheduler.step",
-    }
-    previous = answers.use(
-        checks.PREVIOUS_PART,
-        DDPMScheduler.previous_timestep,
+# (check, right answer, the package's own, the part it is kept as)
+EXERCISES = [
+    (checks.check_add_noise, add_noise, common.add_noise, checks.ADD_NOISE_PART),
+    (
         checks.check_previous_timestep,
-    )
-    assert answers.is_learners(previous)
+        previous_timestep,
+        DDPMScheduler.previous_timestep,
+        checks.PREVIOUS_PART,
+    ),
+    (checks.check_ddpm_step, ddpm_step, DDPMScheduler.step, checks.STEP_PART),
+]
+IDS = ["add_noise", "previous_timestep", "step"]
+
+
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
     # the kept copies run on their own, as the chapter (and chapter 06) use them
-    used = answers.use(checks.ADD_NOISE_PART, common.add_noise, checks.check_add_noise)
-    assert answers.is_learners(used)
-    step = answers.use(checks.STEP_PART, DDPMScheduler.step, checks.check_ddpm_step)
-    assert answers.is_learners(step)
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 def test_the_kept_step_samples_as_the_package_does(answers_home):
@@ -104,35 +106,27 @@ def test_the_checks_step_without_a_mistake_is_the_packages():
 # --- the named mistakes: each one made, each one named ---
 
 
-@pytest.mark.parametrize("message", list(checks.ADD_NOISE_MISTAKES))
-def test_add_noise_mistakes_are_named(answers_home, capsys, message):
-    wrong = checks.ADD_NOISE_MISTAKES[message]
-    out = assert_refused(checks.check_add_noise, wrong, capsys)
-    assert message in out
-    assert "add_noise" not in answers.kept("ddpm")
+# the mistakes as a learner's methods, not wrapped for the check's harness
+def _unwrapped(wrong):
+    return wrong.__wrapped__
 
 
-def test_the_package_passes(answers_home):
-    assert checks.check_add_noise(common.add_noise)
-    assert checks.check_previous_timestep(DDPMScheduler.previous_timestep)
-    assert checks.check_ddpm_step(DDPMScheduler.step)
+MISTAKES = [
+    (checks.check_add_noise, "Exercise 05.4", checks.ADD_NOISE_MISTAKES),
+    (
+        checks.check_previous_timestep,
+        "Exercise 05.7",
+        checks.PREVIOUS_MISTAKES,
+        _unwrapped,
+    ),
+    (checks.check_ddpm_step, "Exercise 05.8", checks.STEP_MISTAKES, _unwrapped),
+]
 
 
-@pytest.mark.parametrize("message", list(checks.PREVIOUS_MISTAKES))
-def test_previous_timestep_mistakes_are_named(answers_home, capsys, message):
-    wrong = checks.PREVIOUS_MISTAKES[message].__wrapped__  # a method, as a learner's
-    out = assert_refused(checks.check_previous_timestep, wrong, capsys)
-    assert message in out
-    assert "DDPMScheduler.previous_timestep" not in answers.kept("ddpm")
-
-
-@pytest.mark.parametrize("message", list(checks.STEP_MISTAKES))
-def test_step_mistakes_are_named(answers_home, capsys, message):
-    wrong = checks.STEP_MISTAKES[message].__wrapped__  # a step, as a learner's
-
-    out = assert_refused(checks.check_ddpm_step, wrong, capsys)
-    assert message in out
-    assert "DDPMScheduler.step" not in answers.kept("ddpm")
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
+    assert answers.kept("ddpm") == {}
 
 
 def _without_noise(self, model_output, timestep, sample, generator=None):
@@ -169,31 +163,21 @@ def _a_tensor(self, model_output, timestep, sample, generator=None):
     ],
     ids=lambda v: getattr(v, "__name__", v),
 )
-def test_other_step_slips_are_described(answers_home, capsys, wrong, words):
+def test_other_step_slips_are_described(capsys, wrong, words):
     out = assert_refused(checks.check_ddpm_step, wrong, capsys)
     assert words in out
 
 
-def test_a_wrong_answer_replaces_a_kept_one(answers_home, capsys):
-    assert checks.check_ddpm_step(ddpm_step)
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
     wrong = functools.partial(checks.reference_step, mistake="fixed_large")
     wrong.__name__ = "ddpm_step"
-    assert not checks.check_ddpm_step(wrong)
-    assert "DDPMScheduler.step" not in answers.kept("ddpm")
-    step = answers.use(checks.STEP_PART, DDPMScheduler.step, checks.check_ddpm_step)
-    assert step is DDPMScheduler.step
-    assert "the package's stands in" in capsys.readouterr().out
+    check, right, package, part = EXERCISES[2]
+    assert_wrong_is_not_kept(check, right, wrong, package, part, capsys)
 
 
-def test_unsolved_exercises_never_raise_nor_hint(answers_home, capsys):
-    assert_unsolved_never_raise(
-        [
-            checks.check_add_noise,
-            checks.check_previous_timestep,
-            checks.check_ddpm_step,
-        ],
-        capsys,
-    )
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
+    assert_untouched_gets_no_hint(check, capsys)
     assert answers.kept("ddpm") == {}
 
 

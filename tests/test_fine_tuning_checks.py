@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sdlearn.checks
 from sdlearn.checks import answers
 from sdlearn.checks import fine_tuning as checks
 from sdlearn.checks import lora as lora_checks
@@ -24,14 +23,14 @@ from sdlearn.lora import (
     lora_state_dict,
 )
 from sdlearn.textual_inversion import NewTokenEmbedding, TextEncoderLoss, add_token
-from tests.helpers import assert_refused, assert_unsolved_never_raise
-
-
-@pytest.fixture(autouse=True)
-def first_tries(monkeypatch):
-    """Every test starts with no failed tries, so its first hint is the first tier."""
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
-
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
+from tests.helpers import assert_refused
 
 # --- right answers, written as a learner would ---
 
@@ -142,79 +141,89 @@ def param_groups(self, lr):
     return groups + ([{"params": rest, "lr": lr}] if rest else [])
 
 
+# (check, right answer, the package's own, the part it is kept as)
 EXERCISES = [
-    (checks.check_lora_forward, lora_forward, "lora:LoRALinear.forward"),
-    (checks.check_delta_weight, delta_weight, "lora:LoRALinear.delta_weight"),
-    (checks.check_merge, merge, "lora:LoRALinear.merge"),
-    (checks.check_unmerge, unmerge, "lora:LoRALinear.unmerge"),
-    (checks.check_add_lora, add_lora_by_hand, "lora:add_lora"),
-    (checks.check_conv_factors, conv_factors, "lora:LoRAConv2d.factors"),
-    (checks.check_lora_state_dict, lora_state_dict_by_hand, "lora:lora_state_dict"),
-    (checks.check_add_token, add_token_by_hand, "textual_inversion:add_token"),
+    (
+        checks.check_lora_forward,
+        lora_forward,
+        LoRALinear.forward,
+        "lora:LoRALinear.forward",
+    ),
+    (
+        checks.check_delta_weight,
+        delta_weight,
+        LoRALinear.delta_weight,
+        "lora:LoRALinear.delta_weight",
+    ),
+    (checks.check_merge, merge, LoRALinear.merge, "lora:LoRALinear.merge"),
+    (checks.check_unmerge, unmerge, LoRALinear.unmerge, "lora:LoRALinear.unmerge"),
+    (checks.check_add_lora, add_lora_by_hand, add_lora, "lora:add_lora"),
+    (
+        checks.check_conv_factors,
+        conv_factors,
+        LoRAConv2d.factors,
+        "lora:LoRAConv2d.factors",
+    ),
+    (
+        checks.check_lora_state_dict,
+        lora_state_dict_by_hand,
+        lora_state_dict,
+        "lora:lora_state_dict",
+    ),
+    (
+        checks.check_add_token,
+        add_token_by_hand,
+        add_token,
+        "textual_inversion:add_token",
+    ),
     (
         checks.check_new_token_embedding,
         new_token_embedding_forward,
+        NewTokenEmbedding.forward,
         "textual_inversion:NewTokenEmbedding.forward",
     ),
     (
         checks.check_param_groups,
         param_groups,
+        TextEncoderLoss.param_groups,
         "textual_inversion:TextEncoderLoss.param_groups",
     ),
 ]
+IDS = [part.split(":")[1] for *_, part in EXERCISES]
 
 
-@pytest.mark.parametrize(("check", "right", "part"), EXERCISES)
-def test_a_right_answer_passes_and_is_kept(check, right, part, answers_home, capsys):
-    assert check(right)
-    out = capsys.readouterr().out
-    assert "✅" in out and "Kept in" in out
-    module, name = part.split(":")
-    assert name in answers.kept(module)
-    assert answers.is_learners(answers.use(part, None, check))
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
-def test_other_right_answers_pass(answers_home, capsys):
+def test_other_right_answers_pass(capsys):
     assert checks.check_new_token_embedding(new_token_embedding_where)
-
-
-def test_the_package_passes_its_own_checks(answers_home, capsys):
-    assert checks.check_lora_forward(LoRALinear.forward)
-    assert checks.check_delta_weight(LoRALinear.delta_weight)
-    assert checks.check_merge(LoRALinear.merge)
-    assert checks.check_unmerge(LoRALinear.unmerge)
-    assert checks.check_add_lora(add_lora)
-    assert checks.check_conv_factors(LoRAConv2d.factors)
-    assert checks.check_lora_state_dict(lora_state_dict)
-    assert checks.check_add_token(add_token)
-    assert checks.check_new_token_embedding(NewTokenEmbedding.forward)
-    assert checks.check_param_groups(TextEncoderLoss.param_groups)
 
 
 # --- the usual mistakes are named ---
 
 MISTAKES = [
-    (checks.check_lora_forward, lora_checks.FORWARD_MISTAKES),
-    (checks.check_delta_weight, lora_checks.DELTA_MISTAKES),
-    (checks.check_merge, lora_checks.MERGE_MISTAKES),
-    (checks.check_unmerge, lora_checks.UNMERGE_MISTAKES),
-    (checks.check_add_lora, lora_checks.ADD_MISTAKES),
-    (checks.check_new_token_embedding, ti_checks.EMBEDDING_MISTAKES),
-    (checks.check_param_groups, ti_checks.GROUP_MISTAKES),
-    (checks.check_conv_factors, checks.FACTOR_MISTAKES),
-    (checks.check_lora_state_dict, checks.FILE_MISTAKES),
-    (checks.check_add_token, ti_checks.TOKEN_MISTAKES),
+    (checks.check_lora_forward, "Exercise 09.1", lora_checks.FORWARD_MISTAKES),
+    (checks.check_delta_weight, "Exercise 09.2", lora_checks.DELTA_MISTAKES),
+    (checks.check_merge, "Exercise 09.3", lora_checks.MERGE_MISTAKES),
+    (checks.check_unmerge, "Exercise 09.4", lora_checks.UNMERGE_MISTAKES),
+    (checks.check_conv_factors, "Exercise 09.5", checks.FACTOR_MISTAKES),
+    (checks.check_add_lora, "Exercise 09.6", lora_checks.ADD_MISTAKES),
+    (checks.check_add_token, "Exercise 09.7", ti_checks.TOKEN_MISTAKES),
+    (
+        checks.check_new_token_embedding,
+        "Exercise 09.8",
+        ti_checks.EMBEDDING_MISTAKES,
+    ),
+    (checks.check_param_groups, "Exercise 09.9", ti_checks.GROUP_MISTAKES),
+    (checks.check_lora_state_dict, "Exercise 09.10", checks.FILE_MISTAKES),
 ]
 
 
-@pytest.mark.parametrize(
-    ("check", "message", "wrong"),
-    [(check, m, w) for check, mistakes in MISTAKES for m, w in mistakes.items()],
-    ids=lambda v: v[:40] if isinstance(v, str) else getattr(v, "__name__", ""),
-)
-def test_every_named_mistake_is_named(check, message, wrong, answers_home, capsys):
-    out = assert_refused(check, wrong, capsys)
-    assert message in out
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 def merge_in_autograd(self):
@@ -239,20 +248,18 @@ def embedding_detached(self, input_ids):
         (checks.check_new_token_embedding, embedding_detached, "no gradient"),
     ],
 )
-def test_other_slips_fail_with_a_hint(check, wrong, words, answers_home, capsys):
+def test_other_slips_fail_with_a_hint(check, wrong, words, capsys):
     assert words in assert_refused(check, wrong, capsys)
 
 
-def test_a_wrong_answer_is_not_kept(answers_home, capsys):
-    assert checks.check_lora_forward(lora_forward)
-    assert not checks.check_lora_forward(forward_swapped)
-    assert "LoRALinear.forward" not in answers.kept("lora")
-    fallback = object()
-    assert answers.use("lora:LoRALinear.forward", fallback) is fallback
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
+    check, right, package, part = EXERCISES[0]
+    assert_wrong_is_not_kept(check, right, forward_swapped, package, part, capsys)
 
 
-def test_unsolved_exercises_never_raise(answers_home, capsys):
-    assert_unsolved_never_raise([check for check, _, _ in EXERCISES], capsys)
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
+    assert_untouched_gets_no_hint(check, capsys)
 
 
 def test_hints_come_on_request_one_tier_more_each_time(capsys):
@@ -271,7 +278,7 @@ def test_hints_come_on_request_one_tier_more_each_time(capsys):
 def test_the_kept_lora_runs_a_model_as_the_package(answers_home, capsys):
     """What the chapter does: the kept add_lora wraps a UNet, the kept methods
     run its adapters; the outputs, merged and unmerged, are the package's."""
-    for check, right, _ in EXERCISES[:6]:
+    for check, right, *_ in EXERCISES[:6]:
         assert check(right)
     kept = answers.kept("lora")
     from sdlearn.unet import UNet

@@ -16,7 +16,14 @@ from sdlearn.checks import pixel_ddpm as checks
 from sdlearn.checks import schedule as schedule_checks
 from sdlearn.schedulers import common
 from sdlearn.schedulers.ddpm import DDPMScheduler
-from tests.helpers import assert_refused, assert_unsolved_never_raise
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
+from tests.helpers import assert_refused
 
 # --- right answers, written as a learner would ---
 
@@ -51,40 +58,35 @@ def ddpm_sample(model, scheduler, noise, num_inference_steps, generator=None,
 add_noise = common.add_noise
 
 
-def test_right_answers_pass_and_are_kept(answers_home, capsys):
-    assert checks.check_ddpm_loss(ddpm_loss)
-    assert checks.check_ddpm_sample(ddpm_sample)
-    out = capsys.readouterr().out
-    assert out.count("✅") == 2 and "Hint" not in out
-    assert set(answers.kept("pixel_ddpm")) == {"ddpm_loss", "ddpm_sample"}
+# (check, right answer, the package's own, the part it is kept as)
+EXERCISES = [
+    (checks.check_ddpm_loss, ddpm_loss, pixel_ddpm.ddpm_loss, checks.LOSS_PART),
+    (checks.check_ddpm_sample, ddpm_sample, pixel_ddpm.ddpm_sample, checks.SAMPLE_PART),
+]
+IDS = ["loss", "sample"]
+
+
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
     # the kept copies run on their own (add_noise: the package module's)
-    loss = answers.use(checks.LOSS_PART, pixel_ddpm.ddpm_loss, checks.check_ddpm_loss)
-    assert answers.is_learners(loss)
-    sample = answers.use(
-        checks.SAMPLE_PART, pixel_ddpm.ddpm_sample, checks.check_ddpm_sample
-    )
-    assert answers.is_learners(sample)
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
-def test_the_package_passes(answers_home):
-    assert checks.check_ddpm_loss(pixel_ddpm.ddpm_loss)
-    assert checks.check_ddpm_sample(pixel_ddpm.ddpm_sample)
+# the mistakes as a learner's loss and loop, not wrapped for the check's harness
+def _unwrapped(wrong):
+    return wrong.__wrapped__
 
 
-@pytest.mark.parametrize("message", list(checks.LOSS_MISTAKES))
-def test_loss_mistakes_are_named(answers_home, capsys, message):
-    wrong = checks.LOSS_MISTAKES[message].__wrapped__  # a loss, as a learner's
-    out = assert_refused(checks.check_ddpm_loss, wrong, capsys)
-    assert message in out
-    assert "ddpm_loss" not in answers.kept("pixel_ddpm")
+MISTAKES = [
+    (checks.check_ddpm_loss, "Exercise 05.5", checks.LOSS_MISTAKES, _unwrapped),
+    (checks.check_ddpm_sample, "Exercise 05.9", checks.SAMPLE_MISTAKES, _unwrapped),
+]
 
 
-@pytest.mark.parametrize("message", list(checks.SAMPLE_MISTAKES))
-def test_sample_mistakes_are_named(answers_home, capsys, message):
-    wrong = checks.SAMPLE_MISTAKES[message].__wrapped__  # a loop, as a learner's
-    out = assert_refused(checks.check_ddpm_sample, wrong, capsys)
-    assert message in out
-    assert "ddpm_sample" not in answers.kept("pixel_ddpm")
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
+    assert answers.kept("pixel_ddpm") == {}
 
 
 def test_a_loop_that_forgets_the_callback_is_told(answers_home, capsys):
@@ -109,23 +111,17 @@ def test_a_loop_that_gives_the_model_one_timestep_is_told(answers_home, capsys):
     assert "one timestep per image" in out
 
 
-def test_a_wrong_answer_replaces_a_kept_one(answers_home, capsys):
-    assert checks.check_ddpm_loss(ddpm_loss)
-
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
     def ddpm_loss_again(model, x0, alphas_cumprod, prediction_type, generator=None):
         return F.mse_loss(model(x0, torch.zeros(len(x0))), x0)  # forgot the noise
 
-    assert not checks.check_ddpm_loss(ddpm_loss_again)
-    assert "ddpm_loss" not in answers.kept("pixel_ddpm")
-    used = answers.use(checks.LOSS_PART, pixel_ddpm.ddpm_loss, checks.check_ddpm_loss)
-    assert used is pixel_ddpm.ddpm_loss
-    assert "the package's stands in" in capsys.readouterr().out
+    check, right, package, part = EXERCISES[0]
+    assert_wrong_is_not_kept(check, right, ddpm_loss_again, package, part, capsys)
 
 
-def test_unsolved_exercises_never_raise_nor_hint(answers_home, capsys):
-    assert_unsolved_never_raise(
-        [checks.check_ddpm_loss, checks.check_ddpm_sample], capsys
-    )
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
+    assert_untouched_gets_no_hint(check, capsys)
     assert answers.kept("pixel_ddpm") == {}
 
 

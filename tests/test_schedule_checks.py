@@ -13,7 +13,13 @@ import torch
 from sdlearn.checks import answers
 from sdlearn.checks import schedule as checks
 from sdlearn.schedulers import common
-from tests.helpers import assert_refused, assert_unsolved_never_raise
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 # --- right answers, written as a learner would ---
 
@@ -49,42 +55,38 @@ def spaced_timesteps(n, T, spacing, steps_offset=0):
     return torch.from_numpy(timesteps.astype(np.int64))
 
 
-RIGHT = [
-    (checks.check_cosine_betas, cosine_betas, "cosine_betas", common.cosine_betas),
-    (checks.check_make_betas, make_betas, "make_betas", common.make_betas),
+# (check, right answer, the package's own, the part it is kept as)
+EXERCISES = [
+    (
+        checks.check_cosine_betas,
+        cosine_betas,
+        common.cosine_betas,
+        checks.COSINE_PART,
+    ),
+    (checks.check_make_betas, make_betas, common.make_betas, checks.BETAS_PART),
     (
         checks.check_make_alphas_cumprod,
         make_alphas_cumprod,
-        "make_alphas_cumprod",
         common.make_alphas_cumprod,
+        checks.ALPHAS_CUMPROD_PART,
     ),
     (
         checks.check_spaced_timesteps,
         spaced_timesteps,
-        "spaced_timesteps",
         common.spaced_timesteps,
+        checks.SPACING_PART,
     ),
 ]
+IDS = ["cosine_betas", "make_betas", "make_alphas_cumprod", "spaced_timesteps"]
 
 
-def test_right_answers_pass_and_are_kept(answers_home, capsys):
-    for check, answer, _, _ in RIGHT:
-        assert check(answer)
-    out = capsys.readouterr().out
-    assert out.count("✅") == len(RIGHT) and "Hint" not in out
-    assert set(answers.kept("schedule")) == {part for _, _, part, _ in RIGHT}
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
     # the kept copies run on their own, as the chapter uses them
-    for check, _, part, package in RIGHT:
-        used = answers.use(f"schedule:{part}", package, check)
-        assert answers.is_learners(used)
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
-def test_the_package_passes(answers_home, capsys):
-    for check, _, _, package in RIGHT:
-        assert check(package)
-
-
-def test_a_kept_make_betas_runs_the_kept_cosine_schedule(answers_home):
+def test_a_kept_make_betas_runs_the_kept_cosine_schedule():
     assert checks.check_cosine_betas(cosine_betas)
     assert checks.check_make_betas(make_betas)
     kept = answers.kept("schedule")
@@ -92,46 +94,34 @@ def test_a_kept_make_betas_runs_the_kept_cosine_schedule(answers_home):
 
 
 MISTAKES = [
-    (checks.check_cosine_betas, checks.COSINE_MISTAKES, "cosine_betas"),
-    (checks.check_make_betas, checks.BETAS_MISTAKES, "make_betas"),
+    (checks.check_cosine_betas, "Exercise 05.1", checks.COSINE_MISTAKES),
+    (checks.check_make_betas, "Exercise 05.2", checks.BETAS_MISTAKES),
     (
         checks.check_make_alphas_cumprod,
+        "Exercise 05.3",
         checks.ALPHAS_CUMPROD_MISTAKES,
-        "make_alphas_cumprod",
     ),
-    (checks.check_spaced_timesteps, checks.SPACING_MISTAKES, "spaced_timesteps"),
+    (checks.check_spaced_timesteps, "Exercise 05.6", checks.SPACING_MISTAKES),
 ]
 
 
-@pytest.mark.parametrize(
-    ("check", "message", "part"),
-    [(c, m, p) for c, mistakes, p in MISTAKES for m in mistakes],
-    ids=lambda v: v[:40] if isinstance(v, str) else getattr(v, "__name__", ""),
-)
-def test_mistakes_are_named(answers_home, capsys, check, message, part):
-    wrong = dict(next(m for c, m, _ in MISTAKES if c is check))[message]
-    out = assert_refused(check, wrong, capsys)
-    assert message in out
-    assert part not in answers.kept("schedule")
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
+    assert answers.kept("schedule") == {}
 
 
-def test_a_wrong_answer_replaces_a_kept_one(answers_home, capsys):
-    assert checks.check_make_alphas_cumprod(make_alphas_cumprod)
-
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
     def make_alphas_cumprod_again(betas):  # the learner edits the cell
         return torch.cumsum(1 - betas, dim=0)
 
-    assert not checks.check_make_alphas_cumprod(make_alphas_cumprod_again)
-    assert "make_alphas_cumprod" not in answers.kept("schedule")
-    used = answers.use(
-        checks.ALPHAS_CUMPROD_PART,
-        common.make_alphas_cumprod,
-        checks.check_make_alphas_cumprod,
+    check, right, package, part = EXERCISES[2]
+    assert_wrong_is_not_kept(
+        check, right, make_alphas_cumprod_again, package, part, capsys
     )
-    assert used is common.make_alphas_cumprod
-    assert "the package's stands in" in capsys.readouterr().out
 
 
-def test_unsolved_exercises_never_raise_nor_hint(answers_home, capsys):
-    assert_unsolved_never_raise([check for check, _, _, _ in RIGHT], capsys)
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
+    assert_untouched_gets_no_hint(check, capsys)
     assert answers.kept("schedule") == {}

@@ -2,28 +2,22 @@
 transformer): right answers pass and are kept, the usual mistakes are named, an
 unsolved exercise gets no hint, a wrong answer is not kept."""
 
-import functools
+from functools import partial
 
 import pytest
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-import sdlearn.checks
 from sdlearn import spatial_transformer as st
-from sdlearn.checks import Verdict, answers
 from sdlearn.checks import spatial_transformer as checks
-
-
-@pytest.fixture(autouse=True)
-def first_tries(monkeypatch):
-    """Every test starts with no failed tries, so its first hint is the first tier."""
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
-
-
-def unsolved(*args, **kwargs):
-    raise NotImplementedError
-
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 # --- right answers, written the way a learner would ---------------------------
 
@@ -58,47 +52,36 @@ def spatial_transformer_forward(self, x, context):
     return x + h
 
 
+# (check, right answer, the package's own, the part it is kept as)
 EXERCISES = [
-    (checks.check_geglu_forward, geglu_forward, "spatial_transformer:GEGLU.forward"),
+    (
+        checks.check_geglu_forward,
+        geglu_forward,
+        st.GEGLU.forward,
+        "spatial_transformer:GEGLU.forward",
+    ),
     (
         checks.check_feed_forward,
         feed_forward,
+        st.FeedForward.forward,
         "spatial_transformer:FeedForward.forward",
     ),
     (
         checks.check_spatial_transformer_forward,
         spatial_transformer_forward,
+        st.SpatialTransformer.forward,
         "spatial_transformer:SpatialTransformer.forward",
     ),
 ]
+IDS = ["geglu", "feed_forward", "spatial_transformer"]
 
 
-@pytest.mark.parametrize(("check", "right", "part"), EXERCISES)
-def test_a_right_answer_passes_and_is_kept(check, right, part, answers_home, capsys):
-    assert check(right)
-    out = capsys.readouterr().out
-    assert "✅" in out and "Kept in" in out
-    module, name = part.split(":")
-    assert name in answers.kept(module)
-    assert answers.is_learners(answers.use(part, None, check))
-
-
-def test_the_package_passes_its_own_checks(answers_home, capsys):
-    assert checks.check_geglu_forward(st.GEGLU.forward)
-    assert checks.check_feed_forward(st.FeedForward.forward)
-    assert checks.check_spatial_transformer_forward(st.SpatialTransformer.forward)
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 # --- typical mistakes, each named ------------------------------------------------
-
-
-def _named(check, wrong, words, capsys):
-    verdict = check(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "❌" in out and words in out, out
-    assert "Hint 1 of 3" in out  # the idea first
-    return out
 
 
 def _geglu_swapped(self, x):
@@ -121,30 +104,8 @@ def _swiglu(self, x):
     return value * F.silu(gate)
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (_geglu_swapped, "value and gate are swapped"),
-        (_geglu_over_tokens, "split the tokens"),
-        (_geglu_tanh, "tanh approximation"),
-        (_swiglu, "SwiGLU"),
-    ],
-)
-def test_geglu_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_geglu_forward, wrong, words, capsys)
-
-
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (lambda self, x: self.net[2](F.gelu(self.net[0](x))), "an activation after"),
-        (lambda self, x: x + feed_forward(self, x), "the residual was added here"),
-        (lambda self, x: self.net[0](x), "projection back to D is missing"),
-    ],
-    ids=["extra activation", "residual", "no net.2"],
-)
-def test_feed_forward_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_feed_forward, wrong, words, capsys)
+def _feed_forward_with_residual(self, x):
+    return x + feed_forward(self, x)
 
 
 def _spatial_reshaped(self, x, context):
@@ -170,69 +131,63 @@ def _spatial_no_residual(self, x, context):
     return spatial_transformer_forward(self, x, context) - x
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (_spatial_reshaped, "a reshape without a permute"),
-        (_spatial_normed_residual, "the residual added the normalised map"),
-        (_spatial_no_residual, "the input is not added back"),
-        (
-            functools.partial(checks._spatial, mistake="no proj_out"),
-            "proj_out is missing",
-        ),
-        (
-            functools.partial(checks._spatial, mistake="no proj_in"),
-            "proj_in is missing",
-        ),
-        (
-            functools.partial(checks._spatial, mistake="no norm"),
-            "the GroupNorm is missing",
-        ),
-    ],
-    ids=["reshape", "normed residual", "no residual", "proj_out", "proj_in", "norm"],
-)
-def test_spatial_transformer_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_spatial_transformer_forward, wrong, words, capsys)
+MISTAKES = [
+    (
+        checks.check_geglu_forward,
+        "Exercise 04.3",
+        {
+            "value and gate are swapped": _geglu_swapped,
+            "split the tokens": _geglu_over_tokens,
+            "tanh approximation": _geglu_tanh,
+            "SwiGLU": _swiglu,
+        },
+    ),
+    (
+        checks.check_feed_forward,
+        "Exercise 04.4",
+        {
+            "an activation after": lambda self, x: self.net[2](F.gelu(self.net[0](x))),
+            "the residual was added here": _feed_forward_with_residual,
+            "projection back to D is missing": lambda self, x: self.net[0](x),
+        },
+    ),
+    (
+        checks.check_spatial_transformer_forward,
+        "Exercise 04.6",
+        {
+            "a reshape without a permute": _spatial_reshaped,
+            "the residual added the normalised map": _spatial_normed_residual,
+            "the input is not added back": _spatial_no_residual,
+            "proj_out is missing": partial(checks._spatial, mistake="no proj_out"),
+            "proj_in is missing": partial(checks._spatial, mistake="no proj_in"),
+            "the GroupNorm is missing": partial(checks._spatial, mistake="no norm"),
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 # --- a wrong answer is not kept, an unsolved one gets no hint ---------------------
 
-
-@pytest.mark.parametrize(
-    ("check", "wrong", "part"),
-    [
-        (
-            checks.check_geglu_forward,
-            _geglu_swapped,
-            "spatial_transformer:GEGLU.forward",
-        ),
-        (
-            checks.check_feed_forward,
-            lambda self, x: x + feed_forward(self, x),
-            "spatial_transformer:FeedForward.forward",
-        ),
-        (
-            checks.check_spatial_transformer_forward,
-            _spatial_reshaped,
-            "spatial_transformer:SpatialTransformer.forward",
-        ),
-    ],
-)
-def test_a_wrong_answer_is_not_kept(check, wrong, part, answers_home, capsys):
-    right = {e[0]: e[1] for e in EXERCISES}[check]
-    assert check(right)  # kept ...
-    assert not check(wrong)  # ... and forgotten when a later try fails
-    module, name = part.split(":")
-    assert name not in answers.kept(module)
-    fallback = object()
-    assert answers.use(part, fallback) is fallback
-    assert "the package's stands in" in capsys.readouterr().out
+# the part -> a wrong answer to it
+WRONG = {
+    "spatial_transformer:GEGLU.forward": _geglu_swapped,
+    "spatial_transformer:FeedForward.forward": _feed_forward_with_residual,
+    "spatial_transformer:SpatialTransformer.forward": _spatial_reshaped,
+}
 
 
-@pytest.mark.parametrize("check", [e[0] for e in EXERCISES])
-def test_unsolved_exercises_print_a_reminder_and_no_hint(check, answers_home, capsys):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint" not in out
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
+    check, right, package, part, capsys
+):
+    assert_wrong_is_not_kept(check, right, WRONG[part], package, part, capsys)
+
+
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
+    assert_untouched_gets_no_hint(check, capsys)

@@ -8,7 +8,7 @@ import unicodedata
 import pytest
 import torch
 
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import tokenizer as checks
 from sdlearn.tokenizer import (
     WHITESPACE_RUN,
@@ -17,12 +17,16 @@ from sdlearn.tokenizer import (
     clean_text,
     pre_tokenize,
 )
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_three_hint_tiers,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def unsolved(*args):
-    raise NotImplementedError
 
 
 # --- right answers, written the way a learner would -------------------------------
@@ -69,38 +73,39 @@ def my_encode_batch(self, prompts):
     return ids
 
 
-RIGHT = [
-    (checks.check_bytes_to_unicode, my_bytes_to_unicode, "bytes_to_unicode"),
-    (checks.check_bytes_to_unicode, bytes_to_unicode, "bytes_to_unicode"),
-    (checks.check_clean_text, my_clean_text, "clean_text"),
-    (checks.check_clean_text, clean_text, "clean_text"),
-    (checks.check_tokenize, my_tokenize, "CLIPTokenizer.tokenize"),
-    (checks.check_tokenize, CLIPTokenizer.tokenize, "CLIPTokenizer.tokenize"),
-    (checks.check_encode_batch, my_encode_batch, "CLIPTokenizer.encode_batch"),
+# (check, right answer, the package's own, the part it is kept as)
+EXERCISES = [
+    (
+        checks.check_bytes_to_unicode,
+        my_bytes_to_unicode,
+        bytes_to_unicode,
+        "tokenizer:bytes_to_unicode",
+    ),
+    (checks.check_clean_text, my_clean_text, clean_text, "tokenizer:clean_text"),
+    (
+        checks.check_tokenize,
+        my_tokenize,
+        CLIPTokenizer.tokenize,
+        "tokenizer:CLIPTokenizer.tokenize",
+    ),
     (
         checks.check_encode_batch,
+        my_encode_batch,
         CLIPTokenizer.encode_batch,
-        "CLIPTokenizer.encode_batch",
+        "tokenizer:CLIPTokenizer.encode_batch",
     ),
 ]
+IDS = ["bytes_to_unicode", "clean_text", "tokenize", "encode_batch"]
 
 
-@pytest.mark.parametrize(
-    ("check", "answer", "part"), RIGHT, ids=[a.__qualname__ for _, a, _ in RIGHT]
-)
-def test_right_answers_pass_and_are_kept(check, answer, part, capsys):
-    verdict = check(answer)
-    out = capsys.readouterr().out
-    assert isinstance(verdict, Verdict) and verdict, out
-    assert "✅" in out and "Kept in" in out
-    assert answers.kept("tokenizer")[part].__name__ == answer.__name__
-    used = answers.use(f"tokenizer:{part}", answer, check)
-    assert answers.is_learners(used)
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 def test_kept_answers_make_a_tokenizer_that_equals_the_package(capsys):
-    for check, answer, _ in RIGHT[::2]:
-        assert check(answer)
+    for check, right, *_ in EXERCISES:
+        assert check(right)
     kept = answers.kept("tokenizer")
     tokenizer = CLIPTokenizer()
     tokenizer.byte_encoder = kept["bytes_to_unicode"]()
@@ -113,39 +118,48 @@ def test_kept_answers_make_a_tokenizer_that_equals_the_package(capsys):
 # --- the usual mistakes are named --------------------------------------------------
 
 
-@pytest.mark.parametrize("message", list(checks.BYTES_MISTAKES))
-def test_bytes_mistakes_are_named(message, capsys):
-    wrong = checks.BYTES_MISTAKES[message]
-    assert not checks.check_bytes_to_unicode(lambda: wrong().table)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.1" in out and message in out
+def _as_bytes_to_unicode(wrong):
+    def my_bytes_to_unicode():
+        return wrong().table
+
+    return my_bytes_to_unicode
 
 
-@pytest.mark.parametrize("message", list(checks.CLEAN_MISTAKES))
-def test_clean_mistakes_are_named(message, capsys):
-    assert not checks.check_clean_text(checks.CLEAN_MISTAKES[message])
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.2" in out and message in out
+def _as_encode_batch(wrong):
+    def encode_batch(self, prompts):
+        return wrong(prompts)
+
+    return encode_batch
 
 
-@pytest.mark.parametrize("message", list(checks.TOKENIZE_MISTAKES))
-def test_tokenize_mistakes_are_named(message, capsys):
-    wrong = checks.TOKENIZE_MISTAKES[message]
-
+def _as_tokenize(wrong):
     def tokenize(self, text):
         return wrong(checks.Prompt(text))
 
-    assert not checks.check_tokenize(tokenize)
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.4" in out and message in out
+    return tokenize
 
 
-@pytest.mark.parametrize("message", list(checks.LAYOUT_MISTAKES))
-def test_layout_mistakes_are_named(message, capsys):
-    wrong = checks.LAYOUT_MISTAKES[message]
-    assert not checks.check_encode_batch(lambda self, prompts: wrong(prompts))
-    out = capsys.readouterr().out
-    assert "❌ Exercise 03.5" in out and message in out
+MISTAKES = [
+    (
+        checks.check_bytes_to_unicode,
+        "Exercise 03.1",
+        checks.BYTES_MISTAKES,
+        _as_bytes_to_unicode,
+    ),
+    (checks.check_clean_text, "Exercise 03.2", checks.CLEAN_MISTAKES),
+    (checks.check_tokenize, "Exercise 03.4", checks.TOKENIZE_MISTAKES, _as_tokenize),
+    (
+        checks.check_encode_batch,
+        "Exercise 03.5",
+        checks.LAYOUT_MISTAKES,
+        _as_encode_batch,
+    ),
+]
+
+
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 def test_a_wrong_byte_table_says_which_byte(capsys):
@@ -158,43 +172,26 @@ def test_a_wrong_byte_table_says_which_byte(capsys):
     assert "byte 32 maps to 'ā', expected 'Ġ'" in capsys.readouterr().out
 
 
-def test_every_exercise_names_two_mistakes_and_hints_in_three_tiers():
-    for mistakes, hints in (
-        (checks.BYTES_MISTAKES, checks.BYTES_HINTS),
-        (checks.CLEAN_MISTAKES, checks.CLEAN_HINTS),
-        (checks.TOKENIZE_MISTAKES, checks.TOKENIZE_HINTS),
-        (checks.LAYOUT_MISTAKES, checks.LAYOUT_HINTS),
-    ):
-        assert len(mistakes) >= 2 and len(hints) == 3
-        code = ("=", "torch.", "self.", "[", "F.")
-        assert not any(token in hints[0] for token in code), hints[0]
+@pytest.mark.parametrize("check, exercise", [row[:2] for row in MISTAKES], ids=IDS)
+def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check, exercise):
+    assert_three_hint_tiers(check, exercise, ("=", "torch.", "self.", "[", "F."))
 
 
 # --- wrong and untouched answers ---------------------------------------------------
 
 
-def test_a_wrong_answer_forgets_a_kept_one(capsys):
-    assert checks.check_encode_batch(my_encode_batch)
-    assert "CLIPTokenizer.encode_batch" in answers.kept("tokenizer")
-    assert not checks.check_encode_batch(lambda self, prompts: torch.zeros(1, 77))
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
+    def zeros(self, prompts):
+        return torch.zeros(1, 77)
+
+    check, right, package, part = EXERCISES[3]
+    assert_wrong_is_not_kept(check, right, zeros, package, part, capsys)
     assert answers.kept("tokenizer") == {}
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        checks.check_bytes_to_unicode,
-        checks.check_clean_text,
-        checks.check_tokenize,
-        checks.check_encode_batch,
-    ],
-)
-def test_unsolved_exercises_get_a_reminder_and_no_hint(check, capsys, answers_home):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "Hint" not in out
-    assert not answers_home.exists() or not any(answers_home.iterdir())
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys, answers_home):
+    assert_untouched_gets_no_hint(check, capsys, answers_home)
 
 
 def test_the_tokenize_check_leaves_the_cache_empty():

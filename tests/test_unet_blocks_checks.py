@@ -6,25 +6,20 @@ the package's UNet."""
 import pytest
 import torch
 
-import sdlearn.checks
 from sdlearn import spatial_transformer as st
 from sdlearn import unet as sd
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import unet as unet_checks
 from sdlearn.checks import unet_blocks as checks
 from tests import test_spatial_transformer_checks as st_answers
 from tests import test_unet_checks as unet_answers
-
-
-@pytest.fixture(autouse=True)
-def first_tries(monkeypatch):
-    """Every test starts with no failed tries, so its first hint is the first tier."""
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
-
-
-def unsolved(*args, **kwargs):
-    raise NotImplementedError
-
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 # --- right answers, written the way a learner would ---------------------------
 
@@ -57,27 +52,33 @@ def up_block_forward(self, x, temb, context, skips):
     return x
 
 
+# (check, right answer, the package's own, the part it is kept as)
 EXERCISES = [
-    (checks.check_down_block_forward, down_block_forward, "unet:DownBlock.forward"),
-    (checks.check_mid_block_forward, mid_block_forward, "unet:MidBlock.forward"),
-    (checks.check_up_block_forward, up_block_forward, "unet:UpBlock.forward"),
+    (
+        checks.check_down_block_forward,
+        down_block_forward,
+        sd.DownBlock.forward,
+        "unet:DownBlock.forward",
+    ),
+    (
+        checks.check_mid_block_forward,
+        mid_block_forward,
+        sd.MidBlock.forward,
+        "unet:MidBlock.forward",
+    ),
+    (
+        checks.check_up_block_forward,
+        up_block_forward,
+        sd.UpBlock.forward,
+        "unet:UpBlock.forward",
+    ),
 ]
+IDS = ["down", "mid", "up"]
 
 
-@pytest.mark.parametrize(("check", "right", "part"), EXERCISES)
-def test_a_right_answer_passes_and_is_kept(check, right, part, answers_home, capsys):
-    assert check(right)
-    out = capsys.readouterr().out
-    assert "✅" in out and "Kept in" in out
-    module, name = part.split(":")
-    assert name in answers.kept(module)
-    assert answers.is_learners(answers.use(part, None, check))
-
-
-def test_the_package_passes_its_own_checks(answers_home, capsys):
-    assert checks.check_down_block_forward(sd.DownBlock.forward)
-    assert checks.check_mid_block_forward(sd.MidBlock.forward)
-    assert checks.check_up_block_forward(sd.UpBlock.forward)
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
 def test_the_chapter_finds_them_in_its_checks_module():
@@ -87,15 +88,6 @@ def test_the_chapter_finds_them_in_its_checks_module():
 
 
 # --- typical mistakes, each named ------------------------------------------------
-
-
-def _named(check, wrong, words, capsys):
-    verdict = check(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "❌" in out and words in out, out
-    assert "Hint 1 of 3" in out  # the idea first
-    return out
 
 
 def _push_before_attention(self, x, temb, context, skips):
@@ -132,19 +124,7 @@ def _no_downsample_push(self, x, temb, context, skips):
     return x if down is None else down[0](x)
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (_push_before_attention, "pushed before its SpatialTransformer"),
-        (_push_input, "each ResnetBlock's input was pushed"),
-        (_no_downsample_push, "the downsampler's output was not pushed"),
-    ],
-)
-def test_down_block_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_down_block_forward, wrong, words, capsys)
-
-
-def test_a_down_block_that_pushes_too_little_is_told_so(answers_home, capsys):
+def test_a_down_block_that_pushes_too_little_is_told_so(capsys):
     def one_push(self, x, temb, context, skips):
         out = down_block_forward(self, x, temb, context, [])
         skips.append(out)
@@ -168,18 +148,6 @@ def _mid_attention_first(self, x, temb, context):
     return self.resnets[1](self.resnets[0](x, temb), temb)
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (_mid_without_attention, "the SpatialTransformer is missing"),
-        (_mid_attention_last, "ran after both ResnetBlocks"),
-        (_mid_attention_first, "the SpatialTransformer ran first"),
-    ],
-)
-def test_mid_block_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_mid_block_forward, wrong, words, capsys)
-
-
 def _fifo(self, x, temb, context, skips):
     for i, resnet in enumerate(self.resnets):
         x = resnet(torch.cat([x, skips.pop(0)], dim=1), temb)
@@ -200,51 +168,58 @@ def _skip_first(self, x, temb, context, skips):
     return x
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [(_fifo, "first-in, first-out"), (_skip_first, "the skip came first")],
-)
-def test_up_block_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_up_block_forward, wrong, words, capsys)
+MISTAKES = [
+    (
+        checks.check_down_block_forward,
+        "Exercise 04.7",
+        {
+            "pushed before its SpatialTransformer": _push_before_attention,
+            "each ResnetBlock's input was pushed": _push_input,
+            "the downsampler's output was not pushed": _no_downsample_push,
+        },
+    ),
+    (
+        checks.check_mid_block_forward,
+        "Exercise 04.8",
+        {
+            "the SpatialTransformer is missing": _mid_without_attention,
+            "ran after both ResnetBlocks": _mid_attention_last,
+            "the SpatialTransformer ran first": _mid_attention_first,
+        },
+    ),
+    (
+        checks.check_up_block_forward,
+        "Exercise 04.9",
+        {"first-in, first-out": _fifo, "the skip came first": _skip_first},
+    ),
+]
+
+
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 # --- a wrong answer is not kept, an unsolved one gets no hint ---------------------
 
-
-@pytest.mark.parametrize(
-    ("check", "wrong", "part"),
-    [
-        (
-            checks.check_down_block_forward,
-            _push_before_attention,
-            "unet:DownBlock.forward",
-        ),
-        (
-            checks.check_mid_block_forward,
-            _mid_without_attention,
-            "unet:MidBlock.forward",
-        ),
-        (checks.check_up_block_forward, _fifo, "unet:UpBlock.forward"),
-    ],
-)
-def test_a_wrong_answer_is_not_kept(check, wrong, part, answers_home, capsys):
-    right = {e[0]: e[1] for e in EXERCISES}[check]
-    assert check(right)  # kept ...
-    assert not check(wrong)  # ... and forgotten when a later try fails
-    module, name = part.split(":")
-    assert name not in answers.kept(module)
-    fallback = object()
-    assert answers.use(part, fallback) is fallback
-    assert "the package's stands in" in capsys.readouterr().out
+# the part -> a wrong answer to it
+WRONG = {
+    "unet:DownBlock.forward": _push_before_attention,
+    "unet:MidBlock.forward": _mid_without_attention,
+    "unet:UpBlock.forward": _fifo,
+}
 
 
-@pytest.mark.parametrize("check", [e[0] for e in EXERCISES])
-def test_unsolved_exercises_print_a_reminder_and_no_hint(check, answers_home, capsys):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint" not in out
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
+    check, right, package, part, capsys
+):
+    assert_wrong_is_not_kept(check, right, WRONG[part], package, part, capsys)
+
+
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
+    assert_untouched_gets_no_hint(check, capsys)
 
 
 # --- all of chapter 04's kept parts together ---------------------------------------
@@ -263,13 +238,13 @@ PARTS = {
 }
 
 
-def test_every_kept_part_together_is_a_drop_in_for_the_package(answers_home, capsys):
+def test_every_kept_part_together_is_a_drop_in_for_the_package(capsys):
     """What chapter 06 does: install every kept forward of chapter 04 in a UNet
     of the course's shape; it gives the package's numbers, in float32 and in
     bfloat16 (within rounding: the learner's 1x1 convolutions run where the
     package runs the same maps as matmuls)."""
     for exercises in (unet_answers.EXERCISES, st_answers.EXERCISES, EXERCISES):
-        for check, right, _ in exercises:
+        for check, right, *_ in exercises:
             assert check(right)
     assert unet_answers.checks.check_transformer_block_forward(
         unet_answers.transformer_block_forward

@@ -7,23 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sdlearn.checks
 from sdlearn import unet as sd
 from sdlearn.blocks import ResnetBlock
-from sdlearn.checks import Verdict, answers
+from sdlearn.checks import answers
 from sdlearn.checks import unet as checks
 from sdlearn.spatial_transformer import TransformerBlock
-
-
-@pytest.fixture(autouse=True)
-def first_tries(monkeypatch):
-    """Every test starts with no failed tries, so its first hint is the first tier."""
-    monkeypatch.setattr(sdlearn.checks, "_FAILED_TRIES", {})
-
-
-def unsolved(*args, **kwargs):
-    raise NotImplementedError
-
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+)
 
 # --- right answers, written the way a learner would ---------------------------
 
@@ -98,35 +93,45 @@ def unet_forward_inline(self, sample, timestep, encoder_hidden_states):
     return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
+# (check, right answer, the package's own, the part it is kept as)
 EXERCISES = [
-    (checks.check_timestep_embedding, timestep_embedding, "unet:timestep_embedding"),
-    (checks.check_time_mlp_forward, time_mlp_forward, "unet:TimestepEmbedding.forward"),
+    (
+        checks.check_timestep_embedding,
+        timestep_embedding,
+        sd.timestep_embedding,
+        "unet:timestep_embedding",
+    ),
+    (
+        checks.check_time_mlp_forward,
+        time_mlp_forward,
+        sd.TimestepEmbedding.forward,
+        "unet:TimestepEmbedding.forward",
+    ),
     (
         checks.check_transformer_block_forward,
         transformer_block_forward,
+        TransformerBlock.forward,
         "spatial_transformer:TransformerBlock.forward",
     ),
-    (checks.check_unet_forward, unet_forward, "unet:UNet.forward"),
+    (checks.check_unet_forward, unet_forward, sd.UNet.forward, "unet:UNet.forward"),
 ]
+IDS = ["timestep_embedding", "time_mlp", "transformer_block", "unet"]
 
 
-@pytest.mark.parametrize(("check", "right", "part"), EXERCISES)
-def test_a_right_answer_passes_and_is_kept(check, right, part, answers_home, capsys):
-    # the kept UNet.forward calls the learner's timestep_embedding, kept beside it
+def _keep_the_embedding(capsys):
+    """The kept UNet.forward calls the learner's timestep_embedding, kept beside
+    it: without it kept, a right UNet.forward waits."""
     assert checks.check_timestep_embedding(timestep_embedding)
-    assert check(right)
-    out = capsys.readouterr().out
-    assert "✅" in out and "Kept in" in out
-    module, name = part.split(":")
-    assert name in answers.kept(module)
-    assert answers.is_learners(answers.use(part, None, check))
+    capsys.readouterr()
 
 
-def test_the_package_passes_its_own_checks(answers_home, capsys):
-    assert checks.check_timestep_embedding(sd.timestep_embedding)
-    assert checks.check_time_mlp_forward(sd.TimestepEmbedding.forward)
-    assert checks.check_transformer_block_forward(TransformerBlock.forward)
-    assert checks.check_unet_forward(sd.UNet.forward)
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_right_answer_passes_and_is_kept(check, right, package, part, capsys):
+    _keep_the_embedding(capsys)
+    assert_passes_and_is_kept(check, right, package, part, capsys)
+
+
+def test_the_package_passes_chapter_02s_resnet_check(capsys):
     assert checks.check_resnet_forward(ResnetBlock.forward)
 
 
@@ -165,59 +170,27 @@ def test_a_unet_that_calls_the_package_embedding_is_not_kept(answers_home, capsy
 # --- typical mistakes, each named ------------------------------------------------
 
 
-def _named(check, wrong, words, capsys):
-    verdict = check(wrong)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "❌" in out and words in out, out
-    assert "Hint 1 of 3" in out  # the idea first
-    return out
+def _embedding_sin_first(t, dim, flip_sin_to_cos=True, *args, **kwargs):
+    return timestep_embedding(t, dim, not flip_sin_to_cos, *args, **kwargs)
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (
-            lambda t, dim, flip_sin_to_cos=True, *a, **k: timestep_embedding(
-                t, dim, not flip_sin_to_cos, *a, **k
-            ),
-            "wrong way round",
-        ),
-        (lambda t, dim, *a, **k: checks._embedding(t, dim, sign=1.0), "grow with i"),
-        (lambda t, dim, *a, **k: checks._embedding(t, dim, over="dim"), "divides i by"),
-        (
-            lambda t, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0, **k: (
-                timestep_embedding(t, dim, flip_sin_to_cos, **k)
-            ),
-            "downscale_freq_shift is ignored",
-        ),
-        (
-            lambda t, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0, **k: (
-                timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)
-            ),
-            "max_period is ignored",
-        ),
-        (
-            lambda t, dim, *a, **k: F.pad(
-                timestep_embedding(t, dim - dim % 2), (dim % 2, 0)
-            ),
-            "at the front",
-        ),
-    ],
-    ids=[
-        "sin first",
-        "minus sign",
-        "over dim",
-        "no shift",
-        "no max_period",
-        "pad front",
-    ],
-)
-def test_embedding_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_timestep_embedding, wrong, words, capsys)
+def _embedding_without_shift(
+    t, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0, **kwargs
+):
+    return timestep_embedding(t, dim, flip_sin_to_cos, **kwargs)
 
 
-def test_embedding_without_the_odd_pad_names_the_shape(answers_home, capsys):
+def _embedding_without_max_period(
+    t, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0, **kwargs
+):
+    return timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)
+
+
+def _embedding_growing(t, dim, *args, **kwargs):
+    return checks._embedding(t, dim, sign=1.0)
+
+
+def test_embedding_without_the_odd_pad_names_the_shape(capsys):
     def no_pad(t, dim, *args, **kwargs):
         return timestep_embedding(t, dim)[:, : 2 * (dim // 2)]
 
@@ -225,18 +198,8 @@ def test_embedding_without_the_odd_pad_names_the_shape(answers_home, capsys):
     assert "expected shape" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (lambda self, x: self.linear_2(self.linear_1(x)), "no activation"),
-        (lambda self, x: self.linear_2(F.relu(self.linear_1(x))), "a ReLU"),
-        (lambda self, x: self.linear_2(F.gelu(self.linear_1(x))), "a GELU"),
-        (lambda self, x: F.silu(time_mlp_forward(self, x)), "after linear_2"),
-    ],
-    ids=["no activation", "relu", "gelu", "silu at the end"],
-)
-def test_time_mlp_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_time_mlp_forward, wrong, words, capsys)
+def _time_mlp_without_activation(self, x):
+    return self.linear_2(self.linear_1(x))
 
 
 def _post_norm(self, x, context):
@@ -285,22 +248,6 @@ def _parallel(self, x, context):
     )
 
 
-@pytest.mark.parametrize(
-    ("wrong", "words"),
-    [
-        (_post_norm, "post-norm"),
-        (_attn2_on_pixels, "attends to the pixels again"),
-        (_no_attn1_residual, "self-attention's result replaces x"),
-        (_no_attn2_residual, "cross-attention's result replaces x"),
-        (_no_ff_residual, "feed-forward's result replaces x"),
-        (_cross_first, "cross-attention ran before self-attention"),
-        (_parallel, "one after the other"),
-    ],
-)
-def test_transformer_block_mistakes_are_named(wrong, words, answers_home, capsys):
-    _named(checks.check_transformer_block_forward, wrong, words, capsys)
-
-
 def _unet_with(mistake):
     def wrong(self, sample, timestep, encoder_hidden_states):
         return checks._unet_forward(
@@ -310,68 +257,85 @@ def _unet_with(mistake):
     return wrong
 
 
-@pytest.mark.parametrize(
-    ("mistake", "words"),
-    [
-        ("no middle", "the middle is missing"),
-        ("no out norm", "without conv_norm_out"),
-        ("silu first", "SiLU ran before conv_norm_out"),
-    ],
-)
-def test_unet_mistakes_are_named(mistake, words, answers_home, capsys):
-    _named(checks.check_unet_forward, _unet_with(mistake), words, capsys)
+MISTAKES = [
+    (
+        checks.check_timestep_embedding,
+        "Exercise 04.1",
+        {
+            "wrong way round": _embedding_sin_first,
+            "grow with i": _embedding_growing,
+            "divides i by": lambda t, dim, *a, **k: checks._embedding(
+                t, dim, over="dim"
+            ),
+            "downscale_freq_shift is ignored": _embedding_without_shift,
+            "max_period is ignored": _embedding_without_max_period,
+            "at the front": lambda t, dim, *a, **k: F.pad(
+                timestep_embedding(t, dim - dim % 2), (dim % 2, 0)
+            ),
+        },
+    ),
+    (
+        checks.check_time_mlp_forward,
+        "Exercise 04.2",
+        {
+            "no activation": _time_mlp_without_activation,
+            "a ReLU": lambda self, x: self.linear_2(F.relu(self.linear_1(x))),
+            "a GELU": lambda self, x: self.linear_2(F.gelu(self.linear_1(x))),
+            "after linear_2": lambda self, x: F.silu(time_mlp_forward(self, x)),
+        },
+    ),
+    (
+        checks.check_transformer_block_forward,
+        "Exercise 04.5",
+        {
+            "post-norm": _post_norm,
+            "attends to the pixels again": _attn2_on_pixels,
+            "self-attention's result replaces x": _no_attn1_residual,
+            "cross-attention's result replaces x": _no_attn2_residual,
+            "feed-forward's result replaces x": _no_ff_residual,
+            "cross-attention ran before self-attention": _cross_first,
+            "one after the other": _parallel,
+        },
+    ),
+    (
+        checks.check_unet_forward,
+        "Exercise 04.10",
+        {
+            "the middle is missing": _unet_with("no middle"),
+            "without conv_norm_out": _unet_with("no out norm"),
+            "SiLU ran before conv_norm_out": _unet_with("silu first"),
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("check, exercise, message, wrong", named_mistakes(MISTAKES))
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
 
 
 # --- a wrong answer is not kept, an unsolved one gets no hint ---------------------
 
-
-@pytest.mark.parametrize(
-    ("check", "wrong", "part"),
-    [
-        (
-            checks.check_timestep_embedding,
-            lambda t, dim, *a, **k: checks._embedding(t, dim, sign=1.0),
-            "unet:timestep_embedding",
-        ),
-        (
-            checks.check_transformer_block_forward,
-            _post_norm,
-            "spatial_transformer:TransformerBlock.forward",
-        ),
-        (
-            checks.check_time_mlp_forward,
-            lambda self, x: self.linear_2(self.linear_1(x)),
-            "unet:TimestepEmbedding.forward",
-        ),
-        (checks.check_unet_forward, _unet_with("no middle"), "unet:UNet.forward"),
-    ],
-)
-def test_a_wrong_answer_is_not_kept(check, wrong, part, answers_home, capsys):
-    right = {e[0]: e[1] for e in EXERCISES}[check]
-    assert check(right)  # kept ...
-    assert not check(wrong)  # ... and forgotten when a later try fails
-    module, name = part.split(":")
-    assert name not in answers.kept(module)
-    fallback = object()
-    assert answers.use(part, fallback) is fallback
-    assert "the package's stands in" in capsys.readouterr().out
+# the part -> a wrong answer to it
+WRONG = {
+    "unet:timestep_embedding": _embedding_growing,
+    "unet:TimestepEmbedding.forward": _time_mlp_without_activation,
+    "spatial_transformer:TransformerBlock.forward": _post_norm,
+    "unet:UNet.forward": _unet_with("no middle"),
+}
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        checks.check_timestep_embedding,
-        checks.check_time_mlp_forward,
-        checks.check_transformer_block_forward,
-        checks.check_unet_forward,
-    ],
-)
-def test_unsolved_exercises_print_a_reminder_and_no_hint(check, answers_home, capsys):
-    verdict = check(unsolved)
-    assert isinstance(verdict, Verdict) and not verdict
-    out = capsys.readouterr().out
-    assert "not done yet" in out and "raise NotImplementedError" in out
-    assert "Hint" not in out
+@pytest.mark.parametrize("check, right, package, part", EXERCISES, ids=IDS)
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
+    check, right, package, part, capsys
+):
+    _keep_the_embedding(capsys)
+    assert_wrong_is_not_kept(check, right, WRONG[part], package, part, capsys)
+
+
+@pytest.mark.parametrize("check", [e[0] for e in EXERCISES], ids=IDS)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
+    assert_untouched_gets_no_hint(check, capsys)
 
 
 def test_a_forward_that_ignores_the_time_is_not_used(answers_home, capsys):
@@ -396,7 +360,7 @@ def test_hints_come_on_request_one_tier_more_each_time(capsys):
 def test_the_kept_answers_are_drop_ins_for_the_package(answers_home, capsys):
     """What chapter 06 does: install the kept forwards in a UNet of the course's
     shape; it gives the package's numbers, in float32 and in bfloat16."""
-    for check, right, _ in EXERCISES:
+    for check, right, *_ in EXERCISES:
         assert check(right)
     kept = {**answers.kept("unet"), **answers.kept("spatial_transformer")}
     latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 64)
