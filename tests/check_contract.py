@@ -25,7 +25,7 @@ def assert_passes_and_is_kept(check, right, package, part, capsys) -> None:
     assert answers.kept(module)[name].__name__ == right.__name__
     # read back from the file (a kernel restart), it passes again and is used
     assert answers.is_learners(answers.use(part, package, check))
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out == f"▶ {name}: your answer runs from here on\n"
 
 
 def assert_wrong_is_not_kept(check, right, wrong, package, part, capsys) -> None:

@@ -195,7 +195,7 @@ def use(
     check: Callable[[Callable], object] | None = None,
 ) -> Callable:
     """The learner's answer for `part` if it is kept and passes `check` again,
-    else `fallback`, the package's version, with a one-line notice.
+    else `fallback`, the package's version; a one-line notice says which.
 
     Args:
         part: "attention:Attention.forward".
@@ -226,9 +226,12 @@ def use(
             )
             return fallback
     answer.__sdlearn_learners__ = True
+    print(f"{YOURS} {name}: your answer runs from here on")
     return answer
 
 
+# the start of use's notice when the learner's answer is used
+YOURS = "▶"
 _REPLAYING = [False]
 
 

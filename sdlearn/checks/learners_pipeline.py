@@ -265,10 +265,9 @@ def use_learners_parts(pipe: StableDiffusionPipeline) -> Callable:
             code = answers.use(
                 part, fallbacks[part], recheck or _check_function(check_name)
             )
-        # the table says which parts are not kept; a kept one that fails now
-        # says why
+        # the table says whose each part is; a kept one that fails now says why
         for line in said.getvalue().splitlines():
-            if NOT_KEPT not in line:
+            if NOT_KEPT not in line and not line.startswith(answers.YOURS):
                 print(line)
         mine[part] = answers.is_learners(code)
         if not mine[part]:
