@@ -36,6 +36,8 @@ def slerp(
             f"expected a and b of the same shape, got {tuple(a.shape)} and "
             f"{tuple(b.shape)}"
         )
+    if weights.ndim != 1:
+        raise ValueError(f"expected weights of shape (N,), got {tuple(weights.shape)}")
     w = weights.to(a.dtype).reshape(-1, *([1] * a.ndim))  # (N, 1, ..., 1)
     cos = (a * b).sum() / (a.norm() * b.norm())  # of the angle between a and b
     if cos.abs() > threshold:

@@ -48,6 +48,13 @@ def ddpm_loss(
         The loss, a 0-dim tensor.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if x0.ndim != 4:
+        raise ValueError(f"expected x0 of shape (B, C, H, W), got {tuple(x0.shape)}")
+    if alphas_cumprod.ndim != 1:
+        raise ValueError(
+            f"expected alphas_cumprod of shape (num_train_timesteps,), got "
+            f"{tuple(alphas_cumprod.shape)}"
+        )
     B = x0.shape[0]
     # timesteps first, then the noise: the order fixes what a seed gives
     t = torch.randint(0, len(alphas_cumprod), (B,), generator=generator)  # (B,)
@@ -87,6 +94,10 @@ def ddpm_sample(
     Returns:
         (B, C, H, W) the samples.
     """
+    if noise.ndim != 4:
+        raise ValueError(
+            f"expected noise of shape (B, C, H, W), got {tuple(noise.shape)}"
+        )
     scheduler.set_timesteps(num_inference_steps)
     x = noise * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):

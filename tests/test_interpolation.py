@@ -48,3 +48,9 @@ def test_nearly_parallel_vectors_take_the_straight_line():
 def test_different_shapes_are_refused():
     with pytest.raises(ValueError, match="same shape"):
         slerp(torch.zeros(2, 3), torch.zeros(3, 2), torch.tensor([0.5]))
+
+
+def test_weights_of_another_shape_are_refused():
+    a = torch.ones(3)
+    with pytest.raises(ValueError, match=r"weights of shape \(N,\), got \(2, 1\)"):
+        slerp(a, -a, torch.zeros(2, 1))

@@ -44,6 +44,15 @@ def test_the_loss_refuses_an_unknown_target():
         ddpm_loss(model, torch.zeros(1, 3, 4, 4), torch.ones(10), "noise")
 
 
+def test_the_loss_and_the_loop_refuse_inputs_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"x0 of shape \(B, C, H, W\), got \(3, 4"):
+        ddpm_loss(model, torch.zeros(3, 4, 4), torch.ones(10), "epsilon")
+    with pytest.raises(ValueError, match="alphas_cumprod of shape"):
+        ddpm_loss(model, torch.zeros(1, 3, 4, 4), torch.ones(10, 1), "epsilon")
+    with pytest.raises(ValueError, match=r"noise of shape \(B, C, H, W\), got \(4"):
+        ddpm_sample(model, DDPMScheduler(), torch.zeros(4, 4), 2)
+
+
 def test_the_loop_calls_back_after_every_step():
     scheduler = DDPMScheduler(timestep_spacing="trailing", steps_offset=0)
     calls = []

@@ -637,3 +637,10 @@ def test_heun_is_second_order_and_euler_first():
     assert 1.6 < errors["euler", 10] / errors["euler", 20] < 2.5  # error ~ h
     assert 3.2 < errors["heun", 10] / errors["heun", 20] < 5  # error ~ h^2
     assert errors["heun", 10] < errors["euler", 20]
+
+
+def test_sample_sigmas_refuses_fewer_than_two_levels():
+    from sdlearn.schedulers.sigma_sampling import sample_sigmas
+
+    with pytest.raises(ValueError, match=r"sigmas of shape \(N \+ 1,\)"):
+        sample_sigmas(lambda x, sigma: x, torch.zeros(1, 4, 2, 2), torch.ones(1))

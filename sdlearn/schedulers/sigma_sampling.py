@@ -55,6 +55,11 @@ def sample_sigmas(
         (B, C, H, W) x at sigmas[-1].
     """
     check_choice("sampler", sampler, SIGMA_SAMPLERS)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(
+            f"expected sigmas of shape (N + 1,) with N >= 1 steps, got "
+            f"{tuple(sigmas.shape)}"
+        )
     x, previous = sample, None  # previous: the last step's x_0, for 2M
     n = len(sigmas) - 1
     for i in range(n):
