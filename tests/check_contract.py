@@ -6,7 +6,10 @@ code; every named mistake is named."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+import torch
 
 from sdlearn import checks as framework
 from sdlearn.checks import Verdict, answers
@@ -26,6 +29,15 @@ def assert_passes_and_is_kept(check, right, package, part, capsys) -> None:
     # read back from the file (a kernel restart), it passes again and is used
     assert answers.is_learners(answers.use(part, package, check))
     assert capsys.readouterr().out == f"▶ {name}: your answer runs from here on\n"
+
+
+def off_by_half(package: Callable) -> Callable:
+    """A wrong answer: the package's own result, times 1.5."""
+
+    def wrong(*args, **kwargs):
+        return package(*args, **kwargs) * 1.5
+
+    return wrong
 
 
 def assert_wrong_is_not_kept(check, right, wrong, package, part, capsys) -> None:
@@ -55,6 +67,14 @@ def assert_three_hint_tiers(check, exercise: str, code_marks: tuple) -> None:
     tiers = framework._HINTS[exercise]  # what the check registered
     assert len(tiers) == 3
     assert not any(mark in tiers[0] for mark in code_marks)
+
+
+def assert_random_state_untouched(checked: list[tuple[Callable, Callable]]) -> None:
+    """Each (check, right answer): checking draws from no global generator."""
+    state = torch.get_rng_state()
+    for check, right in checked:
+        check(right)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def named_mistakes(table: list[tuple]) -> list:

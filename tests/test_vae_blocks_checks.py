@@ -19,10 +19,12 @@ from sdlearn.checks import vae_blocks as checks
 from tests.check_contract import (
     assert_mistake_named,
     assert_passes_and_is_kept,
+    assert_random_state_untouched,
     assert_three_hint_tiers,
     assert_untouched_gets_no_hint,
     assert_wrong_is_not_kept,
     named_mistakes,
+    off_by_half,
 )
 
 # --- right answers, written as a learner would -------------------------------------
@@ -192,9 +194,7 @@ def test_the_failure_message_describes_the_block_briefly(capsys):
 def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
     check, right, package, part, capsys
 ):
-    def wrong(self, *args):
-        return package(self, *args) * 1.5
-
+    wrong = off_by_half(package)
     assert_wrong_is_not_kept(check, right, wrong, package, part, capsys)
 
 
@@ -215,7 +215,4 @@ def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check):
 
 
 def test_checks_leave_the_global_random_state_alone():
-    state = torch.get_rng_state()
-    for check, right, _, _ in EXERCISES:
-        check(right)
-    assert torch.equal(torch.get_rng_state(), state)
+    assert_random_state_untouched([(check, right) for check, right, _, _ in EXERCISES])

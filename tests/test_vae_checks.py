@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn import blocks, vae
-from sdlearn import checks as framework
 from sdlearn.checks import answers
 from sdlearn.checks import vae as checks
 from tests.check_contract import (
     assert_mistake_named,
     assert_passes_and_is_kept,
+    assert_random_state_untouched,
+    assert_three_hint_tiers,
     assert_untouched_gets_no_hint,
     assert_wrong_is_not_kept,
     named_mistakes,
-    unsolved,
+    off_by_half,
 )
 
 # --- right answers, written as a learner would -------------------------------------
@@ -212,9 +213,7 @@ def test_a_kl_summed_over_everything_is_named(capsys):
 def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(
     check, right, package, part, capsys
 ):
-    def wrong(self, *args):
-        return package(self, *args) * 1.5
-
+    wrong = off_by_half(package)
     assert_wrong_is_not_kept(check, right, wrong, package, part, capsys)
 
 
@@ -236,16 +235,15 @@ def test_an_untouched_exercise_gets_a_reminder_and_no_hint(check, capsys):
 
 @pytest.mark.parametrize("check", ALL_CHECKS)
 def test_hints_come_in_three_tiers_and_the_first_gives_no_code(check):
-    name = check.__doc__.split(":")[0]  # "Exercise 02.1"
-    check(unsolved)
-    tiers = framework._HINTS[name]  # what the check registered
-    assert len(tiers) == 3
-    assert "self." not in tiers[0] and "F." not in tiers[0] and "(" not in tiers[0]
+    exercise = check.__doc__.split(":")[0]  # "Exercise 02.1"
+    assert_three_hint_tiers(check, exercise, ("self.", "F.", "("))
 
 
 def test_checks_leave_the_global_random_state_alone():
-    state = torch.get_rng_state()
-    checks.check_resnet_forward(resnet_forward)
-    checks.check_sample(sample)
-    checks.check_kl(kl)
-    assert torch.equal(torch.get_rng_state(), state)
+    assert_random_state_untouched(
+        [
+            (checks.check_resnet_forward, resnet_forward),
+            (checks.check_sample, sample),
+            (checks.check_kl, kl),
+        ]
+    )
