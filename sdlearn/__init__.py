@@ -9,7 +9,7 @@ imports to it.
 
 __version__ = "0.1.0"
 
-# every module of the package -> the chapter that builds it (00 to 09)
+# every module of the package -> the chapter that builds it (00 to 10)
 CHAPTERS: dict[str, int] = {
     "sdlearn": 0,  # this table
     "shapes": 0,  # the course's procedurally drawn, captioned image data
@@ -83,6 +83,8 @@ CHAPTERS: dict[str, int] = {
     "checks.lora": 9,
     "checks.textual_inversion": 9,
     "checks.fine_tuning": 9,
-    "cli_parser": 9,  # the `sdlearn` command's arguments and their defaults
-    "cli": 9,  # the `sdlearn` command, which runs every chapter's parts
+    "fast": 10,  # what a step costs, what makes it shorter, the fast recipe
+    "checks.fast": 10,
+    "cli_parser": 10,  # the `sdlearn` command's arguments and their defaults
+    "cli": 10,  # the `sdlearn` command, which runs every chapter's parts
 }

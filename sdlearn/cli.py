@@ -58,6 +58,21 @@ def _choose_scheduler(pipe, args: argparse.Namespace) -> None:
     pipe.scheduler = with_sampler(pipe.scheduler, name, **settings)
 
 
+def _make_fast(pipe, args: argparse.Namespace) -> int:
+    """--fast and --compile: chapter 10's recipe on `pipe`, said on stderr;
+    returns the denoising steps to run (--steps, else the recipe's or 50)."""
+    from sdlearn.fast import FastRecipe
+
+    if not args.fast:
+        if args.compile:
+            raise ValueError("--compile needs --fast: it is a part of the recipe")
+        return args.steps or 50
+    recipe = FastRecipe(dtype=args.dtype or "auto", compile=args.compile)
+    done = recipe.apply(pipe)
+    print(f"sdlearn {args.command}: fast: {'; '.join(done)}", file=sys.stderr)
+    return args.steps or recipe.steps
+
+
 def tour(args: argparse.Namespace) -> int:
     """`sdlearn tour`: print the four parts and draw a grid of the shapes dataset."""
     import matplotlib
@@ -282,12 +297,11 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--mask needs --image: the picture to inpaint")
     if args.image is None and args.strength is not None:
         raise ValueError("--strength needs --image: it says how far to noise it")
-    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype or "float32")
     pipe.progress = not args.no_progress
     if any(source != "shipped" for source in pipe.sources.values()):
         where = ", ".join(f"{part} from {s}" for part, s in pipe.sources.items())
         print(f"sdlearn generate: {where}", file=sys.stderr)
-    _choose_scheduler(pipe, args)
     if args.lora is not None:
         adapter = _shipped_file(args.lora, "lora")
         load_lora(pipe.unet, adapter, prefix="unet", multiplier=args.lora_scale)
@@ -298,12 +312,14 @@ def generate(args: argparse.Namespace) -> int:
         embedding = _shipped_file(args.embedding, "textual-inversion")
         load_learned_embeds(pipe.tokenizer, pipe.text_encoder, embedding)
         pipe.to(dtype=pipe.dtype)
+    steps = _make_fast(pipe, args)  # after the adapters: it wraps the UNet
+    _choose_scheduler(pipe, args)  # --scheduler wins over the recipe's
     output = pipe(
         args.prompt,
         negative_prompt=args.negative,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         guidance_scale=args.guidance,
         generator=torch.Generator().manual_seed(args.seed),
         image=image,
@@ -332,7 +348,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from sdlearn.evaluate import evaluate_pipeline, format_table
     from sdlearn.shapes import image_grid
 
-    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype or "float32")
+    steps = _make_fast(pipe, args)
     _choose_scheduler(pipe, args)
     summaries, grids = {}, []
     for guidance in args.guidance:
@@ -340,7 +357,7 @@ def evaluate(args: argparse.Namespace) -> int:
             pipe,
             seeds=args.seeds,
             guidance_scale=guidance,
-            num_inference_steps=args.steps,
+            num_inference_steps=steps,
             progress=not args.no_progress,
         )
         for name, summary in scores.items():
@@ -348,8 +365,9 @@ def evaluate(args: argparse.Namespace) -> int:
         # the first seed's image of every prompt, one row per prompt set
         grids.append(np.concatenate([drawn[0] for drawn in images.values()]))
     print(
-        f"{args.seeds} seed(s) per prompt, {args.steps} steps of "
-        f"{type(pipe.scheduler).__name__} in {args.dtype} on {pipe.device.type} "
+        f"{args.seeds} seed(s) per prompt, {steps} steps of "
+        f"{type(pipe.scheduler).__name__} in {str(pipe.dtype).removeprefix('torch.')} "
+        f"on {pipe.device.type} "
         f"(colour+shape: both right in the same image)"
     )
     print(format_table(summaries))
@@ -361,12 +379,12 @@ def evaluate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         pipe(
             "a red circle",
-            num_inference_steps=args.steps,
+            num_inference_steps=steps,
             generator=torch.Generator().manual_seed(seed),
         )
         seconds.append(time.perf_counter() - start)
     print(
-        f"one image, {args.steps} steps with guidance: "
+        f"one image, {steps} steps with guidance: "
         f"{statistics.median(seconds):.2f} s (median of 3, "
         f"{torch.get_num_threads()} threads)"
     )

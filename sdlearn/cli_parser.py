@@ -54,6 +54,12 @@ def _scheduler_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _steps_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--steps", type=positive, help="denoising steps (default: 50; 20 with --fast)"
+    )
+
+
 def _guidance(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -306,10 +312,21 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="the models' precision (default: float32; bfloat16 on a CPU, "
-        "float16 on a GPU)",
+        help="the models' precision (default: float32; with --fast, bfloat16 "
+        "where the CPU is fast at it, float16 on a GPU)",
+    )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="chapter 10's recipe: bfloat16 where the CPU is fast at it, 20 DDIM "
+        "steps (--steps and --scheduler still choose)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --fast: torch.compile the UNet (a minute or more, once per run; "
+        "pays when drawing many images)",
     )
 
 
@@ -340,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="draw images for a prompt")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative", help="what to steer away from")
-    p.add_argument("--steps", type=positive, default=50, help="denoising steps")
+    _steps_argument(p)
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
     _scheduler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
@@ -382,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _device_arguments(p)
     p.add_argument("--seeds", type=positive, default=4, help="images per prompt")
-    p.add_argument("--steps", type=positive, default=50, help="denoising steps")
+    _steps_argument(p)
     p.add_argument(
         "--guidance",
         type=_guidance,

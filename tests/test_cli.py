@@ -352,3 +352,14 @@ def test_shipped_fine_tunes_by_name(tmp_path, capsys):
     assert "no shipped lora is named so (shipped: diamond)" in capsys.readouterr().err
     assert main([*argv, "--checkpoint", "nothing"]) == 1
     assert "dreambooth-ring" in capsys.readouterr().err
+
+
+def test_generate_fast_says_what_it_turned_on(tmp_path, capsys):
+    out = tmp_path / "fast.png"
+    argv = ["generate", "a red circle", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--fast", "--dtype", "float32", "--steps", "3"]) == 0
+    assert out.is_file()
+    err = capsys.readouterr().err
+    assert "fast: weights in float32; DDIMScheduler, 20 steps" in err
+    assert main([*argv, "--compile"]) == 1
+    assert "--compile needs --fast" in capsys.readouterr().err

@@ -1,0 +1,227 @@
+"""Chapter 10's checks: right answers pass and are kept, every named mistake
+is named, an untouched exercise gets no hint, a wrong answer is not kept, and
+checking draws from no global generator."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlearn import fast
+from sdlearn.checks import fast as checks
+from sdlearn.unet import timestep_embedding
+from tests.check_contract import (
+    assert_mistake_named,
+    assert_passes_and_is_kept,
+    assert_random_state_untouched,
+    assert_three_hint_tiers,
+    assert_untouched_gets_no_hint,
+    assert_wrong_is_not_kept,
+    named_mistakes,
+    off_by_half,
+)
+
+# --- right answers, as a learner writes them ----------------------------------------
+
+
+def time_alternating(steps, repeats=3, warmup=1):
+    runs = {name: [] for name in steps}
+    with torch.inference_mode():
+        for step in steps.values():
+            for _ in range(warmup):
+                step()
+        for r in range(repeats):
+            order = list(steps) if r % 2 == 0 else list(reversed(steps))
+            for name in order:
+                start = time.perf_counter()
+                steps[name]()
+                runs[name].append(time.perf_counter() - start)
+    return runs
+
+
+def conv_flops(conv, x):
+    B, _, H, W = x.shape
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    (ph, pw), (dh, dw) = conv.padding, conv.dilation
+    H_out = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    W_out = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    per_output = conv.in_channels // conv.groups * kh * kw
+    return 2 * B * conv.out_channels * H_out * W_out * per_output
+
+
+def shallow_forward(unet, sample, timestep, context, deep):
+    timesteps = unet._check_inputs(sample, timestep, context)
+    emb = timestep_embedding(timesteps, unet.config.block_out_channels[0])
+    temb = unet.time_embedding(emb.to(sample.dtype))
+    h = unet.conv_in(sample)
+    skips = [h]
+    level = unet.down_blocks[0]
+    for i in range(len(level.resnets)):
+        h = level.resnets[i](h, temb)
+        if level.attentions is not None:
+            h = level.attentions[i](h, context)
+        skips.append(h)
+    h = unet.up_blocks[-1](deep, temb, context, skips)
+    return unet.conv_out(F.silu(unet.conv_norm_out(h)))
+
+
+def cache_forward(self, sample, timestep, encoder_hidden_states):
+    t = float(torch.as_tensor(timestep).flatten()[0])
+    if self.deep is None or t >= self.last_timestep or len(sample) != len(self.deep):
+        self.reset()
+    full = self.calls % self.every == 0
+    self.calls += 1
+    self.last_timestep = t
+    if not full:
+        return shallow_forward(
+            self.unet, sample, timestep, encoder_hidden_states, self.deep
+        )
+    self.full_calls += 1
+    noise, self.deep = deep_forward(self.unet, sample, timestep, encoder_hidden_states)
+    return noise
+
+
+deep_forward = fast.deep_forward  # in a learner's kept file, the package's
+
+EXERCISES = [
+    (
+        checks.check_time_alternating,
+        time_alternating,
+        fast.time_alternating,
+        "fast:time_alternating",
+        "Exercise 10.1",
+    ),
+    (
+        checks.check_conv_flops,
+        conv_flops,
+        fast.conv_flops,
+        "fast:conv_flops",
+        "Exercise 10.2",
+    ),
+    (
+        checks.check_shallow_forward,
+        shallow_forward,
+        fast.shallow_forward,
+        "fast:shallow_forward",
+        "Exercise 10.3",
+    ),
+    (
+        checks.check_cache_forward,
+        cache_forward,
+        fast.FeatureCache.forward,
+        "fast:FeatureCache.forward",
+        "Exercise 10.4",
+    ),
+]
+
+
+@pytest.mark.parametrize("check, right, package, part, exercise", EXERCISES)
+def test_a_right_answer_passes_and_is_kept(
+    check, right, package, part, exercise, capsys
+):
+    assert_passes_and_is_kept(check, right, package, part, capsys)
+
+
+def _slipped(fn, table):
+    return {
+        message: functools.partial(fn, slip=slip) for message, slip in table.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "check, exercise, message, wrong",
+    named_mistakes(
+        [
+            (
+                checks.check_time_alternating,
+                "Exercise 10.1",
+                _slipped(checks._slipped_timer, checks.TIMER_SLIPS),
+            ),
+            (
+                checks.check_conv_flops,
+                "Exercise 10.2",
+                _slipped(checks._slipped_flops, checks.FLOP_SLIPS),
+            ),
+            (
+                checks.check_shallow_forward,
+                "Exercise 10.3",
+                _slipped(checks._slipped_shallow, checks.SHALLOW_SLIPS),
+            ),
+            (
+                checks.check_cache_forward,
+                "Exercise 10.4",
+                _slipped(checks._slipped_cache_forward, checks.CACHE_SLIPS),
+            ),
+        ]
+    ),
+)
+def test_each_named_mistake_is_recognised(check, exercise, message, wrong, capsys):
+    assert_mistake_named(check, exercise, message, wrong, capsys)
+
+
+def test_a_wrong_answer_is_not_kept_and_forgets_the_old_one(capsys):
+    package, part = fast.conv_flops, "fast:conv_flops"
+    wrong = off_by_half(package)
+    assert_wrong_is_not_kept(
+        checks.check_conv_flops, conv_flops, wrong, package, part, capsys
+    )
+
+
+@pytest.mark.parametrize("check, right, package, part, exercise", EXERCISES)
+def test_an_untouched_exercise_gets_a_reminder_and_no_hint(
+    check, right, package, part, exercise, capsys
+):
+    assert_untouched_gets_no_hint(check, capsys)
+
+
+@pytest.mark.parametrize("check, right, package, part, exercise", EXERCISES)
+def test_hints_come_in_three_tiers_and_the_first_gives_no_code(
+    check, right, package, part, exercise
+):
+    assert_three_hint_tiers(check, exercise, ("self.", "(", "torch."))
+
+
+def test_a_timer_on_the_real_clock_is_not_taken_for_the_fake_one(capsys):
+    def wall_clock(steps, repeats=3, warmup=1):
+        runs = {name: [] for name in steps}
+        for step in steps.values():
+            step()
+        for r in range(repeats):
+            for name in list(steps) if r % 2 == 0 else list(reversed(steps)):
+                start = time.time()
+                steps[name]()
+                runs[name].append(time.time() - start)
+        return runs
+
+    assert not checks.check_time_alternating(wall_clock)
+    assert "❌ Exercise 10.1" in capsys.readouterr().out
+
+
+def test_a_cache_that_never_refreshes_fails(capsys):
+    def stale(self, sample, timestep, encoder_hidden_states):
+        if self.deep is None:
+            noise, self.deep = fast.deep_forward(
+                self.unet, sample, timestep, encoder_hidden_states
+            )
+            return noise
+        return fast.shallow_forward(
+            self.unet, sample, timestep, encoder_hidden_states, self.deep
+        )
+
+    assert not checks.check_cache_forward(stale)
+    assert "❌ Exercise 10.4" in capsys.readouterr().out
+
+
+def test_checking_draws_from_no_global_generator():
+    assert_random_state_untouched(
+        [
+            (checks.check_time_alternating, time_alternating),
+            (checks.check_conv_flops, conv_flops),
+            (checks.check_shallow_forward, shallow_forward),
+            (checks.check_cache_forward, cache_forward),
+        ]
+    )
