@@ -121,6 +121,9 @@ def test_recipe_turns_on_its_rungs_once():
     assert images.shape == (1, 16, 16, 3)
     with pytest.raises(ValueError, match="fast already"):
         recipe.apply(pipe)
+    both = fast.FastRecipe(compile=True, cache_every=3)
+    with pytest.raises(ValueError, match="cache_every=3 do not go together"):
+        both.apply(random_pipeline())
 
 
 def test_recipe_picks_bfloat16_only_where_it_pays():
@@ -128,3 +131,12 @@ def test_recipe_picks_bfloat16_only_where_it_pays():
     expected = torch.bfloat16 if fast.bf16_pays() else torch.float32
     assert recipe.resolve_dtype(torch.device("cpu")) == expected
     assert isinstance(fast.bf16_pays(), bool)
+
+
+def test_compiled_freezes_the_weights():
+    import torch._inductor.config as inductor_config
+
+    unet = UNet(UNET_CONFIG).eval()
+    model = fast.compiled(unet)
+    assert inductor_config.freezing  # options={"freezing": True} would not
+    assert model._orig_mod is unet

@@ -1,17 +1,18 @@
 """Chapter 10's benchmark: sdlearn's fast path against diffusers, same weights.
 
 1. The machine: its matrix-multiply peak in float32 and bfloat16 (two 4096 x
-   4096 matrices, the median of 5), the roof a UNet step can approach.
+   4096 matrices, the median of 5), the roof a UNet step can approach; part 2
+   measures the bfloat16 one again, in turns with the steps it is set against.
 2. Stable Diffusion 1.5's UNet, one step on 64x64 latents (a 512x512 image), a
-   batch of 2 (classifier-free guidance), weights in bfloat16, contiguous
-   memory: sdlearn, sdlearn compiled (`sdlearn.fast.compiled`: inductor with
-   frozen weights), diffusers, and diffusers compiled the same way, taking turns;
-   the step's FLOPs over its time, as a fraction of the bfloat16 peak.
+   batch of 2 (classifier-free guidance), weights in bfloat16: sdlearn,
+   sdlearn compiled (`sdlearn.fast.compiled`: inductor with frozen weights) and
+   sdlearn in channels_last memory, and diffusers the same three ways, taking
+   turns; the step's FLOPs over its time, as a fraction of the bfloat16 peak.
 3. One 512x512 image end to end (text encoder, UNet steps, VAE decoder), Stable
    Diffusion 1.5's architecture with random weights shared by both libraries,
    guidance 7.5: diffusers' default (float32, PNDM, 50 steps), diffusers' CPU
-   recipe from its Intel example (bfloat16, channels_last UNet, DPM-Solver++,
-   20 steps; without the Intel extension), and `sdlearn generate --fast`'s
+   recipe from its Intel example (bfloat16, channels_last UNet and VAE,
+   DPM-Solver++, 20 steps; without the Intel extension), and `sdlearn generate --fast`'s
    recipe (`FastRecipe()`). The recipes take turns; diffusers' default, 8 to 9
    minutes an image on 2 cores, runs `--default-repeats` times.
 4. The recipe's cost in quality, on the course's tiny model: `sdlearn evaluate`'s
@@ -23,11 +24,13 @@ tools/bench_fast_results.md. Run it on a quiet machine: nothing else running.
 Usage:
     python tools/bench_fast.py                    # all four, about 25 minutes
     python tools/bench_fast.py --parts unet --repeats 3 --no-write
+    python tools/bench_fast.py --parts unet   # again; the other parts' results stay
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -90,8 +93,13 @@ def sd15_unets():
     return unet_from_diffusers(theirs).eval(), theirs.eval()
 
 
-def bench_unet(repeats: int, peak: float | None) -> dict:
-    """One bf16 step at 64x64: each way in turns; the FLOPs and the roofline."""
+def bench_unet(repeats: int) -> dict:
+    """One bf16 step at 64x64: each way in turns; the FLOPs and the roofline.
+
+    The roof is measured in the same turns: 4 products of two 4096 x 4096
+    bfloat16 matrices, so that the peak and the steps see the same machine
+    (a shared machine's speed drifts by tens of percent from minute to minute).
+    """
     ours, theirs = sd15_unets()
     ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
     g = torch.Generator().manual_seed(64)
@@ -99,13 +107,29 @@ def bench_unet(repeats: int, peak: float | None) -> dict:
     timestep = torch.tensor([500, 500])
     text = torch.randn(2, 77, 768, generator=g).bfloat16()
     ours_compiled, theirs_compiled = compiled(ours), compiled(theirs)
+    last = torch.channels_last
+    ours_last = copy.deepcopy(ours).to(memory_format=last)
+    theirs_last = copy.deepcopy(theirs).to(memory_format=last)
+    sample_last = sample.contiguous(memory_format=last)
     outputs, compile_seconds = {}, {}
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(4096, 4096, generator=g).bfloat16() for _ in range(2))
+
+    def matmuls() -> torch.Tensor:
+        for _ in range(3):
+            a @ b
+        return a @ b
+
     steps = {
         "sdlearn": lambda: ours(sample, timestep, text),
         "sdlearn compiled": lambda: ours_compiled(sample, timestep, text),
+        "sdlearn channels_last": lambda: ours_last(sample_last, timestep, text),
         "diffusers": lambda: theirs(sample, timestep, text, return_dict=False)[0],
         "diffusers compiled": lambda: theirs_compiled(
             sample, timestep, text, return_dict=False
+        )[0],
+        "diffusers channels_last": lambda: theirs_last(
+            sample_last, timestep, text, return_dict=False
         )[0],
     }
     with torch.inference_mode():
@@ -114,9 +138,12 @@ def bench_unet(repeats: int, peak: float | None) -> dict:
             outputs[name] = step().float()
             compile_seconds[name] = time.perf_counter() - start
             print(f"unet {name}: first call {compile_seconds[name]:.1f} s", flush=True)
-    runs = time_alternating(steps, repeats, warmup=0)
+    matmuls()  # its warm-up; the steps' first calls were theirs
+    runs = time_alternating({**steps, "peak": matmuls}, repeats, warmup=0)
+    peak = 4 * 2 * 4096**3 / statistics.median(runs.pop("peak"))
     flops = step_flops(UNetConfig.sd15(), 64)
     result = {"flops": flops, "first_call_seconds": compile_seconds, "runs": runs}
+    result["bf16_peak"] = peak
     result["median"] = {name: statistics.median(r) for name, r in runs.items()}
     result["ratio_to_diffusers"] = {
         name: ratio_of_pairs(runs, name, "diffusers") for name in runs
@@ -124,16 +151,41 @@ def bench_unet(repeats: int, peak: float | None) -> dict:
     result["ratio_to_diffusers_compiled"] = {
         name: ratio_of_pairs(runs, name, "diffusers compiled") for name in runs
     }
-    if peak:
-        result["peak_fraction"] = {
-            name: flops / seconds / peak for name, seconds in result["median"].items()
-        }
+    result["peak_fraction"] = {
+        name: flops / seconds / peak for name, seconds in result["median"].items()
+    }
+    result["vae_decode"] = bench_vae_decode(repeats)
     reference = outputs["diffusers"]
     result["max_abs_diff_to_diffusers"] = {
         name: (out - reference).abs().max().item() for name, out in outputs.items()
     }
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     return result
+
+
+def bench_vae_decode(repeats: int) -> dict:
+    """SD 1.5's VAE decoder, bfloat16, 64x64 latents to a 512x512 image:
+    contiguous against channels_last memory, in turns."""
+    from sdlearn.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.sd15()).eval().to(torch.bfloat16)
+    vae_last = copy.deepcopy(vae).to(memory_format=torch.channels_last)
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    latents = latents.bfloat16()
+    last = latents.contiguous(memory_format=torch.channels_last)
+    runs = time_alternating(
+        {
+            "contiguous": lambda: vae.decode(latents),
+            "channels_last": lambda: vae_last.decode(last),
+        },
+        repeats,
+    )
+    return {
+        "runs": runs,
+        "median": {name: statistics.median(r) for name, r in runs.items()},
+        "ratio": ratio_of_pairs(runs, "channels_last", "contiguous"),
+    }
 
 
 def sd15_pipelines():
@@ -193,16 +245,18 @@ def sd15_pipelines():
 
 def bench_image(repeats: int, default_repeats: int) -> dict:
     """One 512x512 image: diffusers' default, diffusers' CPU recipe, sdlearn's."""
-    import copy
-
     from diffusers import DPMSolverMultistepScheduler
 
     ours, theirs = sd15_pipelines()
     fast = FastRecipe()
     turned_on = fast.apply(ours)
 
+    # its Intel example's recipe without the Intel extension (which the
+    # example uses to cast to bfloat16): bfloat16 weights, channels_last UNet
+    # and VAE, DPM-Solver++; 20 steps, fewer than the example's 50
     recipe = copy.deepcopy(theirs).to(torch.bfloat16)
     recipe.unet.to(memory_format=torch.channels_last)
+    recipe.vae.to(memory_format=torch.channels_last)
     recipe.scheduler = DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)
 
     def draw(pipe, steps: int):
@@ -293,8 +347,12 @@ def tables(record: dict) -> str:
             "",
             "## SD 1.5's UNet, one step: 64x64 latents, batch 2, bfloat16 weights",
             "",
+            "Contiguous memory unless the row says channels_last.",
+            "",
             f"{unet['flops'] / 1e9:.0f} GFLOP a step (matrix products and "
-            "convolutions). Ratios: the median over rounds of back-to-back pairs.",
+            "convolutions). Ratios: the median over rounds of back-to-back pairs. "
+            "The bfloat16 peak, measured in the same turns (four 4096 x 4096 "
+            f"products a round): {unet['bf16_peak'] / 1e9:.0f} GFLOP/s.",
             "",
             "| | s/step | / diffusers | / diffusers compiled | of the bf16 peak "
             "| first call, s |",
@@ -308,6 +366,14 @@ def tables(record: dict) -> str:
                 f"| {'' if fraction is None else f'{fraction:.0%}'} "
                 f"| {unet['first_call_seconds'][name]:.0f} |"
             )
+        vae = unet["vae_decode"]
+        lines += [
+            "",
+            "SD 1.5's VAE decoder, bfloat16, 64x64 latents to 512x512 pixels: "
+            f"{vae['median']['contiguous']:.2f} s contiguous, "
+            f"{vae['median']['channels_last']:.2f} s channels_last "
+            f"(ratio {vae['ratio']:.2f}).",
+        ]
     if "image" in record:
         image = record["image"]
         lines += [
@@ -315,7 +381,8 @@ def tables(record: dict) -> str:
             "## One 512x512 image: SD 1.5's architecture, random weights",
             "",
             f"sdlearn --fast: {'; '.join(image['recipe'])}. diffusers' CPU "
-            "recipe: bfloat16, channels_last UNet, DPM-Solver++, 20 steps. "
+            "recipe (its Intel example's, without the Intel extension): bfloat16, "
+            "channels_last UNet and VAE, DPM-Solver++, 20 steps. "
             "diffusers' default: float32, PNDM, 50 steps.",
             "",
             "| | s/image | runs | of diffusers' default |",
@@ -370,19 +437,24 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="only print")
     args = parser.parse_args()
 
-    record = {"environment": environment()}
+    record = {}
+    if args.parts != list(PARTS) and RESULTS.with_suffix(".json").exists():
+        # some parts again: the others' results stay as the file has them
+        record = json.loads(RESULTS.with_suffix(".json").read_text())
+    record["environment"] = environment()
     load_before = os.getloadavg()[0]
     if "peak" in args.parts:
         record["peak"] = bench_peak()
         print(record["peak"], flush=True)
     if "unet" in args.parts:
-        peak = record.get("peak", {}).get("bfloat16")
-        record["unet"] = bench_unet(args.repeats, peak)
+        record["unet"] = bench_unet(args.repeats)
     if "image" in args.parts:
         record["image"] = bench_image(max(args.repeats - 2, 1), args.default_repeats)
     if "quality" in args.parts:
         record["quality"] = bench_quality(args.seeds)
     record["load"] = [load_before, os.getloadavg()[0]]
+    when = record["environment"]["date"]
+    record.setdefault("parts_run", {}).update({part: when for part in args.parts})
     text = tables(record)
     print(text)
     if not args.no_write:
