@@ -225,3 +225,62 @@ def test_checking_draws_from_no_global_generator():
             (checks.check_cache_forward, cache_forward),
         ]
     )
+
+
+def test_a_cache_that_ignores_the_batch_size_fails(capsys):
+    def no_batch_rule(self, sample, timestep, encoder_hidden_states):
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        if self.deep is None or t >= self.last_timestep:
+            self.reset()
+        full = self.calls % self.every == 0
+        self.calls += 1
+        self.last_timestep = t
+        if not full:
+            return shallow_forward(
+                self.unet, sample, timestep, encoder_hidden_states, self.deep
+            )
+        self.full_calls += 1
+        noise, self.deep = deep_forward(
+            self.unet, sample, timestep, encoder_hidden_states
+        )
+        return noise
+
+    assert not checks.check_cache_forward(no_batch_rule)
+    out = capsys.readouterr().out
+    assert "❌ Exercise 10.4" in out
+    assert "the deep features are of a batch of 1 and this step's of 2" in out
+
+
+def test_a_cache_that_forgets_to_count_full_calls_is_told_which_count(capsys):
+    def uncounted(self, sample, timestep, encoder_hidden_states):
+        out = cache_forward(self, sample, timestep, encoder_hidden_states)
+        self.full_calls = 0
+        return out
+
+    assert not checks.check_cache_forward(uncounted)
+    assert "self.full_calls is 0 after the last call" in capsys.readouterr().out
+
+
+def test_a_shallow_step_with_the_wrong_skips_is_told_which(capsys):
+    def whole_level(unet, sample, timestep, context, deep):
+        timesteps = unet._check_inputs(sample, timestep, context)
+        emb = timestep_embedding(timesteps, unet.config.block_out_channels[0])
+        temb = unet.time_embedding(emb)
+        h = unet.conv_in(sample)
+        skips = [h]
+        unet.down_blocks[0](h, temb, context, skips)  # its downsampler too
+        h = unet.up_blocks[-1](deep, temb, context, skips)
+        return unet.conv_out(F.silu(unet.conv_norm_out(h)))
+
+    assert not checks.check_shallow_forward(whole_level)
+    out = capsys.readouterr().out
+    assert "the last up block was handed 3 skips" in out
+    assert "its downsampler's output is level 1's" in out
+
+
+def test_a_case_names_its_unet_by_shape_not_by_layers(capsys):
+    reversed_skips = functools.partial(checks._slipped_shallow, slip="reversed")
+    assert not checks.check_shallow_forward(reversed_skips)
+    out = capsys.readouterr().out
+    assert "(a UNet of 2 levels (16, 32), a tensor of shape" in out
+    assert "SpatialTransformer(" not in out

@@ -77,6 +77,11 @@ def _describe(value: Any) -> str:
             tensors = f"{len(value)} tensors" if many else "1 tensor"
             return f"a {kind} of {tensors} of shape {shape} and dtype {dtype}"
         return f"a {kind} ({', '.join(_describe(v) for v in value)})"[:300]
+    if isinstance(value, nn.Module):  # its kind and shape, not its layers
+        widths = getattr(getattr(value, "config", None), "block_out_channels", None)
+        if widths is not None:
+            return f"a {type(value).__name__} of {len(widths)} levels {tuple(widths)}"
+        return f"a {type(value).__name__}"
     if " at 0x" in repr(value):  # an object with no repr of its own: its kind
         return f"a {type(value).__name__}"
     return f"{type(value).__name__} {value!r}"[:200]

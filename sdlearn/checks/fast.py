@@ -23,6 +23,7 @@ import functools
 import time
 import types
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdlearn import fast
-from sdlearn.checks import Case, Verdict, check, randn, seeded
+from sdlearn.checks import Case, Verdict, check, compare_values, randn, seeded
 from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.unet import UNet, UNetConfig, timestep_embedding
 
@@ -68,6 +69,14 @@ def _fake_clock(clock: _Clock) -> Iterator[None]:
         yield
     finally:
         time.perf_counter = real
+
+
+class FakeSteps(dict):
+    """{name: [seconds of its 1st run, 2nd run...]}, cycled: what each fake step
+    moves the fake clock by. Shown in a verdict by its names."""
+
+    def __repr__(self) -> str:
+        return f"({', '.join(self)}): steps that move a fake clock"
 
 
 def _run_timer(
@@ -148,9 +157,9 @@ TIMER_HINTS = [
 def check_time_alternating(fn: Callable) -> Verdict:
     """Exercise 10.1: `time_alternating(steps, repeats=3, warmup=1)`."""
     settings = [
-        ({"fused": [0.5, 0.25], "readable": [0.75]}, 3, 1),
-        ({"a": [0.125], "b": [0.25, 0.5], "c": [1.0, 2.0, 4.0]}, 4, 2),
-        ({"only": [0.5, 1.5]}, 2, 0),
+        (FakeSteps(fused=[0.5, 0.25], readable=[0.75]), 3, 1),
+        (FakeSteps(a=[0.125], b=[0.25, 0.5], c=[1.0, 2.0, 4.0]), 4, 2),
+        (FakeSteps(only=[0.5, 1.5]), 2, 0),
     ]
     cases = [Case(args, _run_timer(fast.time_alternating, *args)) for args in settings]
     mistakes = {
@@ -199,8 +208,10 @@ def _slipped_flops(conv: nn.Conv2d, x: torch.Tensor, *, slip: str) -> int:
 FLOP_SLIPS = {
     "half the count: that is multiply-adds; each is 2 FLOPs, a multiply and an "
     "add": "macs",
-    "the input's H x W: an output number is one patch's dot product, so count "
-    "the output's H_out x W_out (a stride of 2 halves them)": "input size",
+    "you counted the input's H x W: an output number is one patch's dot "
+    "product, so count the output's H_out x W_out (a stride of 2 halves them)": (
+        "input size"
+    ),
     "the groups were left out: each output channel reads C_in / groups "
     "channels": "groups",
     "the batch was left out: every image of the batch is convolved": "batch",
@@ -283,7 +294,31 @@ CONFIGS = (
 def _unet(index: int) -> UNet:
     with torch.device("meta"):
         unet = UNet(CONFIGS[index])
-    return seeded(unet, seed=1000 + index)
+    unet = seeded(unet, seed=1000 + index)
+    unet.up_blocks[-1].register_forward_pre_hook(_check_skips)
+    return unet
+
+
+def _check_skips(block: nn.Module, args: tuple) -> None:
+    """Before the last up block runs in a check: the skips it will pop are
+    level 0's, else a ValueError that says which are missing or too many (torch
+    would fail later, in a concatenation or a pop, with no word on why)."""
+    h, _, _, skips = args
+    if skips and h.shape[0] != skips[-1].shape[0]:
+        raise ValueError(
+            f"the deep features are of a batch of {h.shape[0]} and this step's of "
+            f"{skips[-1].shape[0]}: features kept for another batch do not fit (a "
+            "batch of another size starts a new image)"
+        )
+    wanted = len(block.resnets)  # conv_in's output and one per layer of level 0
+    sizes = [tuple(skip.shape[-2:]) for skip in skips]
+    if len(skips) == wanted and all(size == h.shape[-2:] for size in sizes):
+        return
+    raise ValueError(
+        f"the last up block was handed {len(skips)} skips of sizes {sizes}; it "
+        f"pops {wanted}, all {tuple(h.shape[-2:])}: conv_in's output, then each "
+        "layer's of level 0 (its downsampler's output is level 1's, not a skip)"
+    )
 
 
 def _inputs(index: int, batch: int, seed: int) -> tuple:
@@ -318,8 +353,10 @@ def _slipped_shallow(unet, sample, timestep, context, deep, *, slip: str):
 SHALLOW_SLIPS = {
     "the skips went in reversed: push conv_in's output first, then each layer's, "
     "as the full forward does; the up block pops the last first": "reversed",
-    "level 0's attentions were skipped: where the level has them, each layer is "
-    "a ResnetBlock, then its SpatialTransformer reading the text": "no attention",
+    "the skips are the ResnetBlocks' outputs, without their SpatialTransformers: "
+    "where level 0 has attentions, each layer is a ResnetBlock, then its "
+    "SpatialTransformer, and what a layer pushes is the transformer's output "
+    "(were they left out, or was the skip pushed before them?)": "no attention",
     "no SiLU after the last norm: the way out is norm, SiLU, conv_out": "no silu",
 }
 SHALLOW_HINTS = [
@@ -420,15 +457,34 @@ CACHE_HINTS = [
     "t; if full: self.full_calls += 1; noise, self.deep = deep_forward(self.unet, "
     "sample, timestep, encoder_hidden_states); return noise",
 ]
-# (UNet, every, [(batch, timestep) of each call]): two images, then another batch
-CACHE_RUNS = (
-    (0, 2, [(2, 900), (2, 800), (2, 700), (2, 600), (2, 500), (2, 900), (2, 700)]),
-    (1, 3, [(1, 999), (1, 666), (1, 333), (1, 1), (2, 1), (1, 800), (1, 800)]),
+
+
+class CacheRun(NamedTuple):
+    """One run of a check's FeatureCache: which UNet, its period, and the
+    (batch size, timestep) of each call, in order."""
+
+    unet: int  # index into CONFIGS
+    every: int
+    calls: tuple[tuple[int, int], ...]
+
+    def __repr__(self) -> str:
+        levels = len(CONFIGS[self.unet].block_out_channels)
+        return (
+            f"a {levels}-level UNet, full every {self.every}, calls of (batch, "
+            f"timestep) {list(self.calls)}"
+        )
+
+
+CACHE_RUNS = (  # two images, then a batch of another size
+    CacheRun(0, 2, ((2, 900), (2, 800), (2, 700), (2, 600), (2, 500), (2, 900))),
+    CacheRun(1, 3, ((1, 999), (1, 666), (2, 500), (2, 400), (2, 300), (2, 200))),
+    CacheRun(1, 2, ((1, 999), (1, 666), (1, 333), (1, 1), (1, 800), (1, 800))),
 )
 
 
-def _run_cache(forward: Callable, index: int, every: int, calls: list) -> tuple:
+def _run_cache(forward: Callable, run: CacheRun) -> tuple:
     """Each call's noise, then how many calls of the last image ran in full."""
+    index, every, calls = run
     cache = fast.FeatureCache(_unet(index), every)
     cache.forward = types.MethodType(forward, cache)
     outputs = []
@@ -439,11 +495,30 @@ def _run_cache(forward: Callable, index: int, every: int, calls: list) -> tuple:
     return (*outputs, cache.full_calls)
 
 
+def _cache_problem(actual: object, case: Case) -> str | None:
+    """What a run's outputs got wrong, by call, in words."""
+    (run,) = case.args
+    *noise, full_calls = case.expected
+    if not isinstance(actual, tuple) or len(actual) != len(case.expected):
+        return "the run did not give one output per call"
+    for i, (got, want) in enumerate(zip(actual, noise, strict=False)):
+        problem = compare_values(got, want, atol=1e-5, rtol=1e-5)
+        if problem:
+            batch, t = run.calls[i]
+            return f"call {i + 1} (batch {batch}, timestep {t}) {problem}"
+    if actual[-1] != full_calls:
+        return (
+            f"self.full_calls is {actual[-1]!r} after the last call, expected "
+            f"{full_calls}: count each full call of the image"
+        )
+    return None
+
+
 def check_cache_forward(fn: Callable) -> Verdict:
     """Exercise 10.4: `FeatureCache.forward(self, sample, timestep,
     encoder_hidden_states)`."""
     cases = [
-        Case(run, _run_cache(fast.FeatureCache.forward, *run)) for run in CACHE_RUNS
+        Case((run,), _run_cache(fast.FeatureCache.forward, run)) for run in CACHE_RUNS
     ]
     mistakes = {
         message: functools.partial(
@@ -457,6 +532,7 @@ def check_cache_forward(fn: Callable) -> Verdict:
         cases,
         atol=1e-5,
         rtol=1e-5,
+        compare=_cache_problem,
         hints=CACHE_HINTS,
         mistakes=mistakes,
         keep="fast:FeatureCache.forward",
