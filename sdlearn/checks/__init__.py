@@ -77,7 +77,7 @@ def _describe(value: Any) -> str:
             tensors = f"{len(value)} tensors" if many else "1 tensor"
             return f"a {kind} of {tensors} of shape {shape} and dtype {dtype}"
         return f"a {kind} ({', '.join(_describe(v) for v in value)})"[:300]
-    if isinstance(value, nn.Module):  # its kind and shape, not its layers
+    if isinstance(value, nn.Module) and "\n" in repr(value):  # not its layers
         widths = getattr(getattr(value, "config", None), "block_out_channels", None)
         if widths is not None:
             return f"a {type(value).__name__} of {len(widths)} levels {tuple(widths)}"
