@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sdlearn.attention import set_attention_backend  # noqa: E402
+from sdlearn.fast import time_alternating  # noqa: E402
 from sdlearn.interop.unet import (  # noqa: E402
     unet_config_to_diffusers,
     unet_from_diffusers,
@@ -49,12 +49,6 @@ RESULTS = ROOT / "tools" / "bench_unet_results.md"
 PRECISIONS = ("float32", "bf16-autocast")
 BATCH = 2  # classifier-free guidance: the conditional and the unconditional pass
 TEXT_TOKENS = 77  # CLIP's context length
-
-
-def timed(step: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = step()
-    return time.perf_counter() - start, out
 
 
 def bench_case(ours, theirs, size: int, precision: str, repeats: int) -> dict:
@@ -101,19 +95,11 @@ def inputs(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def alternate(steps: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict:
-    """Seconds of each of two steps, taking turns, after one warm-up of each."""
-    names = list(steps)
-    runs: dict[str, list[float]] = {name: [] for name in names}
-    outputs = {}
+    """Seconds of each step, taking turns (`sdlearn.fast.time_alternating`),
+    and the output of each one's warm-up run, to compare."""
     with torch.inference_mode():
-        for name in names:
-            outputs[name] = steps[name]()  # warm-up
-        for r in range(repeats):
-            # alternate who goes first, so that neither always follows the other
-            for name in names if r % 2 == 0 else names[::-1]:
-                seconds, _ = timed(steps[name])
-                runs[name].append(seconds)
-    return {"runs": runs, "outputs": outputs}
+        outputs = {name: step() for name, step in steps.items()}  # warm-up
+    return {"runs": time_alternating(steps, repeats, warmup=0), "outputs": outputs}
 
 
 # (name, attention backend, channels_last, bf16 autocast)
