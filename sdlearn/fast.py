@@ -76,6 +76,10 @@ def conv_flops(conv: nn.Conv2d, x: torch.Tensor) -> int:
     Each output number (B x C_out x H_out x W_out of them) is a dot product of
     one patch, C_in / groups channels by the kernel's kh x kw.
     """
+    if x.ndim != 4 or x.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"expected x of shape (B, {conv.in_channels}, H, W), got {tuple(x.shape)}"
+        )
     B = x.shape[0]
     H_out, W_out = _conv_output_size(conv, x.shape[-2:])
     kh, kw = conv.kernel_size
@@ -117,6 +121,11 @@ def time_alternating(
     model allocates its memory and picks its kernels). Runs under
     `torch.inference_mode()`.
     """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(
+            f"expected repeats >= 1 and warmup >= 0, got repeats={repeats}, "
+            f"warmup={warmup}"
+        )
     names = list(steps)
     runs: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
@@ -192,8 +201,25 @@ def shallow_forward(
     The way down stops after level 0's layers: their outputs, and conv_in's,
     are the skips the last up block pops. Level 0's downsampler feeds only the
     deeper levels, so it does not run either.
+
+    Args:
+        unet: the UNet.
+        sample: noisy latents (B, in_channels, H, W).
+        timestep: as `UNet.forward` takes it.
+        context: text tokens (B, S, cross_attention_dim).
+        deep: kept deep features (B, C_1, H, W), from `deep_forward`.
+
+    Returns:
+        the predicted noise (B, out_channels, H, W).
     """
     timesteps = unet._check_inputs(sample, timestep, context)
+    B, _, H, W = sample.shape
+    wanted = (B, unet.config.block_out_channels[1], H, W)
+    if tuple(deep.shape) != wanted:
+        raise ValueError(
+            f"expected deep features of shape {wanted} for sample of shape "
+            f"{tuple(sample.shape)}, got {tuple(deep.shape)}"
+        )
     t_emb = timestep_embedding(timesteps, unet.config.block_out_channels[0])
     temb = unet.time_embedding(t_emb.to(sample.dtype))  # (B, time_embed_dim)
 
@@ -254,6 +280,8 @@ class FeatureCache(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
     ) -> torch.Tensor:
+        """One denoising step, as `UNet.forward` (same arguments and shapes):
+        in full, keeping the deep features, or shallow, on the kept ones."""
         t = float(torch.as_tensor(timestep).flatten()[0])
         new_image = (
             self.deep is None
@@ -307,6 +335,13 @@ class FastRecipe:
     cache_every: int = 1
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.cache_every < 1:
+            raise ValueError(
+                f"expected steps >= 1 and cache_every >= 1, got steps={self.steps}, "
+                f"cache_every={self.cache_every}"
+            )
+
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype this recipe runs in on `device`."""
         if self.dtype != "auto":
@@ -317,8 +352,9 @@ class FastRecipe:
 
     def apply(self, pipe) -> list[str]:
         """Turn the recipe on for `pipe` (a `StableDiffusionPipeline`), in place:
-        its precision, its sampler and its UNet. Load adapters and learned
-        tokens first: the UNet is wrapped. Returns what was turned on, in words.
+        its precision and memory format, its sampler and its UNet. Load adapters
+        and learned tokens first: the UNet is wrapped. Returns what was turned
+        on, in words.
         The steps are the caller's: `pipe(prompt, num_inference_steps=recipe.steps)`.
         """
         if isinstance(pipe.unet, FeatureCache) or hasattr(pipe.unet, "_orig_mod"):

@@ -140,3 +140,18 @@ def test_compiled_freezes_the_weights():
     model = fast.compiled(unet)
     assert inductor_config.freezing  # options={"freezing": True} would not
     assert model._orig_mod is unet
+
+
+def test_bad_inputs_are_refused_naming_what_was_given():
+    unet, sample, context = unet_and_inputs(UNET_CONFIG)
+    t = torch.tensor([700, 300])
+    with pytest.raises(ValueError, match=r"expected deep features of shape \(2, 32"):
+        fast.shallow_forward(unet, sample, t, context, torch.zeros(2, 16, 8, 8))
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, 6, H, W\)"):
+        fast.conv_flops(nn.Conv2d(6, 4, 3), torch.zeros(1, 5, 8, 8))
+    with pytest.raises(ValueError, match="got repeats=0"):
+        fast.time_alternating({"a": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="got steps=0"):
+        fast.FastRecipe(steps=0)
+    with pytest.raises(ValueError, match="cache_every=0"):
+        fast.FastRecipe(cache_every=0)
