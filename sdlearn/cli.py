@@ -17,10 +17,12 @@ sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--device cpu|cuda|mps] [--dtype float32|bfloat16|float16]
                  [--image PATH --strength S] [--mask PATH]
                  [--lora PATH|CONCEPT [--lora-scale S]] [--embedding PATH|CONCEPT]
-                 [--out PATH]
-    draw images and print the paths of the PNGs written.
+                 [--fast [--compile]] [--out PATH]
+    draw images and print the paths of the PNGs written; --fast turns on
+    chapter 10's recipe (sdlearn.fast.FastRecipe).
 sdlearn evaluate [--checkpoint PATH|NAME] [--seeds N] [--steps N] [--guidance S ...]
-                 [--scheduler NAME [--karras]] [--device D] [--dtype T] [--out PATH]
+                 [--scheduler NAME [--karras]] [--device D] [--dtype T]
+                 [--fast [--compile]] [--out PATH]
     draw the evaluation prompts, score them (sdlearn.evaluate) and print a table.
 """
 
