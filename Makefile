@@ -12,7 +12,7 @@ PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -p no:cacheprovider -n 2
 
 .PHONY: setup demo test test-fast test-notebooks test-laptop test-slow check \
         format notebooks execute reference latest book book-test chromium \
-        readme-figure lab bench clean
+        readme-figure lab bench bench-deps clean
 
 setup: $(STAMP)
 
@@ -127,10 +127,23 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.allow_root=True chapters
 
 # Speed against diffusers on a quiet machine: the UNet step (about 8 minutes),
-# then chapter 10's fast path, a 512x512 image and the recipe's scores (about 25)
-bench: setup
+# then chapter 10's fast path, a 512x512 image and the recipe's scores (about 25),
+# then its later rungs: allocators, fused projections, merged tokens (about 10)
+bench: setup bench-deps
 	$(PY) tools/bench_unet.py
 	$(PY) tools/bench_fast.py
+	$(PY) tools/bench_rungs.py
+
+# The allocators chapter 10's benchmark tries, from the system's packages
+# (Debian/Ubuntu); without them it times the default allocator alone.
+bench-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			libjemalloc2 libtcmalloc-minimal4; \
+	else \
+		echo "optional, for make bench: sudo apt-get install libjemalloc2"; \
+		echo "libtcmalloc-minimal4 (Debian/Ubuntu); without them it skips them"; \
+	fi
 
 clean:
 	rm -rf book/_build book/solutions outputs .pytest_cache $(LATEST)

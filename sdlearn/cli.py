@@ -17,12 +17,12 @@ sdlearn generate PROMPT [--negative TEXT] [--steps N] [--guidance S] [--seed N]
                  [--device cpu|cuda|mps] [--dtype float32|bfloat16|float16]
                  [--image PATH --strength S] [--mask PATH]
                  [--lora PATH|CONCEPT [--lora-scale S]] [--embedding PATH|CONCEPT]
-                 [--fast [--compile]] [--out PATH]
+                 [--fast [--compile] [--merge RATIO]] [--out PATH]
     draw images and print the paths of the PNGs written; --fast turns on
     chapter 10's recipe (sdlearn.fast.FastRecipe).
 sdlearn evaluate [--checkpoint PATH|NAME] [--seeds N] [--steps N] [--guidance S ...]
                  [--scheduler NAME [--karras]] [--device D] [--dtype T]
-                 [--fast [--compile]] [--out PATH]
+                 [--fast [--compile] [--merge RATIO]] [--out PATH]
     draw the evaluation prompts, score them (sdlearn.evaluate) and print a table.
 """
 
@@ -61,15 +61,17 @@ def _choose_scheduler(pipe, args: argparse.Namespace) -> None:
 
 
 def _make_fast(pipe, args: argparse.Namespace) -> int:
-    """--fast and --compile: chapter 10's recipe on `pipe`, said on stderr;
+    """--fast, --compile and --merge: chapter 10's recipe on `pipe`, said on stderr;
     returns the denoising steps to run (--steps, else the recipe's or 50)."""
     from sdlearn.fast import FastRecipe
 
     if not args.fast:
-        if args.compile:
-            raise ValueError("--compile needs --fast: it is a part of the recipe")
+        for name in ("compile", "merge"):
+            if getattr(args, name) not in (None, False):
+                raise ValueError(f"--{name} needs --fast: it is a part of the recipe")
         return args.steps or 50
-    recipe = FastRecipe(dtype=args.dtype or "auto", compile=args.compile)
+    merge = {} if args.merge is None else {"merge_ratio": args.merge}
+    recipe = FastRecipe(dtype=args.dtype or "auto", compile=args.compile, **merge)
     done = recipe.apply(pipe)
     print(f"sdlearn {args.command}: fast: {'; '.join(done)}", file=sys.stderr)
     return args.steps or recipe.steps

@@ -41,6 +41,14 @@ def non_negative(text: str) -> int:
     return value
 
 
+def merge_ratio(text: str) -> float:
+    """argparse type: a share of tokens to merge, 0 to 0.75."""
+    value = float(text)
+    if not 0 <= value <= 0.75:
+        raise argparse.ArgumentTypeError(f"expected 0 to 0.75, got {value}")
+    return value
+
+
 def _scheduler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler",
@@ -320,7 +328,15 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
         "--fast",
         action="store_true",
         help="chapter 10's recipe: bfloat16 where the CPU is fast at it, 20 DDIM "
-        "steps (--steps and --scheduler still choose)",
+        "steps, half the outermost tokens merged (--steps, --scheduler and "
+        "--merge still choose)",
+    )
+    p.add_argument(
+        "--merge",
+        type=merge_ratio,
+        metavar="RATIO",
+        help="with --fast: the share of the outermost level's tokens merged before "
+        "its self-attention, 0 (none) to 0.75 (default: 0.5)",
     )
     p.add_argument(
         "--compile",

@@ -361,5 +361,14 @@ def test_generate_fast_says_what_it_turned_on(tmp_path, capsys):
     assert out.is_file()
     err = capsys.readouterr().err
     assert "fast: weights in float32; DDIMScheduler, 20 steps" in err
+    assert "50% of the outermost tokens merged" in err
     assert main([*argv, "--compile"]) == 1
     assert "--compile needs --fast" in capsys.readouterr().err
+    assert main([*argv, "--merge", "0.25"]) == 1
+    assert "--merge needs --fast" in capsys.readouterr().err
+    fast = [*argv, "--fast", "--dtype", "float32", "--steps", "2"]
+    assert main([*fast, "--merge", "0"]) == 0
+    assert "merged" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*fast, "--merge", "0.9"])
+    assert "expected 0 to 0.75, got 0.9" in capsys.readouterr().err

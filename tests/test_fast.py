@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdlearn import fast
+from sdlearn.attention import Attention
+from sdlearn.spatial_transformer import TransformerBlock
 from sdlearn.unet import UNet, UNetConfig
 from tests.helpers import UNET_CONFIG, random_pipeline, randomize_
 
@@ -126,6 +128,42 @@ def test_recipe_turns_on_its_rungs_once():
         both.apply(random_pipeline())
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_self_attention_is_the_three_projections(bias):
+    torch.manual_seed(0)
+    attention = Attention(16, heads=2, dim_head=8, bias=bias)
+    randomize_(attention, 1, 0.1)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    fused = fast.FusedSelfAttention(attention)
+    assert fused.to_qkv.weight.shape == (48, 16)
+    torch.testing.assert_close(fused(x), attention(x))
+
+
+def test_fuse_projections_swaps_only_the_self_attention():
+    unet, sample, context = unet_and_inputs(UNET_CONFIG)
+    t = torch.tensor([700, 300])
+    with torch.no_grad():
+        reference = unet(sample, t, context)
+        fast.fuse_projections(unet)
+        torch.testing.assert_close(unet(sample, t, context), reference)
+    blocks = [m for m in unet.modules() if isinstance(m, TransformerBlock)]
+    assert all(isinstance(b.attn1, fast.FusedSelfAttention) for b in blocks)
+    assert all(isinstance(b.attn2, Attention) for b in blocks)
+    with pytest.raises(ValueError, match="expected a self-attention layer"):
+        fast.FusedSelfAttention(blocks[0].attn2)
+
+
+def test_recipe_merges_half_the_outermost_tokens_by_default():
+    pipe = random_pipeline()
+    done = fast.FastRecipe(dtype="float32").apply(pipe)
+    assert "50% of the outermost tokens merged" in done
+    assert pipe.unet._token_merging.ratio == 0.5
+    with pytest.raises(ValueError, match="fast already"):
+        fast.FastRecipe(dtype="float32").apply(pipe)
+    none = fast.FastRecipe(dtype="float32", merge_ratio=0)
+    assert not any("merged" in line for line in none.apply(random_pipeline()))
+
+
 def test_recipe_picks_bfloat16_only_where_it_pays():
     recipe = fast.FastRecipe()
     expected = torch.bfloat16 if fast.bf16_pays() else torch.float32
@@ -155,3 +193,5 @@ def test_bad_inputs_are_refused_naming_what_was_given():
         fast.FastRecipe(steps=0)
     with pytest.raises(ValueError, match="cache_every=0"):
         fast.FastRecipe(cache_every=0)
+    with pytest.raises(ValueError, match="merge_ratio between 0 and 0.75, got 1"):
+        fast.FastRecipe(merge_ratio=1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from sdlearn import fast
 from sdlearn.checks import fast as checks
+from sdlearn.checks import fused as fused_checks
 from sdlearn.unet import timestep_embedding
 from tests.check_contract import (
     assert_mistake_named,
@@ -85,6 +86,15 @@ def cache_forward(self, sample, timestep, encoder_hidden_states):
     return noise
 
 
+def fused_forward(self, hidden_states):
+    B, T, _ = hidden_states.shape
+    q, k, v = self.to_qkv(hidden_states).chunk(3, dim=-1)
+    q, k, v = (x.view(B, T, self.heads, -1).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(1, 2).reshape(B, T, -1)
+    return self.to_out[1](self.to_out[0](out))
+
+
 deep_forward = fast.deep_forward  # in a learner's kept file, the package's
 
 EXERCISES = [
@@ -115,6 +125,13 @@ EXERCISES = [
         fast.FeatureCache.forward,
         "fast:FeatureCache.forward",
         "Exercise 10.4",
+    ),
+    (
+        fused_checks.check_fused_forward,
+        fused_forward,
+        fast.FusedSelfAttention.forward,
+        "fast:FusedSelfAttention.forward",
+        "Exercise 10.5",
     ),
 ]
 
@@ -155,6 +172,11 @@ def _slipped(fn, table):
                 checks.check_cache_forward,
                 "Exercise 10.4",
                 _slipped(checks._slipped_cache_forward, checks.CACHE_SLIPS),
+            ),
+            (
+                fused_checks.check_fused_forward,
+                "Exercise 10.5",
+                _slipped(fused_checks._slipped_forward, fused_checks.FUSED_SLIPS),
             ),
         ]
     ),
@@ -223,6 +245,7 @@ def test_checking_draws_from_no_global_generator():
             (checks.check_conv_flops, conv_flops),
             (checks.check_shallow_forward, shallow_forward),
             (checks.check_cache_forward, cache_forward),
+            (fused_checks.check_fused_forward, fused_forward),
         ]
     )
 
