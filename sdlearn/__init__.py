@@ -86,7 +86,7 @@ CHAPTERS: dict[str, int] = {
     "merging": 10,  # merging alike tokens before attention (ToMe)
     "fast": 10,  # what a step costs, what makes it shorter, the fast recipe
     "checks.fast": 10,
-    "checks.fused": 10,
+    "checks.fast_attention": 10,
     "cli_parser": 10,  # the `sdlearn` command's arguments and their defaults
     "cli": 10,  # the `sdlearn` command, which runs every chapter's parts
 }

@@ -20,6 +20,7 @@ the feed-forward keep every token. `TokenMerging.remove()` undoes it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,26 @@ def _expand(index: torch.Tensor, C: int) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, C)
 
 
+def grid_cells(
+    height: int, width: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The destinations, one per 2x2 cell of a height x width grid (its
+    top-left token), and the sources, every other token; both in grid order,
+    as indices of the flattened grid.
+
+    Returns:
+        dst (M,) and src (N - M,), M = ceil(height / 2) * ceil(width / 2).
+    """
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    is_dst = (rows[:, None] % 2 == 0) & (cols[None, :] % 2 == 0)  # (H, W)
+    M = math.ceil(height / 2) * math.ceil(width / 2)
+    # destinations first, each part in grid order (sorting, not boolean
+    # indexing, keeps the shapes known to torch.compile)
+    order = is_dst.flatten().int().argsort(descending=True, stable=True)  # (N,)
+    return order[:M], order[M:]
+
+
 def bipartite_merge(x: torch.Tensor, height: int, width: int, r: int) -> Merge:
     """Choose which `r` tokens of `x` to merge, and into which.
 
@@ -104,14 +125,7 @@ def bipartite_merge(x: torch.Tensor, height: int, width: int, r: int) -> Merge:
             f"{height}x{width} grid, got {tuple(x.shape)}"
         )
     # 1. one destination per 2x2 cell, its top-left token; the rest are sources
-    rows = torch.arange(height, device=x.device)
-    cols = torch.arange(width, device=x.device)
-    is_dst = (rows[:, None] % 2 == 0) & (cols[None, :] % 2 == 0)  # (H, W)
-    M = math.ceil(height / 2) * math.ceil(width / 2)
-    # destinations first, each part in grid order (sorting, not boolean
-    # indexing, keeps the shapes known to torch.compile)
-    order = is_dst.flatten().int().argsort(descending=True, stable=True)  # (N,)
-    dst, src = order[:M], order[M:]  # (M,), (N - M,)
+    dst, src = grid_cells(height, width, x.device)  # (M,), (N - M,)
     if not 0 <= r <= len(src):
         raise ValueError(f"expected 0 <= r <= {len(src)} sources, got r={r}")
 
@@ -131,7 +145,13 @@ class TokenMerging:
     and their names are untouched. Made by `merge_tokens`; `remove()` undoes it.
     """
 
-    def __init__(self, unet: nn.Module, ratio: float, levels: int = 1) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        ratio: float,
+        levels: int = 1,
+        choose: Callable[..., Merge] = bipartite_merge,
+    ) -> None:
         if not 0 <= ratio <= 0.75:
             raise ValueError(f"expected a ratio between 0 and 0.75, got {ratio}")
         if levels < 1:
@@ -141,6 +161,7 @@ class TokenMerging:
         unet._token_merging = self
         self.unet = unet
         self.ratio = ratio
+        self.choose = choose
         self.size: tuple[int, int] | None = None  # the latents' (H, W), this call
         self.handles = [unet.register_forward_pre_hook(self._keep_size)]
         for level, transformer in _spatial_transformers(unet):
@@ -162,7 +183,7 @@ class TokenMerging:
             x = args[0]
             sources = x.shape[1] - math.ceil(height / 2) * math.ceil(width / 2)
             r = min(int(x.shape[1] * self.ratio), sources)
-            pending.append(bipartite_merge(x, height, width, r))
+            pending.append(self.choose(x, height, width, r))
             return (pending[-1].merge(x), *args[1:])
 
         def unmerge_output(module: nn.Module, args: tuple, output: torch.Tensor):
@@ -189,7 +210,12 @@ def _spatial_transformers(unet: nn.Module):
         yield from ((deepest - i, t) for t in block.attentions or [])
 
 
-def merge_tokens(unet: nn.Module, ratio: float = 0.5, levels: int = 1) -> TokenMerging:
+def merge_tokens(
+    unet: nn.Module,
+    ratio: float = 0.5,
+    levels: int = 1,
+    choose: Callable[..., Merge] = bipartite_merge,
+) -> TokenMerging:
     """Merge `ratio` of the tokens before every self-attention of the UNet's
     outermost `levels` levels, and unmerge after.
 
@@ -202,8 +228,10 @@ def merge_tokens(unet: nn.Module, ratio: float = 0.5, levels: int = 1) -> TokenM
         unet: the UNet; its SpatialTransformers are hooked, nothing is replaced.
         ratio: the share of each layer's tokens merged away, 0 to 0.75.
         levels: how many levels, from the outermost, merge.
+        choose: `(tokens, height, width, r) -> Merge`, which tokens merge and
+            into which; `bipartite_merge` by default.
 
     Returns:
         the `TokenMerging`; its `remove()` undoes it.
     """
-    return TokenMerging(unet, ratio, levels)
+    return TokenMerging(unet, ratio, levels, choose)

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlearn import fast
+from sdlearn import fast, merging
 from sdlearn.checks import fast as checks
-from sdlearn.checks import fused as fused_checks
+from sdlearn.checks import fast_attention as attention_checks
+from sdlearn.merging import Merge, grid_cells
 from sdlearn.unet import timestep_embedding
 from tests.check_contract import (
     assert_mistake_named,
@@ -95,6 +96,15 @@ def fused_forward(self, hidden_states):
     return self.to_out[1](self.to_out[0](out))
 
 
+def bipartite_merge(x, height, width, r):
+    dst, src = grid_cells(height, width)
+    unit = F.normalize(x, dim=-1)
+    similarity = torch.einsum("bsc,bdc->bsd", unit[:, src], unit[:, dst])
+    best, into = similarity.max(dim=-1)
+    order = torch.sort(best, dim=-1, descending=True).indices
+    return Merge(dst, src, order[:, r:], order[:, :r], into.gather(1, order[:, :r]))
+
+
 deep_forward = fast.deep_forward  # in a learner's kept file, the package's
 
 EXERCISES = [
@@ -127,11 +137,18 @@ EXERCISES = [
         "Exercise 10.4",
     ),
     (
-        fused_checks.check_fused_forward,
+        attention_checks.check_fused_forward,
         fused_forward,
         fast.FusedSelfAttention.forward,
         "fast:FusedSelfAttention.forward",
         "Exercise 10.5",
+    ),
+    (
+        attention_checks.check_bipartite_merge,
+        bipartite_merge,
+        merging.bipartite_merge,
+        "merging:bipartite_merge",
+        "Exercise 10.6",
     ),
 ]
 
@@ -174,9 +191,16 @@ def _slipped(fn, table):
                 _slipped(checks._slipped_cache_forward, checks.CACHE_SLIPS),
             ),
             (
-                fused_checks.check_fused_forward,
+                attention_checks.check_fused_forward,
                 "Exercise 10.5",
-                _slipped(fused_checks._slipped_forward, fused_checks.FUSED_SLIPS),
+                _slipped(
+                    attention_checks._slipped_forward, attention_checks.FUSED_SLIPS
+                ),
+            ),
+            (
+                attention_checks.check_bipartite_merge,
+                "Exercise 10.6",
+                _slipped(attention_checks._slipped_merge, attention_checks.MERGE_SLIPS),
             ),
         ]
     ),
@@ -245,7 +269,8 @@ def test_checking_draws_from_no_global_generator():
             (checks.check_conv_flops, conv_flops),
             (checks.check_shallow_forward, shallow_forward),
             (checks.check_cache_forward, cache_forward),
-            (fused_checks.check_fused_forward, fused_forward),
+            (attention_checks.check_fused_forward, fused_forward),
+            (attention_checks.check_bipartite_merge, bipartite_merge),
         ]
     )
 
