@@ -1,4 +1,4 @@
-"""Chapter 10's later rungs: process settings, fused projections, merged tokens.
+"""Chapter 10's later rungs: settings, fused layers, merged tokens, a small decoder.
 
 1. settings: the allocator and OpenMP's thread placement, which a process
    fixes when it starts, so each setting runs in a process of its own, the
@@ -13,15 +13,18 @@
    level 0's projections alone, three products against one; the fused
    attention kernel at head widths 40 to 128; and the tiny model's step
    (float32, 8x8 latents) with and without fused projections.
-3. quality: `sdlearn evaluate`'s scores on the tiny model (4 seeds, guidance 7.5
+3. decoder: SD 1.5's VAE decoder against one of half the width (random
+   weights: the time only), bfloat16, channels_last, 64x64 latents to 512x512.
+4. quality: `sdlearn evaluate`'s scores on the tiny model (4 seeds, guidance 7.5
    and 1) for the recipe without merging, with fused projections, with half
-   the tokens merged (the recipe) and with three quarters.
+   the tokens merged (the recipe), with three quarters, and with the course's
+   small decoder (`sdlearn.small_decoder`).
 
 Every run's seconds go to tools/bench_rungs_results.json, the tables to
 tools/bench_rungs_results.md. Run it on a quiet machine.
 
 Usage:
-    python tools/bench_rungs.py                    # all three, about 10 minutes
+    python tools/bench_rungs.py                    # all four, about 12 minutes
     python tools/bench_rungs.py --parts rungs --no-write
 """
 
@@ -52,11 +55,18 @@ from sdlearn.fast import (  # noqa: E402
 )
 from sdlearn.merging import merge_tokens  # noqa: E402
 from sdlearn.pipeline_io import from_pretrained  # noqa: E402
+from sdlearn.small_decoder import (  # noqa: E402
+    SmallDecoder,
+    WithDecoder,
+    shipped_small_decoder,
+    smaller_config,
+)
 from sdlearn.unet import UNet, UNetConfig  # noqa: E402
+from sdlearn.vae import VAEConfig  # noqa: E402
 from tools.bench_fast import environment  # noqa: E402
 
 RESULTS = ROOT / "tools" / "bench_rungs_results"
-PARTS = ("settings", "rungs", "quality")
+PARTS = ("settings", "rungs", "decoder", "quality")
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 # jemalloc's settings from PyTorch's CPU performance guide: keep freed pages
 # for reuse, rather than give them back to the system after every step
@@ -223,6 +233,30 @@ def bench_attention(repeats: int) -> dict:
     return result
 
 
+def bench_decoder(repeats: int) -> dict:
+    """SD 1.5's VAE decoder against one of half the width (random weights: the
+    time only), bfloat16 in channels_last memory, 64x64 latents to a 512x512
+    image, in turns."""
+    torch.manual_seed(0)
+    config = VAEConfig.sd15()
+    decoders = {
+        "full width": SmallDecoder(config),  # the VAE's own post_quant_conv, decoder
+        "half width": SmallDecoder(smaller_config(config)),
+    }
+    for decoder in decoders.values():
+        decoder.eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, 64, 64, generator=g).bfloat16()
+    z = z.contiguous(memory_format=torch.channels_last)
+    runs = time_alternating({n: lambda d=d: d(z) for n, d in decoders.items()}, repeats)
+    result = _summary(runs, "full width")
+    result["parameters"] = {
+        name: sum(p.numel() for p in d.parameters()) for name, d in decoders.items()
+    }
+    print(json.dumps(_drop_runs(result), indent=1))
+    return result
+
+
 def _summary(runs: dict[str, list[float]], baseline: str) -> dict:
     return {
         "runs": runs,
@@ -236,18 +270,31 @@ def _drop_runs(summary: dict) -> dict:
 
 
 def bench_quality(seeds: int) -> dict:
-    """The tiny model's scores: the recipe, with fused projections, with merging."""
+    """The tiny model's scores: the recipe, with fused projections, with
+    merging, with the small decoder."""
+
+    def unchanged(pipe) -> None:
+        pass
+
+    def fused(pipe) -> None:
+        fuse_projections(pipe.unet)
+
+    def small_decoder(pipe) -> None:
+        decoder = shipped_small_decoder().to(pipe.dtype)
+        pipe.vae = WithDecoder(pipe.vae, decoder.to(memory_format=torch.channels_last))
+
     ways = {  # the recipe without merging, the baseline; then each rung on it
-        "no merging": (FastRecipe(merge_ratio=0), lambda unet: None),
-        "fused projections": (FastRecipe(merge_ratio=0), fuse_projections),
-        "tokens merged 50% (--fast)": (FastRecipe(), lambda unet: None),
-        "tokens merged 75%": (FastRecipe(merge_ratio=0.75), lambda unet: None),
+        "no merging": (FastRecipe(merge_ratio=0), unchanged),
+        "fused projections": (FastRecipe(merge_ratio=0), fused),
+        "tokens merged 50% (--fast)": (FastRecipe(), unchanged),
+        "tokens merged 75%": (FastRecipe(merge_ratio=0.75), unchanged),
+        "small decoder": (FastRecipe(merge_ratio=0), small_decoder),
     }
     scores = {}
     for name, (recipe, change) in ways.items():
         pipe = from_pretrained()
         recipe.apply(pipe)
-        change(pipe.unet)
+        change(pipe)
         for guidance in (7.5, 1.0):
             summaries, _ = evaluate_pipeline(
                 pipe,
@@ -332,6 +379,22 @@ def tables(record: dict) -> str:
         for name, seconds in attention["median"].items():
             speed = attention["gflop_per_second"][name]
             lines.append(f"| {name} | {seconds * 1e3:.1f} | {speed:.0f} |")
+    if "decoder" in record:
+        d = record["decoder"]
+        lines += [
+            "",
+            "## A decoder of half the width: SD 1.5's VAE, 64x64 latents to 512x512",
+            "",
+            "bfloat16, channels_last, random weights (the time only), in turns.",
+            "",
+            "| | s | / full width | parameters |",
+            "|---|---|---|---|",
+        ]
+        for name, seconds in d["median"].items():
+            lines.append(
+                f"| {name} | {seconds:.3f} | {d['ratio'][name]:.2f} "
+                f"| {d['parameters'][name] / 1e6:.1f} M |"
+            )
     if "quality" in record:
         q = record["quality"]
         lines += [
@@ -378,6 +441,8 @@ def main() -> None:
         record["settings"] = bench_settings(args.rounds, args.repeats)
     if "rungs" in args.parts:
         record["rungs"] = bench_rungs(args.repeats)
+    if "decoder" in args.parts:
+        record["decoder"] = bench_decoder(args.repeats)
     if "quality" in args.parts:
         record["quality"] = bench_quality(args.seeds)
     record["load"] = [load_before, os.getloadavg()[0]]

@@ -292,8 +292,9 @@ def _where(error: Exception) -> str:
     that raised it when that is another."""
     frames = traceback.extract_tb(error.__traceback__)
     theirs = [f for f in frames if not f.filename.startswith(_LIBRARIES)]
-    if not theirs:
-        return f"at line {frames[-1].lineno}: {frames[-1].line}"
+    if not theirs:  # raised on what the learner's code returned
+        last = frames[-1]
+        return f"in {Path(last.filename).name}, line {last.lineno}: {last.line}"
     frame, last = theirs[-1], frames[-1]
     where = f"at line {frame.lineno} of your code: {frame.line}"
     if last is not frame:

@@ -53,6 +53,8 @@ def _slipped_forward(self, hidden_states, *, slip: str):
         q, k, v = qkv.chunk(3, dim=-1)
         if slip == "order":
             k, v = v, k
+        if slip == "order q k":
+            q, k = k, q
         q, k, v = (split_heads(x, self.heads) for x in (q, k, v))
     if slip == "no scale":
         out = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
@@ -73,6 +75,8 @@ FUSED_SLIPS = {
     "dimension first, then split each into heads": "heads first",
     "k and v are swapped: to_qkv's weight is to_q's, to_k's and to_v's stacked "
     "in that order, so its output is q, k, v in that order": "order",
+    "q and k are swapped: to_qkv's weight is to_q's, to_k's and to_v's stacked "
+    "in that order, so its output is q, k, v in that order": "order q k",
     "no 1/sqrt(hd) scale in the softmax: F.scaled_dot_product_attention "
     "scales for you": "no scale",
     "the heads were put side by side by a reshape alone: (B, nh, T, hd) must "
@@ -124,6 +128,19 @@ def _merged_and_back(fn: Callable, x, height, width, r) -> torch.Tensor:
     if not isinstance(merge, Merge):
         kind = type(merge).__name__
         raise TypeError(f"expected a Merge(dst, src, kept, merged, into), got {kind}")
+    M, sources = len(merge.dst), len(merge.src)
+    for name, bound, what in (
+        ("into", M, "a position in dst, 0 to M - 1"),
+        ("merged", sources, "a position in src, 0 to N - M - 1"),
+        ("kept", sources, "a position in src, 0 to N - M - 1"),
+    ):
+        index = getattr(merge, name)
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < bound:
+            raise ValueError(
+                f"{name} holds {int(index.max())}, but each of its numbers is {what} "
+                f"(here M = {M} destinations, N - M = {sources} sources), not a "
+                "token's index in the grid"
+            )
     merged = merge.merge(x)
     if merged.shape[1] != x.shape[1] - r:
         raise ValueError(
