@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -452,15 +453,28 @@ def main() -> None:
         record["image"] = bench_image(max(args.repeats - 2, 1), args.default_repeats)
     if "quality" in args.parts:
         record["quality"] = bench_quality(args.seeds)
+    finish(record, args.parts, load_before, RESULTS, tables, write=not args.no_write)
+
+
+def finish(
+    record: dict,
+    parts: list[str],
+    load_before: float,
+    results: Path,
+    tables: Callable[[dict], str],
+    write: bool = True,
+) -> None:
+    """Stamps `record` with the load and the parts run, prints its tables, and
+    writes both, `results`.json and .md (unless `write` is False)."""
     record["load"] = [load_before, os.getloadavg()[0]]
     when = record["environment"]["date"]
-    record.setdefault("parts_run", {}).update({part: when for part in args.parts})
+    record.setdefault("parts_run", {}).update({part: when for part in parts})
     text = tables(record)
     print(text)
-    if not args.no_write:
-        RESULTS.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-        RESULTS.with_suffix(".md").write_text(text)
-        print(f"wrote {RESULTS.relative_to(ROOT)}.json and .md")
+    if write:
+        results.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        results.with_suffix(".md").write_text(text)
+        print(f"wrote {results.relative_to(ROOT)}.json and .md")
 
 
 if __name__ == "__main__":

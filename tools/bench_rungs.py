@@ -63,7 +63,7 @@ from sdlearn.small_decoder import (  # noqa: E402
 )
 from sdlearn.unet import UNet, UNetConfig  # noqa: E402
 from sdlearn.vae import VAEConfig  # noqa: E402
-from tools.bench_fast import environment  # noqa: E402
+from tools.bench_fast import environment, finish  # noqa: E402
 
 RESULTS = ROOT / "tools" / "bench_rungs_results"
 PARTS = ("settings", "rungs", "decoder", "quality")
@@ -445,15 +445,7 @@ def main() -> None:
         record["decoder"] = bench_decoder(args.repeats)
     if "quality" in args.parts:
         record["quality"] = bench_quality(args.seeds)
-    record["load"] = [load_before, os.getloadavg()[0]]
-    when = record["environment"]["date"]
-    record.setdefault("parts_run", {}).update({part: when for part in args.parts})
-    text = tables(record)
-    print(text)
-    if not args.no_write:
-        RESULTS.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-        RESULTS.with_suffix(".md").write_text(text)
-        print(f"wrote {RESULTS.relative_to(ROOT)}.json and .md")
+    finish(record, args.parts, load_before, RESULTS, tables, write=not args.no_write)
 
 
 if __name__ == "__main__":

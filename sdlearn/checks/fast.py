@@ -31,22 +31,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdlearn import fast
-from sdlearn.checks import Case, Verdict, check, compare_values, randn, seeded
+from sdlearn.checks import (
+    Case,
+    Verdict,
+    check,
+    compare_values,
+    harnessed,
+    randn,
+    seeded,
+)
 from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.unet import UNet, UNetConfig, timestep_embedding
-
-
-def _harnessed(runner: Callable, fn: Callable) -> Callable:
-    """`runner(fn, *case.args)` as a function named like `fn`, whose
-    `__wrapped__` is `fn`: what a passing check keeps is the learner's own."""
-
-    def run(*args):
-        return runner(fn, *args)
-
-    run.__name__ = getattr(fn, "__name__", "your function")
-    run.__wrapped__ = fn
-    return run
-
 
 # --- 10.1: timing in turns --------------------------------------------------------
 
@@ -170,7 +165,7 @@ def check_time_alternating(fn: Callable) -> Verdict:
     }
     return check(
         "Exercise 10.1",
-        _harnessed(_run_timer, fn),
+        harnessed(_run_timer, fn),
         cases,
         hints=TIMER_HINTS,
         mistakes=mistakes,
@@ -528,7 +523,7 @@ def check_cache_forward(fn: Callable) -> Verdict:
     }
     return check(
         "Exercise 10.4",
-        _harnessed(_run_cache, fn),
+        harnessed(_run_cache, fn),
         cases,
         atol=1e-5,
         rtol=1e-5,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.attention import Attention, merge_heads, split_heads
-from sdlearn.checks import Case, Verdict, check, randn, seeded
+from sdlearn.checks import Case, Verdict, check, harnessed, randn, seeded
 from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.fast import FusedSelfAttention
 from sdlearn.merging import Merge, bipartite_merge, grid_cells
@@ -150,18 +150,6 @@ def _merged_and_back(fn: Callable, x, height, width, r) -> torch.Tensor:
     return merge.unmerge(merged)
 
 
-def _harnessed(fn: Callable) -> Callable:
-    """`_merged_and_back(fn, ...)` as a function named like `fn`, whose
-    `__wrapped__` is `fn`: what a passing check keeps is the learner's own."""
-
-    def run(*args):
-        return _merged_and_back(fn, *args)
-
-    run.__name__ = getattr(fn, "__name__", "your function")
-    run.__wrapped__ = fn
-    return run
-
-
 def _slipped_merge(x, height, width, r, *, slip: str) -> Merge:
     """bipartite_merge with one known slip."""
     dst, src = grid_cells(height, width)
@@ -215,13 +203,15 @@ def _merge_cases() -> list[Case]:
 def check_bipartite_merge(fn: Callable) -> Verdict:
     """Exercise 10.6: `bipartite_merge(x, height, width, r) -> Merge`."""
     mistakes = {
-        message: _harnessed(functools.partial(_slipped_merge, slip=slip))
+        message: harnessed(
+            _merged_and_back, functools.partial(_slipped_merge, slip=slip)
+        )
         for message, slip in MERGE_SLIPS.items()
     }
     with torch.no_grad():
         return check(
             "Exercise 10.6",
-            _harnessed(fn),
+            harnessed(_merged_and_back, fn),
             _merge_cases(),
             hints=MERGE_HINTS,
             mistakes=mistakes,
