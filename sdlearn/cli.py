@@ -70,11 +70,12 @@ def _make_fast(pipe, args: argparse.Namespace) -> int:
             if getattr(args, name) not in (None, False):
                 raise ValueError(f"--{name} needs --fast: it is a part of the recipe")
         return args.steps or 50
-    merge = {} if args.merge is None else {"merge_ratio": args.merge}
-    recipe = FastRecipe(dtype=args.dtype or "auto", compile=args.compile, **merge)
+    given = {"merge_ratio": args.merge, "steps": args.steps}  # None: the recipe's
+    chosen = {name: value for name, value in given.items() if value is not None}
+    recipe = FastRecipe(dtype=args.dtype or "auto", compile=args.compile, **chosen)
     done = recipe.apply(pipe)
     print(f"sdlearn {args.command}: fast: {'; '.join(done)}", file=sys.stderr)
-    return args.steps or recipe.steps
+    return recipe.steps
 
 
 def tour(args: argparse.Namespace) -> int:

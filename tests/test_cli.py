@@ -360,7 +360,7 @@ def test_generate_fast_says_what_it_turned_on(tmp_path, capsys):
     assert main([*argv, "--fast", "--dtype", "float32", "--steps", "3"]) == 0
     assert out.is_file()
     err = capsys.readouterr().err
-    assert "fast: weights in float32; DDIMScheduler, 20 steps" in err
+    assert "fast: weights in float32; DDIMScheduler, 3 steps" in err  # --steps
     assert "50% of the outermost tokens merged" in err
     assert main([*argv, "--compile"]) == 1
     assert "--compile needs --fast" in capsys.readouterr().err
