@@ -349,6 +349,12 @@ class FusedSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), as `Attention` without context or mask."""
+        D = self.to_qkv.in_features
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != D:
+            raise ValueError(
+                f"expected hidden_states of shape (B, T, {D}), "
+                f"got {tuple(hidden_states.shape)}"
+            )
         # 1. one product, cut into the three: queries, keys, values
         qkv = self.to_qkv(hidden_states)  # (B, T, 3 nh*hd)
         q, k, v = qkv.chunk(3, dim=-1)  # (B, T, nh*hd) each

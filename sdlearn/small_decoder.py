@@ -55,6 +55,11 @@ class SmallDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, C_latent, h, w) -> images (B, C_out, h*f, w*f)."""
+        latent = self.config.latent_channels
+        if z.ndim != 4 or z.shape[1] != latent:
+            raise ValueError(
+                f"expected latents of shape (B, {latent}, h, w), got {tuple(z.shape)}"
+            )
         return self.decoder(self.post_quant_conv(z))
 
 
@@ -82,9 +87,12 @@ class WithDecoder(nn.Module):
         return self.vae.config
 
     def encode(self, x: torch.Tensor):
+        """The VAE's own: images (B, C_img, H, W) -> q(z | x) over latents."""
         return self.vae.encode(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The small decoder's: latents (B, C_latent, h, w), unscaled ->
+        images (B, C_out, h*f, w*f)."""
         return self.small(z)
 
 

@@ -151,6 +151,8 @@ def test_fuse_projections_swaps_only_the_self_attention():
     assert all(isinstance(b.attn2, Attention) for b in blocks)
     with pytest.raises(ValueError, match="expected a self-attention layer"):
         fast.FusedSelfAttention(blocks[0].attn2)
+    with pytest.raises(ValueError, match=r"hidden_states of shape \(B, T, 16\)"):
+        blocks[0].attn1(torch.zeros(2, 5, 8))
 
 
 def test_recipe_merges_half_the_outermost_tokens_by_default():

@@ -83,5 +83,9 @@ def test_bad_inputs_are_refused_naming_what_was_given():
     other = SmallDecoder(replace(VAE_CONFIG, latent_channels=8))
     with pytest.raises(ValueError, match="4 latent channels, got 8"):
         WithDecoder(vae, other)
+    with pytest.raises(
+        ValueError, match=r"latents of shape \(B, 4, h, w\), got \(1, 3"
+    ):
+        SmallDecoder(VAE_CONFIG)(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="got 0, 8, 16"):
         distill_decoder(vae, SmallDecoder(VAE_CONFIG), steps=0, batch_size=8, pool=16)
