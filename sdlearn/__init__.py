@@ -85,6 +85,7 @@ CHAPTERS: dict[str, int] = {
     "checks.fine_tuning": 9,
     "merging": 10,  # merging alike tokens before attention (ToMe)
     "small_decoder": 10,  # a VAE decoder of half the width, distilled
+    "kernels": 10,  # sdlearn's own attention kernel for CPUs with AMX
     "fast": 10,  # what a step costs, what makes it shorter, the fast recipe
     "checks.fast": 10,
     "checks.fast_attention": 10,

@@ -15,10 +15,14 @@ Sub-module names follow diffusers' `Attention` (`to_q`, `to_k`, `to_v`,
 Two backends compute the attention itself: "readable", our own
 `scaled_dot_product_attention` in plain tensor operations, and "fused", torch's
 `F.scaled_dot_product_attention` kernel (the default: faster, less memory).
+Later chapters may add backends to `EXTRA_BACKENDS`: chapter 10's "amx" is
+sdlearn's own kernel for bfloat16 on CPUs with AMX (`sdlearn.kernels`).
 `set_attention_backend(model, ...)` switches every attention layer in a model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,9 @@ from einops import rearrange
 from torch import nn
 
 BACKENDS: tuple[str, ...] = ("fused", "readable")
+# backends later chapters add, by name: attend(q, k, v, mask, causal) returns
+# the output, or None where it does not take these inputs (torch's kernel then)
+EXTRA_BACKENDS: dict[str, Callable] = {}
 
 
 def causal_mask(
@@ -322,10 +329,17 @@ class Attention(nn.Module):
         # 2. attend, each head on its own
         if self.backend == "fused":
             out = _fused_attention(q, k, v, mask, causal)
+        elif self.backend in EXTRA_BACKENDS:
+            out = EXTRA_BACKENDS[self.backend](q, k, v, mask, causal)
+            if out is None:
+                out = _fused_attention(q, k, v, mask, causal)
         elif self.backend == "readable":
             out = scaled_dot_product_attention(q, k, v, mask, causal)
         else:
-            raise ValueError(f"unknown backend {self.backend!r}; expected {BACKENDS}")
+            raise ValueError(
+                f"unknown backend {self.backend!r}; expected one of "
+                f"{(*BACKENDS, *EXTRA_BACKENDS)}"
+            )
 
         # 3. heads side by side again, then mix them
         out = merge_heads(out)  # (B, T, nh*hd)
@@ -366,14 +380,18 @@ def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
 
     Args:
         model: any module; `Attention` layers anywhere inside it are switched.
-        backend: "fused" (torch's kernel, the default) or "readable"
-            (`scaled_dot_product_attention` above, to read or step through).
+        backend: "fused" (torch's kernel, the default), "readable"
+            (`scaled_dot_product_attention` above, to read or step through), or
+            one of `EXTRA_BACKENDS`: "amx" once `sdlearn.kernels` is imported.
 
     Returns:
         model, so that calls can be chained.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend not in BACKENDS and backend not in EXTRA_BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r}; expected one of "
+            f"{(*BACKENDS, *EXTRA_BACKENDS)} (import sdlearn.kernels for 'amx')"
+        )
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend

@@ -6,8 +6,10 @@
 2. Stable Diffusion 1.5's UNet, one step on 64x64 latents (a 512x512 image), a
    batch of 2 (classifier-free guidance), weights in bfloat16: sdlearn,
    sdlearn compiled (`sdlearn.fast.compiled`: inductor with frozen weights) and
-   sdlearn in channels_last memory, and diffusers the same three ways, taking
-   turns; the step's FLOPs over its time, as a fraction of the bfloat16 peak.
+   sdlearn in channels_last memory, sdlearn compiled with its own attention
+   kernel (`sdlearn.kernels`, where the CPU has AMX), and diffusers the first
+   three ways, taking turns; the step's FLOPs over its time, as a fraction of
+   the bfloat16 peak.
 3. One 512x512 image end to end (text encoder, UNet steps, VAE decoder), Stable
    Diffusion 1.5's architecture with random weights shared by both libraries,
    guidance 7.5: diffusers' default (float32, PNDM, 50 steps), diffusers' CPU
@@ -48,6 +50,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sdlearn import kernels  # noqa: E402
+from sdlearn.attention import set_attention_backend  # noqa: E402
 from sdlearn.evaluate import evaluate_pipeline, flat_metrics  # noqa: E402
 from sdlearn.fast import (  # noqa: E402
     FastRecipe,
@@ -107,6 +111,9 @@ def bench_unet(repeats: int) -> dict:
     sample = torch.randn(2, 4, 64, 64, generator=g).bfloat16()
     timestep = torch.tensor([500, 500])
     text = torch.randn(2, 77, 768, generator=g).bfloat16()
+    ours_amx = None
+    if kernels.amx_attention_available():
+        ours_amx = compiled(set_attention_backend(copy.deepcopy(ours), "amx"))
     ours_compiled, theirs_compiled = compiled(ours), compiled(theirs)
     last = torch.channels_last
     ours_last = copy.deepcopy(ours).to(memory_format=last)
@@ -125,6 +132,15 @@ def bench_unet(repeats: int) -> dict:
         "sdlearn": lambda: ours(sample, timestep, text),
         "sdlearn compiled": lambda: ours_compiled(sample, timestep, text),
         "sdlearn channels_last": lambda: ours_last(sample_last, timestep, text),
+        **(
+            {
+                "sdlearn compiled, AMX attention": lambda: ours_amx(
+                    sample, timestep, text
+                )
+            }
+            if ours_amx is not None
+            else {}
+        ),
         "diffusers": lambda: theirs(sample, timestep, text, return_dict=False)[0],
         "diffusers compiled": lambda: theirs_compiled(
             sample, timestep, text, return_dict=False

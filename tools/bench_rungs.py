@@ -13,9 +13,14 @@
    level 0's projections alone, three products against one; the fused
    attention kernel at head widths 40 to 128; and the tiny model's step
    (float32, 8x8 latents) with and without fused projections.
-3. decoder: SD 1.5's VAE decoder against one of half the width (random
+3. kernel: sdlearn's AMX attention kernel (`sdlearn.kernels`) against torch's
+   fused one, in turns, on SD 1.5's self-attention at 64x64: level 0 (4,096
+   tokens) at head widths 40 (SD 1.5's) to 128, level 0 with half its tokens
+   merged (2,048), and level 1 (1,024 tokens, width 80). Skipped where the
+   kernel does not run.
+4. decoder: SD 1.5's VAE decoder against one of half the width (random
    weights: the time only), bfloat16, channels_last, 64x64 latents to 512x512.
-4. quality: `sdlearn evaluate`'s scores on the tiny model (4 seeds, guidance 7.5
+5. quality: `sdlearn evaluate`'s scores on the tiny model (4 seeds, guidance 7.5
    and 1) for the recipe without merging, with fused projections, with half
    the tokens merged (the recipe), with three quarters, and with the course's
    small decoder (`sdlearn.small_decoder`).
@@ -24,7 +29,7 @@ Every run's seconds go to tools/bench_rungs_results.json, the tables to
 tools/bench_rungs_results.md. Run it on a quiet machine.
 
 Usage:
-    python tools/bench_rungs.py                    # all four, about 12 minutes
+    python tools/bench_rungs.py                    # all five, about 13 minutes
     python tools/bench_rungs.py --parts rungs --no-write
 """
 
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sdlearn import kernels  # noqa: E402
 from sdlearn.evaluate import evaluate_pipeline, flat_metrics  # noqa: E402
 from sdlearn.fast import (  # noqa: E402
     FastRecipe,
@@ -66,7 +72,7 @@ from sdlearn.vae import VAEConfig  # noqa: E402
 from tools.bench_fast import environment, finish  # noqa: E402
 
 RESULTS = ROOT / "tools" / "bench_rungs_results"
-PARTS = ("settings", "rungs", "decoder", "quality")
+PARTS = ("settings", "rungs", "kernel", "decoder", "quality")
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 # jemalloc's settings from PyTorch's CPU performance guide: keep freed pages
 # for reuse, rather than give them back to the system after every step
@@ -233,6 +239,43 @@ def bench_attention(repeats: int) -> dict:
     return result
 
 
+def bench_kernel(repeats: int) -> dict | None:
+    """sdlearn's AMX attention kernel against torch's, in turns, on SD 1.5's
+    self-attention shapes at 64x64 (2 images, 8 heads), bfloat16."""
+    if not kernels.amx_attention_available():
+        print(f"kernel: skipped, {kernels.why_not()}", flush=True)
+        return None
+    shapes = {f"level 0, width {width}": (4096, width) for width in (40, 64, 80, 128)}
+    shapes["level 0 merged 50%, width 40"] = (2048, 40)
+    shapes["level 1, width 80"] = (1024, 80)
+    g = torch.Generator().manual_seed(0)
+    steps, flops = {}, {}
+    for shape, (tokens, width) in shapes.items():
+        q, k, v = (
+            torch.randn(2, 8, tokens, width, generator=g).bfloat16() for _ in "qkv"
+        )
+        steps[f"{shape}: torch"] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+            q, k, v
+        )
+        steps[f"{shape}: sdlearn"] = lambda q=q, k=k, v=v: kernels.amx_attention(
+            q, k, v
+        )
+        for who in ("torch", "sdlearn"):
+            flops[f"{shape}: {who}"] = 4 * 2 * 8 * tokens**2 * width
+    runs = time_alternating(steps, repeats * 2)
+    result = {"runs": runs}
+    result["median"] = {name: statistics.median(r) for name, r in runs.items()}
+    result["sdlearn_to_torch"] = {
+        shape: ratio_of_pairs(runs, f"{shape}: sdlearn", f"{shape}: torch")
+        for shape in shapes
+    }
+    result["gflop_per_second"] = {
+        name: flops[name] / seconds / 1e9 for name, seconds in result["median"].items()
+    }
+    print(json.dumps(_drop_runs(result), indent=1))
+    return result
+
+
 def bench_decoder(repeats: int) -> dict:
     """SD 1.5's VAE decoder against one of half the width (random weights: the
     time only), bfloat16 in channels_last memory, 64x64 latents to a 512x512
@@ -379,6 +422,24 @@ def tables(record: dict) -> str:
         for name, seconds in attention["median"].items():
             speed = attention["gflop_per_second"][name]
             lines.append(f"| {name} | {seconds * 1e3:.1f} | {speed:.0f} |")
+    if record.get("kernel"):
+        kernel = record["kernel"]
+        lines += [
+            "",
+            "## sdlearn's AMX attention kernel against torch's: in turns",
+            "",
+            "SD 1.5's self-attention at 64x64 (2 images, 8 heads), bfloat16.",
+            "",
+            "| | torch, ms | sdlearn, ms | sdlearn / torch | sdlearn, GFLOP/s |",
+            "|---|---|---|---|---|",
+        ]
+        for shape, ratio in kernel["sdlearn_to_torch"].items():
+            theirs = kernel["median"][f"{shape}: torch"] * 1e3
+            ours = kernel["median"][f"{shape}: sdlearn"] * 1e3
+            speed = kernel["gflop_per_second"][f"{shape}: sdlearn"]
+            lines.append(
+                f"| {shape} | {theirs:.1f} | {ours:.1f} | {ratio:.2f} | {speed:.0f} |"
+            )
     if "decoder" in record:
         d = record["decoder"]
         lines += [
@@ -441,6 +502,8 @@ def main() -> None:
         record["settings"] = bench_settings(args.rounds, args.repeats)
     if "rungs" in args.parts:
         record["rungs"] = bench_rungs(args.repeats)
+    if "kernel" in args.parts:
+        record["kernel"] = bench_kernel(args.repeats)
     if "decoder" in args.parts:
         record["decoder"] = bench_decoder(args.repeats)
     if "quality" in args.parts:

@@ -1,0 +1,183 @@
+"""Chapter 10's last rung: sdlearn's own attention kernel, for CPUs with AMX.
+
+torch's fused CPU attention is the slowest part of a compiled Stable Diffusion
+step: at the outermost level (4096 tokens, heads of width 40) it runs at a fifth
+of the matmul peak, because each score has only 40 terms to add and its blocks
+of scores go through L2 several times. `attention_amx.cpp`, next to this file,
+keeps each block of 16 queries x 512 keys in L1 and computes the products with
+AMX tiles and the softmax with a short exp2 (the file explains each step).
+
+The kernel is compiled for this machine on first use (about ten seconds, then
+cached by torch in ~/.cache/torch_extensions) and needs Linux on x86-64, a CPU
+with AMX and AVX-512 BF16 that torch is allowed to use, a C++ compiler and
+ninja. `amx_attention_available()` says whether all of that holds and, if not,
+`why_not()` says what is missing. Importing this module adds the "amx" backend
+to `sdlearn.attention`: this kernel where it runs and takes the inputs, torch's
+elsewhere (another dtype, a mask, a shape it does not take).
+
+    >>> from sdlearn.attention import set_attention_backend
+    >>> set_attention_backend(unet, "amx")  # torch's kernel where it cannot run
+"""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from sdlearn.attention import EXTRA_BACKENDS
+
+SOURCE = Path(__file__).with_name("attention_amx.cpp")
+# The compiler flags: the kernel's instructions, named, rather than -march=native,
+# so that the build is the same on every machine that can run it.
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+
+_state: dict[str, str | None] = {}  # "why_not": None once loaded, else the reason
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _missing() -> str | None:
+    """What this machine lacks to run the kernel, in words; None if nothing."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return (
+            f"it runs on Linux on x86-64, not {platform.system()} {platform.machine()}"
+        )
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        # ATEN_CPU_CAPABILITY=avx2 (a laptop's) tells torch not to use AVX-512
+        return (
+            "torch runs this CPU at "
+            f"{torch.backends.cpu.get_cpu_capability()}, not AVX512"
+        )
+    flags = _cpu_flags()
+    lacking = [f for f in ("amx_tile", "amx_bf16", "avx512_bf16") if f not in flags]
+    if lacking:
+        return f"this CPU lacks {', '.join(lacking)}"
+    return None
+
+
+def load() -> bool:
+    """Compile (once, then cached) and load the kernel if this machine can run
+    it; warn once, naming the cause, if it cannot be built. Returns whether
+    `torch.ops.sdlearn.amx_attention` is there."""
+    if "why_not" in _state:
+        return _state["why_not"] is None
+    reason = _missing()
+    if reason is None:
+        try:
+            cpp_extension.load(
+                name="sdlearn_kernels",
+                sources=[str(SOURCE)],
+                extra_cflags=CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
+            _register_fake()
+        except (OSError, RuntimeError, ImportError) as error:
+            reason = f"it did not build: {str(error).strip().splitlines()[-1]}"
+            warnings.warn(
+                f"sdlearn's AMX attention kernel {reason}; using torch's", stacklevel=2
+            )
+    _state["why_not"] = reason
+    return reason is None
+
+
+def amx_attention_available() -> bool:
+    """Whether sdlearn's kernel runs here (compiling it on first call)."""
+    return load()
+
+
+def why_not() -> str | None:
+    """Why the kernel does not run here, in words; None if it does."""
+    load()
+    return _state["why_not"]
+
+
+def _register_fake() -> None:
+    # torch.compile traces the kernel by its output's shape and strides only
+    @torch.library.register_fake("sdlearn::amx_attention")
+    def _(q, k, v, scale):
+        B, H, M, D = q.shape
+        return q.new_empty(B, M, H, D).transpose(1, 2)
+
+
+def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these (B, nh, T, hd) tensors: bfloat16 on the CPU,
+    an even head width up to 256, queries in 16s and keys in 32s, each head's
+    vector contiguous."""
+    head = q.shape[-1]
+    return (
+        all(x.dtype == torch.bfloat16 and x.device.type == "cpu" for x in (q, k, v))
+        and all(x.stride(-1) == 1 for x in (q, k, v))
+        and head % 2 == 0
+        and head <= 256
+        and q.shape[2] % 16 == 0
+        and k.shape[2] % 32 == 0
+    )
+
+
+def loaded() -> bool:
+    """Whether the kernel was loaded (by `load`); never compiles."""
+    return _state.get("why_not", "") is None
+
+
+def amx_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v by sdlearn's kernel; scale 1/√hd by default.
+
+    Args:
+        q: (B, nh, Tq, hd); k, v: (B, nh, Tk, hd); as `fits` describes.
+
+    Returns:
+        (B, nh, Tq, hd), a view of a (B, Tq, nh, hd) tensor: merging the heads
+        again costs no copy.
+    """
+    if not load():
+        raise RuntimeError(
+            f"sdlearn's AMX attention kernel does not run here: {why_not()}"
+        )
+    if not (q.ndim == k.ndim == v.ndim == 4 and k.shape == v.shape and fits(q, k, v)):
+        raise ValueError(
+            "expected bfloat16 CPU tensors q (B, nh, Tq, hd), k and v (B, nh, Tk, hd) "
+            "with hd even and at most 256, Tq a multiple of 16, Tk of 32 and each "
+            f"head's vector contiguous; got q {tuple(q.shape)} {q.dtype}, "
+            f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype}"
+        )
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or width"
+        )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.sdlearn.amx_attention(q, k, v, scale)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor | None:
+    """The "amx" backend: `amx_attention` where the kernel runs (compiled on the
+    first call) and takes these inputs (no mask, not causal, as `fits` says),
+    else None: the layer then uses torch's kernel."""
+    if mask is None and not causal and load() and fits(q, k, v):
+        return amx_attention(q, k, v)
+    return None
+
+
+EXTRA_BACKENDS["amx"] = attend
