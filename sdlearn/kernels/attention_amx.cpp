@@ -1,14 +1,15 @@
 // Attention for bfloat16 on CPUs with AMX: chapter 10's last rung.
 //
-// torch's fused CPU kernel spends most of its time at Stable Diffusion's outermost
-// level (4096 tokens, heads of width 40) outside the products: q.k^T has only 40
-// terms per score, so every score is cheap to compute and dear to move. Its
-// scores go through blocks of 256 x 512 floats (512 KB, the size of L2) several
-// times: written by the product, scaled, read for the maximum, exponentiated,
-// written again in bfloat16, read by the second product.
+// torch's fused CPU kernel hardly slows down with the head width at Stable
+// Diffusion's outermost level (4096 tokens, heads of width 40): its time goes,
+// most likely, to the scores rather than the products. q.k^T has only 40 terms
+// per score, so a score is cheap to compute and, in comparison, dear to move.
+// Its scores go through blocks of 256 x 512 floats (512 KB: in L2, not in L1)
+// several times: written by the product, scaled, read for the maximum,
+// exponentiated, written again in bfloat16, read by the second product.
 //
-// This kernel keeps each block in L1 instead: 16 queries at a time, the height of
-// one AMX tile, against 512 keys. For each block of keys:
+// This kernel makes the blocks small enough for L1 instead: 16 queries at a
+// time, the height of one AMX tile, against 512 keys. For each block of keys:
 //   1. s = q k^T      AMX tiles, 16 keys at a time, stored to a 16 x 512 buffer;
 //   2. p = exp2(s*c - m), the online softmax of flash attention, one pass for
 //      the row maxima and one for exp2, the row sums and p in bfloat16;
