@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlearn import fast, merging
+from sdlearn import fast, kernels, merging
 from sdlearn.checks import fast as checks
 from sdlearn.checks import fast_attention as attention_checks
+from sdlearn.kernels import EXP2_CUBIC, LOG2_E
 from sdlearn.merging import Merge, grid_cells
 from sdlearn.unet import timestep_embedding
 from tests.check_contract import (
@@ -106,6 +107,15 @@ def bipartite_merge(x, height, width, r):
     return Merge(dst, src, order[:, r:], order[:, :r], into.gather(1, order[:, :r]))
 
 
+def exp_by_powers_of_two(x):
+    t = x * LOG2_E
+    whole = t.floor()
+    fraction = t - whole
+    c0, c1, c2, c3 = EXP2_CUBIC
+    cubic = c0 + c1 * fraction + c2 * fraction**2 + c3 * fraction**3
+    return cubic * torch.exp2(whole)
+
+
 deep_forward = fast.deep_forward  # in a learner's kept file, the package's
 
 EXERCISES = [
@@ -150,6 +160,13 @@ EXERCISES = [
         merging.bipartite_merge,
         "merging:bipartite_merge",
         "Exercise 10.6",
+    ),
+    (
+        attention_checks.check_exp_by_powers_of_two,
+        exp_by_powers_of_two,
+        kernels.exp_by_powers_of_two,
+        "kernels:exp_by_powers_of_two",
+        "Exercise 10.7",
     ),
 ]
 
@@ -202,6 +219,11 @@ def _slipped(fn, table):
                 attention_checks.check_bipartite_merge,
                 "Exercise 10.6",
                 _slipped(attention_checks._slipped_merge, attention_checks.MERGE_SLIPS),
+            ),
+            (
+                attention_checks.check_exp_by_powers_of_two,
+                "Exercise 10.7",
+                _slipped(attention_checks._slipped_exp, attention_checks.EXP_SLIPS),
             ),
         ]
     ),
@@ -272,6 +294,7 @@ def test_checking_draws_from_no_global_generator():
             (checks.check_cache_forward, cache_forward),
             (attention_checks.check_fused_forward, fused_forward),
             (attention_checks.check_bipartite_merge, bipartite_merge),
+            (attention_checks.check_exp_by_powers_of_two, exp_by_powers_of_two),
         ]
     )
 

@@ -68,6 +68,10 @@ def test_amx_attention_reads_strided_heads_and_writes_tokens_first():
     assert out.shape == (2, 4, 64, 40)
     assert out.transpose(1, 2).is_contiguous()  # merging heads is free
     assert_like_torch(out, q, k, v)
+    # k's rows starting on an odd column: its pairs are not aligned words
+    odd = torch.cat([torch.zeros_like(k[..., :1]), k], dim=-1)[..., 1:]
+    assert odd.storage_offset() == 1
+    assert_like_torch(kernels.amx_attention(q, odd, v), q, k, v)
     scaled = kernels.amx_attention(q, k, v, scale=0.05)
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.05)
     torch.testing.assert_close(scaled.float(), exact, atol=2e-2, rtol=0)
@@ -169,3 +173,15 @@ def test_recipe_turns_the_kernel_on_only_where_it_runs():
         assert {m.backend for m in pipe.unet.modules() if isinstance(m, Attention)} == {
             "fused"
         }
+
+
+def test_fits_takes_only_what_the_kernel_reads():
+    q, k, v = qkv(1, 2, 32, 64, 8)
+    assert kernels.fits(q, k, v)
+    assert not kernels.fits(q.float(), k.float(), v.float())
+    assert not kernels.fits(q[:, :, :20], k, v)  # queries not in 16s
+    assert not kernels.fits(q, k[:, :, :40], v[:, :, :40])  # keys not in 32s
+    q16, k16, v16 = qkv(1, 2, 32, 64, 16)
+    assert kernels.fits(q16, k16, v16)
+    strided = q16.transpose(2, 3).contiguous().transpose(2, 3)  # same values
+    assert not kernels.fits(strided, k16, v16)  # a head's vector not contiguous

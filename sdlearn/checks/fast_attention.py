@@ -9,9 +9,13 @@
   merge and into which, returns a `Merge`; the check applies it, merging and
   unmerging the tokens, and compares the result with the package's choice on
   grids of even and odd sizes. Kept as "merging:bipartite_merge".
+- 10.7 `exp_by_powers_of_two(x)`, e^x as sdlearn's attention kernel computes
+  it (a power of 2: the whole part exact, a cubic for the fraction), must give
+  the package's numbers on inputs from -100 to 20. Kept as
+  "kernels:exp_by_powers_of_two".
 
-The chapter runs both answers: the UNet fused with the first, and merging
-its tokens with the second.
+The chapter runs the answers: the UNet fused with the first, merging its
+tokens with the second, and a softmax with the third.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from sdlearn.attention import Attention, merge_heads, split_heads
 from sdlearn.checks import Case, Verdict, check, harnessed, randn, seeded
 from sdlearn.checks import hint as hint  # checks.hint(...) in a chapter
 from sdlearn.fast import FusedSelfAttention
+from sdlearn.kernels import EXP2_CUBIC, LOG2_E, exp_by_powers_of_two
 from sdlearn.merging import Merge, bipartite_merge, grid_cells
 
 # (query_dim, heads, dim_head, bias, batch, tokens)
@@ -217,3 +222,72 @@ def check_bipartite_merge(fn: Callable) -> Verdict:
             mistakes=mistakes,
             keep="merging:bipartite_merge",
         )
+
+
+# --- 10.7: the exponential as a power of 2 -------------------------------------
+
+
+def _slipped_exp(x: torch.Tensor, *, slip: str) -> torch.Tensor:
+    """exp_by_powers_of_two with one known slip."""
+    t = (
+        x
+        if slip == "no log2e"
+        else x * (0.6931471805599453 if slip == "ln 2" else LOG2_E)
+    )
+    n = torch.round(t) if slip == "round" else torch.floor(t)
+    f = t - n
+    c0, c1, c2, c3 = EXP2_CUBIC[::-1] if slip == "reversed" else EXP2_CUBIC
+    poly = c0 + f * (c1 + f * (c2 + f * c3))
+    return poly * n.exp() if slip == "e to the n" else torch.ldexp(poly, n)
+
+
+EXP_SLIPS = {
+    "this is 2^x, not e^x: multiply x by log2(e) = LOG2_E first, since e^x = "
+    "2^(x log2 e)": "no log2e",
+    "x was multiplied by ln 2 (0.693): e^x = 2^(x log2 e), and log2(e) = 1/ln 2 "
+    "= 1.4427, which is LOG2_E": "ln 2",
+    "the whole part was rounded to the nearest: the cubic fits 2^f for f in [0, "
+    "1), so take n = floor(t), and f = t - n is never negative": "round",
+    "the cubic's numbers are in reverse order: EXP2_CUBIC is (c0, c1, c2, c3), "
+    "c0 + c1 f + c2 f^2 + c3 f^3": "reversed",
+    "the whole part went into e^n: the power is of 2, so scale by 2^n, "
+    "torch.ldexp(poly, n)": "e to the n",
+}
+EXP_HINTS = [
+    "write e^x as a power of 2; split that power into its whole part and its "
+    "fraction; a power of 2 with a whole exponent is exact in a float, and only "
+    "the fraction's power needs the cubic.",
+    "t = x * LOG2_E; n = torch.floor(t); f = t - n, in [0, 1); the cubic "
+    "c0 + f (c1 + f (c2 + f c3)) with EXP2_CUBIC's numbers gives 2^f; "
+    "torch.ldexp(value, n) multiplies it by 2^n.",
+    "t = x * LOG2_E; n = torch.floor(t); f = t - n; c0, c1, c2, c3 = EXP2_CUBIC; "
+    "return torch.ldexp(c0 + f * (c1 + f * (c2 + f * c3)), n)",
+]
+
+
+def _exp_cases() -> list[Case]:
+    inputs = [
+        torch.linspace(-100, 20, 241),  # whole and half numbers: n's edges
+        randn(3, 64, seed=800) * 10,
+        -randn(2, 5, 16, seed=801).abs() * 30,  # a softmax's x - max, never positive
+    ]
+    return [Case((x,), exp_by_powers_of_two(x)) for x in inputs]
+
+
+def check_exp_by_powers_of_two(fn: Callable) -> Verdict:
+    """Exercise 10.7: `exp_by_powers_of_two(x)`, e^x the kernel's way."""
+    mistakes = {
+        message: functools.partial(_slipped_exp, slip=slip)
+        for message, slip in EXP_SLIPS.items()
+    }
+    return check(
+        "Exercise 10.7",
+        fn,
+        _exp_cases(),
+        # another order of the same multiplications rounds differently
+        atol=1e-30,
+        rtol=1e-6,
+        hints=EXP_HINTS,
+        mistakes=mistakes,
+        keep="kernels:exp_by_powers_of_two",
+    )
