@@ -413,7 +413,7 @@ class FastRecipe:
             process draws many images, since compiling takes a minute or more.
         amx_attention: the UNet's attention by sdlearn's own kernel
             (`sdlearn.kernels`) where it runs: bfloat16 on a CPU with AMX. It
-            takes 0.69 of torch's kernel's time at SD 1.5's outermost level;
+            takes 0.70 of torch's kernel's time at SD 1.5's outermost level;
             elsewhere, and wherever it cannot be built, torch's kernel stays.
     """
 

@@ -7,6 +7,8 @@ everywhere."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,3 +187,14 @@ def test_fits_takes_only_what_the_kernel_reads():
     assert kernels.fits(q16, k16, v16)
     strided = q16.transpose(2, 3).contiguous().transpose(2, 3)  # same values
     assert not kernels.fits(strided, k16, v16)  # a head's vector not contiguous
+
+
+def test_the_kernel_and_the_exercise_share_one_cubic():
+    source = kernels.SOURCE.read_text()
+    body = source[source.index("inline __m512 exp2_16") :].split("\n}\n")[0]
+    numbers = tuple(float(n) for n in re.findall(r"_mm512_set1_ps\(([0-9.]+)f\)", body))
+    assert numbers == kernels.EXP2_CUBIC
+    f = torch.linspace(0, 1, 100_001, dtype=torch.float64)
+    c0, c1, c2, c3 = kernels.EXP2_CUBIC
+    cubic = c0 + f * (c1 + f * (c2 + f * c3))
+    assert (cubic / 2**f - 1).abs().max() < 7.5e-5

@@ -6,9 +6,9 @@ most likely because each score has only 40 terms to add and its blocks of
 scores go through L2 several times. `attention_amx.cpp`, next to this file,
 computes blocks of 16 queries x 512 keys, small enough for L1, with AMX tiles
 for the products and a short exp2 for the softmax (the file explains each
-step). It takes 0.69 of torch's kernel's time there (tools/bench_rungs.py).
+step). It takes 0.70 of torch's kernel's time there (tools/bench_rungs.py).
 
-The kernel is compiled for this machine on first use (about ten seconds, then
+The kernel is compiled for this machine on first use (6 seconds here, then
 cached by torch in ~/.cache/torch_extensions) and needs Linux on x86-64, a CPU
 with AMX and AVX-512 BF16 that torch is allowed to use, a C++ compiler and
 ninja. `amx_attention_available()` says whether all of that holds and, if not,
