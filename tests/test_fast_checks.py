@@ -342,3 +342,17 @@ def test_a_case_names_its_unet_by_shape_not_by_layers(capsys):
     out = capsys.readouterr().out
     assert "(a UNet of 2 levels (16, 32), a tensor of shape" in out
     assert "SpatialTransformer(" not in out
+
+
+def test_an_unnamed_exponential_mistake_is_shown_where_it_is_worst(capsys):
+    def no_cubic_term(x):
+        t = x * LOG2_E
+        n = t.floor()
+        f = t - n
+        c0, c1, c2, _ = EXP2_CUBIC
+        return torch.ldexp(c0 + f * (c1 + f * c2), n)
+
+    assert not attention_checks.check_exp_by_powers_of_two(no_cubic_term)
+    out = capsys.readouterr().out
+    # relative, at an x of the input: not the absolute error of the largest values
+    assert "wrong values: the largest relative error is" in out and "at x = " in out
