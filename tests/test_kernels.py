@@ -106,14 +106,14 @@ def test_amx_attention_traces_under_torch_compile():
 def attention_and_input(dtype=torch.bfloat16):
     torch.manual_seed(0)
     layer = randomize_(Attention(64, heads=2, dim_head=32), 1, 0.1).to(dtype)
-    x = torch.randn(2, 48, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(1))
     return layer, x.to(dtype)
 
 
 def test_amx_backend_uses_torchs_kernel_where_it_cannot_run():
     layer, x = attention_and_input()
     layer32, x32 = attention_and_input(torch.float32)
-    mask = torch.rand(2, 48, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask = torch.rand(2, 64, generator=torch.Generator().manual_seed(2)) > 0.3
     with torch.no_grad():
         before = {
             "mask": layer(x, attention_mask=mask),
@@ -135,12 +135,18 @@ def test_amx_backend_uses_torchs_kernel_where_it_cannot_run():
 
 
 @needs_amx
-def test_amx_backend_gives_the_fused_layers_numbers():
+def test_amx_backend_gives_the_fused_layers_numbers(monkeypatch):
+    calls = []
+    kernel = kernels.amx_attention
+    monkeypatch.setattr(
+        kernels, "amx_attention", lambda *args: calls.append(1) or kernel(*args)
+    )
     layer, x = attention_and_input()
     with torch.no_grad():
         fused = layer(x)
         set_attention_backend(layer, "amx")
         ours = layer(x)
+    assert calls == [1]  # the kernel ran, not torch's in its place
     # one rounding of p and of the output to bfloat16 apart
     torch.testing.assert_close(ours.float(), fused.float(), atol=2e-2, rtol=0)
 
