@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sdlearn import fast, kernels, merging
 from sdlearn.checks import fast as checks
 from sdlearn.checks import fast_attention as attention_checks
+from sdlearn.checks import named_slips
 from sdlearn.kernels import EXP2_CUBIC, LOG2_E
 from sdlearn.merging import Merge, grid_cells
 from sdlearn.unet import timestep_embedding
@@ -178,10 +179,7 @@ def test_a_right_answer_passes_and_is_kept(
     assert_passes_and_is_kept(check, right, package, part, capsys)
 
 
-def _slipped(fn, table):
-    return {
-        message: functools.partial(fn, slip=slip) for message, slip in table.items()
-    }
+_slipped = named_slips  # each mistake as the learner's function makes it
 
 
 @pytest.mark.parametrize(

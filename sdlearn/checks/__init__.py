@@ -13,6 +13,7 @@ Each chapter's checks live in a submodule named like the chapter's module:
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -324,6 +325,19 @@ def harnessed(runner: Callable, fn: Callable) -> Callable:
     run.__name__ = getattr(fn, "__name__", "your function")
     run.__wrapped__ = fn
     return run
+
+
+def named_slips(
+    slipped: Callable, table: Mapping[str, str], runner: Callable | None = None
+) -> dict[str, Callable]:
+    """A check's `mistakes` from a table {what the mistake is: slip}: each one
+    `slipped(..., slip=slip)`, the reference written with that one slip, run
+    inside `runner` (as `harnessed`) where the check runs the learner's so."""
+    mistakes = {}
+    for message, slip in table.items():
+        wrong = functools.partial(slipped, slip=slip)
+        mistakes[message] = wrong if runner is None else harnessed(runner, wrong)
+    return mistakes
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -37,6 +37,7 @@ from sdlearn.checks import (
     check,
     compare_values,
     harnessed,
+    named_slips,
     randn,
     seeded,
 )
@@ -157,12 +158,7 @@ def check_time_alternating(fn: Callable) -> Verdict:
         (FakeSteps(only=[0.5, 1.5]), 2, 0),
     ]
     cases = [Case(args, _run_timer(fast.time_alternating, *args)) for args in settings]
-    mistakes = {
-        message: functools.partial(
-            _run_timer, functools.partial(_slipped_timer, slip=slip)
-        )
-        for message, slip in TIMER_SLIPS.items()
-    }
+    mistakes = named_slips(_slipped_timer, TIMER_SLIPS, _run_timer)
     return check(
         "Exercise 10.1",
         harnessed(_run_timer, fn),
@@ -247,10 +243,7 @@ def _convs() -> list[tuple[nn.Conv2d, torch.Tensor]]:
 def check_conv_flops(fn: Callable) -> Verdict:
     """Exercise 10.2: `conv_flops(conv, x) -> int`."""
     cases = [Case((conv, x), _counted(conv, x)) for conv, x in _convs()]
-    mistakes = {
-        message: functools.partial(_slipped_flops, slip=slip)
-        for message, slip in FLOP_SLIPS.items()
-    }
+    mistakes = named_slips(_slipped_flops, FLOP_SLIPS)
     return check(
         "Exercise 10.2",
         fn,
@@ -385,10 +378,7 @@ def _shallow_cases() -> list[Case]:
 
 def check_shallow_forward(fn: Callable) -> Verdict:
     """Exercise 10.3: `shallow_forward(unet, sample, timestep, context, deep)`."""
-    mistakes = {
-        message: functools.partial(_slipped_shallow, slip=slip)
-        for message, slip in SHALLOW_SLIPS.items()
-    }
+    mistakes = named_slips(_slipped_shallow, SHALLOW_SLIPS)
     with torch.no_grad():
         return check(
             "Exercise 10.3",
@@ -515,12 +505,7 @@ def check_cache_forward(fn: Callable) -> Verdict:
     cases = [
         Case((run,), _run_cache(fast.FeatureCache.forward, run)) for run in CACHE_RUNS
     ]
-    mistakes = {
-        message: functools.partial(
-            _run_cache, functools.partial(_slipped_cache_forward, slip=slip)
-        )
-        for message, slip in CACHE_SLIPS.items()
-    }
+    mistakes = named_slips(_slipped_cache_forward, CACHE_SLIPS, _run_cache)
     return check(
         "Exercise 10.4",
         harnessed(_run_cache, fn),

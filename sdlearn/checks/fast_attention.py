@@ -20,7 +20,6 @@ tokens with the second, and a softmax with the third.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -33,6 +32,7 @@ from sdlearn.checks import (
     check,
     compare_values,
     harnessed,
+    named_slips,
     randn,
     seeded,
 )
@@ -113,10 +113,7 @@ FUSED_HINTS = [
 
 def check_fused_forward(fn: Callable) -> Verdict:
     """Exercise 10.5: `FusedSelfAttention.forward(self, hidden_states)`."""
-    mistakes = {
-        message: functools.partial(_slipped_forward, slip=slip)
-        for message, slip in FUSED_SLIPS.items()
-    }
+    mistakes = named_slips(_slipped_forward, FUSED_SLIPS)
     with torch.no_grad():
         return check(
             "Exercise 10.5",
@@ -215,12 +212,7 @@ def _merge_cases() -> list[Case]:
 
 def check_bipartite_merge(fn: Callable) -> Verdict:
     """Exercise 10.6: `bipartite_merge(x, height, width, r) -> Merge`."""
-    mistakes = {
-        message: harnessed(
-            _merged_and_back, functools.partial(_slipped_merge, slip=slip)
-        )
-        for message, slip in MERGE_SLIPS.items()
-    }
+    mistakes = named_slips(_slipped_merge, MERGE_SLIPS, _merged_and_back)
     with torch.no_grad():
         return check(
             "Exercise 10.6",
@@ -314,10 +306,7 @@ def _worst_relative(actual, case: Case) -> str | None:
 
 def check_exp_by_powers_of_two(fn: Callable) -> Verdict:
     """Exercise 10.7: `exp_by_powers_of_two(x)`, e^x the kernel's way."""
-    mistakes = {
-        message: functools.partial(_slipped_exp, slip=slip)
-        for message, slip in EXP_SLIPS.items()
-    }
+    mistakes = named_slips(_slipped_exp, EXP_SLIPS)
     return check(
         "Exercise 10.7",
         fn,
