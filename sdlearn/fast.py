@@ -445,13 +445,15 @@ class FastRecipe:
             return torch.float16
         return torch.bfloat16 if bf16_pays() else torch.float32
 
-    def apply(self, pipe) -> list[str]:
-        """Turn the recipe on for `pipe` (a `StableDiffusionPipeline`), in place:
-        its precision and memory format, its sampler and its UNet. Load adapters
-        and learned tokens first: the UNet is wrapped. Returns what was turned
-        on, in words.
-        The steps are the caller's: `pipe(prompt, num_inference_steps=recipe.steps)`.
-        """
+    def resolve_channels_last(self, dtype: torch.dtype) -> bool:
+        """Whether this recipe stores the UNet and the VAE in channels_last."""
+        if self.channels_last is None:
+            return dtype == torch.bfloat16
+        return self.channels_last
+
+    def _refuse(self, pipe) -> None:
+        """A ValueError if `pipe` is fast already, or if this recipe's own
+        settings clash."""
         if (
             isinstance(pipe.unet, FeatureCache)
             or hasattr(pipe.unet, "_orig_mod")
@@ -465,13 +467,19 @@ class FastRecipe:
                 f"compile=True and cache_every={self.cache_every} do not go together "
                 "yet: compile, or cache"
             )
+
+    def apply(self, pipe) -> list[str]:
+        """Turn the recipe on for `pipe` (a `StableDiffusionPipeline`), in place:
+        its precision and memory format, its sampler and its UNet. Load adapters
+        and learned tokens first: the UNet is wrapped. Returns what was turned
+        on, in words.
+        The steps are the caller's: `pipe(prompt, num_inference_steps=recipe.steps)`.
+        """
+        self._refuse(pipe)
         dtype = self.resolve_dtype(pipe.device)
         pipe.to(dtype=dtype)
         done = [f"weights in {str(dtype).removeprefix('torch.')}"]
-        channels_last = self.channels_last
-        if channels_last is None:
-            channels_last = dtype == torch.bfloat16
-        if channels_last:
+        if self.resolve_channels_last(dtype):
             for model in (pipe.unet, pipe.vae):
                 model.to(memory_format=torch.channels_last)
             done.append("the UNet and the VAE in channels_last memory")
